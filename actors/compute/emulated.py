@@ -1,0 +1,67 @@
+"""Emulated compute: no weights, no math, Ascend-like timing.
+
+The ledger is charged what the weights and KV of the configured shapes would
+take; each step sleeps the cost model's time for the chip (scaled by
+`time_scale`); the next token is a deterministic stand-in that depends only
+on the sequence's last token and position, so any schedule (batching, P/D
+split, NPU count) yields the same tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from actors.compute.kv_ledger import KVCharges
+from actors.cost_model import CostModel
+from actors.hbm import HBMLedger
+from actors.model.config import DTYPE_BYTES
+from actors.protocol import NPUBatch, NPUSpec, NPUStepResult
+
+
+def standin_token(last_token: int, position: int, vocab_size: int) -> int:
+    digest = hashlib.blake2b(f"{last_token}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % vocab_size
+
+
+class EmulatedCompute:
+    def __init__(self, spec: NPUSpec, ledger: HBMLedger, cost: CostModel):
+        self.spec, self.ledger, self.cost = spec, ledger, cost
+        self.held = spec.expert_map.held_by(spec.rank)
+        self.kv = KVCharges(ledger, spec.model.kv_bytes_per_token())
+
+    def load_weights(self, weight_refs: dict | None) -> None:
+        cfg = self.spec.model
+        per_param = DTYPE_BYTES[cfg.weight_dtype]
+        self.ledger.charge("weights", "replicated", cfg.parameter_counts().replicated * per_param)
+        for layer, experts in self.held.items():
+            self.ledger.charge("weights", f"layer{layer}.experts", len(experts) * cfg.expert_params() * per_param)
+
+    def step(self, batch: NPUBatch) -> NPUStepResult:
+        t0 = time.perf_counter()
+        cfg = self.spec.model
+        for w in batch.seqs:
+            self.kv.charge(w.seq_id, w.start_pos, len(w.token_ids))
+        num_tokens = sum(len(w.token_ids) for w in batch.seqs)
+        device_s = self.cost.step_time(
+            cfg,
+            num_tokens=num_tokens,
+            context_tokens=sum(w.start_pos + len(w.token_ids) for w in batch.seqs),
+            num_seqs=len(batch.seqs),
+            ep_size=self.spec.ep_size,
+            num_local_experts=len(next(iter(self.held.values()), [])),
+        ).total_s
+        tokens = {
+            w.seq_id: standin_token(w.token_ids[-1], w.start_pos + len(w.token_ids), cfg.vocab_size)
+            for w in batch.seqs
+            if w.sample
+        }
+        remaining = device_s * self.spec.time_scale - (time.perf_counter() - t0)
+        if remaining > 0:
+            time.sleep(remaining)
+        return NPUStepResult(self.spec.rank, tokens, None, device_s, time.perf_counter() - t0)
+
+    def free(self, seq_id: str) -> None:
+        self.kv.release(seq_id)
+
+    def expert_load(self) -> dict[int, list[int]]:
+        return {}  # emulated mode routes no tokens: there is no measured expert load

@@ -1,0 +1,85 @@
+"""Real compute: the NPU runs its share of the model in torch.
+
+It holds the replicated tensors (embedding, attention, dense FFN, shared
+experts, routers, LM head) and its routed experts; the other experts are
+reached through the EP group (actors.ep.EPExperts)."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from actors.compute.kv_ledger import KVCharges
+from actors.cost_model import CostModel
+from actors.ep import EPExperts
+from actors.hbm import HBMLedger
+from actors.model.batch import ForwardBatch
+from actors.model.kv_store import SequenceKVStore
+from actors.model.model import TORCH_DTYPES, MoEModel
+from actors.model.moe import LocalExperts
+from actors.model.sampler import sample
+from actors.model.weights import expert_of, shard_names
+from actors.protocol import NPUBatch, NPUSpec, NPUStepResult
+
+
+class RealCompute:
+    def __init__(self, spec: NPUSpec, ledger: HBMLedger, cost: CostModel, group=None):
+        self.spec, self.ledger, self.cost = spec, ledger, cost
+        cfg = spec.model
+        self.held = spec.expert_map.held_by(spec.rank)
+        self.model: MoEModel | None = None
+        self.cache = SequenceKVStore()
+        self.kv = KVCharges(ledger, cfg.kv_bytes_per_token())
+        self.experts = LocalExperts() if spec.ep_size == 1 else EPExperts(spec.expert_map, spec.rank, cfg.num_experts, group)
+
+    def load_weights(self, weight_refs: dict | None) -> None:
+        if not weight_refs:
+            raise ValueError(f"NPU {self.spec.name}: real compute needs weights (got none)")
+        cfg = self.spec.model
+        names = shard_names(weight_refs.keys(), self.held)
+        tensors = dict(zip(names, ray.get([weight_refs[n] for n in names])))
+        by_key: dict[str, int] = {}
+        for name, t in tensors.items():
+            owner = expert_of(name)
+            key = "replicated" if owner is None else f"layer{owner[0]}.experts"
+            by_key[key] = by_key.get(key, 0) + t.numel() * t.element_size()
+        for key, nbytes in by_key.items():
+            self.ledger.charge("weights", key, nbytes)
+        model = MoEModel(cfg, self.held).to(TORCH_DTYPES[cfg.dtype])
+        model.load_state_dict(tensors, strict=True)
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def step(self, batch: NPUBatch) -> NPUStepResult:
+        t0 = time.perf_counter()
+        fb = ForwardBatch.build([(w.seq_id, w.token_ids, w.start_pos) for w in batch.seqs])
+        for w in batch.seqs:
+            self.kv.charge(w.seq_id, w.start_pos, len(w.token_ids))
+        hidden = self.model(fb, self.cache, self.experts)
+        sampling = [i for i, w in enumerate(batch.seqs) if w.sample]
+        tokens, logits_out = {}, {} if batch.return_logits else None
+        if sampling:
+            logits = self.model.logits(hidden[fb.last_rows()[sampling]])
+            for row, i in enumerate(sampling):
+                w = batch.seqs[i]
+                tokens[w.seq_id] = sample(logits[row], w.params, w.output_index)
+                if logits_out is not None:
+                    logits_out[w.seq_id] = logits[row].tolist()
+        device_s = self.cost.step_time(
+            self.spec.model,
+            num_tokens=fb.num_tokens,
+            context_tokens=sum(w.start_pos + len(w.token_ids) for w in batch.seqs),
+            num_seqs=len(batch.seqs),
+            ep_size=self.spec.ep_size,
+            num_local_experts=len(self.held[next(iter(self.held))]) if self.held else 0,
+        ).total_s
+        return NPUStepResult(self.spec.rank, tokens, logits_out, device_s, time.perf_counter() - t0)
+
+    def free(self, seq_id: str) -> None:
+        self.cache.free(seq_id)
+        self.kv.release(seq_id)
+
+    def expert_load(self) -> dict[int, list[int]]:
+        return {m.layer: m.load.tolist() for m in self.model.moe_layers()} if self.model else {}

@@ -1,0 +1,105 @@
+"""InstanceExecutor: one forward step across every NPU of an EP instance.
+
+Attention is data-parallel, so each sequence is pinned to one NPU (the one
+that holds its KV cache), chosen as the NPU with the fewest sequences when it
+first appears. Every NPU gets a batch every step, possibly empty, because the
+MoE all-to-all needs all ranks in lock step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+
+from actors.protocol import NPUBatch, NPUStepResult, SeqWork
+
+
+@dataclass
+class StepOutput:
+    tokens: dict[str, int]
+    logits: dict[str, list[float]]
+    device_time_s: float  # the slowest NPU's emulated device time: the step's time on the chip
+    wall_time_s: float
+
+
+class InstanceExecutor:
+    def __init__(self, npus: list):
+        self.npus = npus
+        self.owner: dict[str, int] = {}
+        self._seqs_on = [0] * len(npus)
+        self._step = 0
+
+    @property
+    def ep_size(self) -> int:
+        return len(self.npus)
+
+    def rank_of(self, seq_id: str) -> int:
+        if seq_id not in self.owner:
+            rank = min(range(len(self.npus)), key=lambda r: (self._seqs_on[r], r))
+            self.owner[seq_id] = rank
+            self._seqs_on[rank] += 1
+        return self.owner[seq_id]
+
+    def submit(self, works: list[SeqWork], return_logits: bool = False) -> list[ray.ObjectRef]:
+        per_rank: list[list[SeqWork]] = [[] for _ in self.npus]
+        for w in works:
+            per_rank[self.rank_of(w.seq_id)].append(w)
+        self._step += 1
+        return [npu.step.remote(NPUBatch(self._step, seqs, return_logits)) for npu, seqs in zip(self.npus, per_rank)]
+
+    @staticmethod
+    def merge(results: list[NPUStepResult]) -> StepOutput:
+        tokens, logits = {}, {}
+        for r in results:
+            tokens.update(r.tokens)
+            logits.update(r.logits or {})
+        return StepOutput(
+            tokens,
+            logits,
+            max(r.device_time_s for r in results),
+            max(r.wall_time_s for r in results),
+        )
+
+    def step(self, works: list[SeqWork], return_logits: bool = False) -> StepOutput:
+        return self.merge(ray.get(self.submit(works, return_logits)))
+
+    def free(self, seq_ids: list[str]) -> None:
+        by_rank: dict[int, list[str]] = {}
+        for sid in seq_ids:
+            rank = self.owner.pop(sid, None)
+            if rank is not None:
+                self._seqs_on[rank] -= 1
+                by_rank.setdefault(rank, []).append(sid)
+        ray.get([self.npus[r].free.remote(ids) for r, ids in by_rank.items()])
+
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int, params=None, keep_logits: bool = False
+    ) -> tuple[list[list[int]], list[list[list[float]]], list[StepOutput]]:
+        """Static-batch generation (prefill all prompts in one step, then decode
+        step by step): the distributed twin of actors.model.reference.generate,
+        used by `omniray verify` and `omniray bench ep`. Serving uses the engine."""
+        from actors.protocol import SamplingParams
+
+        params = params or SamplingParams()
+        ids = [f"gen{self._step}-{i}" for i in range(len(prompts))]
+        tokens: list[list[int]] = [[] for _ in prompts]
+        logits: list[list[list[float]]] = [[] for _ in prompts]
+        steps: list[StepOutput] = []
+        works = [SeqWork(sid, list(p), 0, True, params, 0) for sid, p in zip(ids, prompts)]
+        pos = [len(p) for p in prompts]
+        while works:
+            out = self.step(works, return_logits=keep_logits)
+            steps.append(out)
+            nxt = []
+            for w in works:
+                i = ids.index(w.seq_id)
+                tokens[i].append(out.tokens[w.seq_id])
+                if keep_logits:
+                    logits[i].append(out.logits[w.seq_id])
+                if len(tokens[i]) < max_new_tokens:
+                    nxt.append(SeqWork(w.seq_id, [tokens[i][-1]], pos[i], True, params, len(tokens[i])))
+                    pos[i] += 1
+            works = nxt
+        self.free(ids)
+        return tokens, logits, steps

@@ -1,0 +1,43 @@
+"""ExpertMap: which NPU of an EP instance holds which routed expert, per MoE layer.
+
+The control plane (cluster.placement) decides it; the data plane (actors.ep)
+routes tokens by it. Torch-free, so emulated NPUs never import torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ExpertMap:
+    """Per MoE layer: slots[layer][rank] = logical experts that rank holds.
+
+    A logical expert may sit on several ranks (redundant copies of hot experts,
+    Omni Placement); a token's pairs for such an expert are split across the
+    copies by token index."""
+
+    slots: dict[int, list[list[int]]]
+
+    @classmethod
+    def contiguous(cls, moe_layers: list[int], num_experts: int, ep_size: int) -> "ExpertMap":
+        if num_experts % ep_size:
+            raise ValueError(f"num_experts ({num_experts}) must be a multiple of the EP size ({ep_size})")
+        per = num_experts // ep_size
+        return cls({layer: [list(range(r * per, (r + 1) * per)) for r in range(ep_size)] for layer in moe_layers})
+
+    @property
+    def ep_size(self) -> int:
+        return len(next(iter(self.slots.values()))) if self.slots else 1
+
+    def held_by(self, rank: int) -> dict[int, list[int]]:
+        return {layer: ranks[rank] for layer, ranks in self.slots.items()}
+
+    def validate(self, num_experts: int) -> None:
+        for layer, ranks in self.slots.items():
+            present = {e for held in ranks for e in held}
+            missing = set(range(num_experts)) - present
+            if missing:
+                raise ValueError(f"layer {layer}: experts {sorted(missing)} have no copy on any NPU")
+            for rank, held in enumerate(ranks):
+                if len(set(held)) != len(held):
+                    raise ValueError(f"layer {layer}: rank {rank} holds an expert twice")

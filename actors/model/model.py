@@ -1,0 +1,67 @@
+"""MoEModel: embedding -> decoder layers (attention + dense FFN or MoE) -> norm -> LM head.
+
+The same module runs in the single-process reference (every expert local) and
+on an NPU actor of an EP instance (only its experts, the others reached through
+an ExpertExecutor), so the two can only differ where the experts run.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Iterable
+
+import torch
+from torch import nn
+
+from actors.model.attention import build_attention
+from actors.model.batch import ForwardBatch
+from actors.model.config import ModelConfig
+from actors.model.layers import RMSNorm, SwiGLU
+from actors.model.moe import ExpertExecutor, MoELayer
+
+TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, held_experts: Iterable[int] | None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = build_attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.mlp = MoELayer(cfg, layer, held_experts) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, batch, cache, executor):
+        x = x + self.self_attn(self.input_layernorm(x), batch, cache)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, executor) if self.is_moe else self.mlp(h))
+
+
+class MoEModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, held_experts: Mapping[int, Iterable[int]] | None = None):
+        """held_experts: MoE layer -> logical experts this process holds (None: all)."""
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, None if held_experts is None else held_experts.get(i, ())) for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.cfg.dtype]
+
+    def forward(self, batch: ForwardBatch, cache, executor: ExpertExecutor) -> torch.Tensor:
+        """Final hidden states of every row [T, hidden]."""
+        x = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            x = layer(x, batch, cache, executor)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.matmul(hidden, weight.t()).float()
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [layer.mlp for layer in self.layers if layer.is_moe]

@@ -1,0 +1,118 @@
+"""The manifest: what to serve, on which emulated chips, in which instances.
+
+A manifest is YAML. `model` is a path to a model-shape file (relative to the
+manifest) or an inline mapping of actors.model.config.ModelConfig fields.
+Every error names the file and the field, e.g.
+`manifests/x.yaml: instances.0.ep: Input should be greater than 0`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from actors.devices import get_device
+from actors.model.config import ModelConfig
+
+MANIFEST_DIR = Path(__file__).resolve().parent.parent / "manifests"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used; the message names the file and field."""
+
+
+class InstanceSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    role: Literal["prefill", "decode", "mixed"] = "mixed"
+    ep: int = Field(1, gt=0, le=1024)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "omniray"
+    model: ModelConfig
+    compute: Literal["real", "emulated"] = "real"
+    device: str = "910B"
+    checkpoint: str | None = None  # safetensors file; None = seeded random weights
+    tokenizer: str | None = None  # HF tokenizer.json; None = the shipped byte-level BPE
+    time_scale: float = Field(1.0, ge=0.0)  # emulated: wall seconds per device second
+    collective_backend: Literal["gloo", "nccl"] = "gloo"
+    instances: list[InstanceSpec] = Field(default_factory=lambda: [InstanceSpec()], min_length=1)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        return get_device(v).name
+
+    @model_validator(mode="after")
+    def _check(self) -> "Manifest":
+        names = set()
+        for i, inst in enumerate(self.instances):
+            if inst.name is None:
+                inst.name = f"{inst.role}{sum(1 for j in self.instances[:i] if j.role == inst.role)}"
+            if inst.name in names:
+                raise ValueError(f"instances.{i}.name: duplicate instance name {inst.name!r}")
+            names.add(inst.name)
+            if self.model.num_experts % inst.ep:
+                raise ValueError(
+                    f"instances.{i}.ep: {inst.ep} does not divide model.num_experts ({self.model.num_experts})"
+                )
+        if self.checkpoint and self.compute == "emulated":
+            raise ValueError("checkpoint: emulated compute loads no weights; remove the checkpoint")
+        return self
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if not msg.startswith(loc) else msg)
+    return "; ".join(lines)
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A manifest path as given, or a name under the shipped manifests/ folder."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for cand in (MANIFEST_DIR / p, MANIFEST_DIR / f"{p}.yaml"):
+        if cand.exists():
+            return cand
+    raise ManifestError(f"{path}: no such manifest (looked in . and {MANIFEST_DIR})")
+
+
+def parse_manifest(data: dict, base: Path, source: str = "manifest") -> Manifest:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: expected a mapping at the top level")
+    data = dict(data)
+    model = data.get("model")
+    if isinstance(model, str):
+        mpath = (base / model).resolve()
+        if not mpath.is_file():
+            raise ManifestError(f"{source}: model: no such model file {model!r} (resolved to {mpath})")
+        data["model"] = yaml.safe_load(mpath.read_text()) or {}
+    for key in ("checkpoint", "tokenizer"):
+        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            data[key] = str((base / data[key]).resolve())
+    try:
+        return Manifest(**data)
+    except ValidationError as err:
+        raise ManifestError(f"{source}: {_format(err)}") from None
+    except ValueError as err:  # get_device and friends
+        raise ManifestError(f"{source}: {err}") from None
+
+
+def load_manifest(path: str | Path = "local") -> Manifest:
+    p = resolve_path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ManifestError(f"{p}: not valid YAML: {err}") from None
+    return parse_manifest(data, p.parent, str(p))

@@ -1,0 +1,100 @@
+"""Builds what a manifest describes on Ray: the weights in the object store and
+the instances (NPU actors joined into an EP group, driven by an executor).
+
+Wiring only: no scheduling decisions here."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import ray
+
+from actors.executor import InstanceExecutor
+from actors.expert_map import ExpertMap
+from actors.model.config import ModelConfig
+from actors.npu import NPU_RESOURCE, NPUActor
+from actors.protocol import ComputeMode, NPUSpec
+
+DEFAULT_LOCAL_NPUS = 64  # omni_npu slots the embedded local Ray offers
+
+
+def connect(address: str | None = None, num_npus: int = DEFAULT_LOCAL_NPUS, **init_kwargs) -> None:
+    """Join a running cluster (address) or start the embedded local one with
+    `num_npus` emulated NPU slots. A no-op when Ray is already up."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, **init_kwargs)
+    else:
+        init_kwargs.setdefault("include_dashboard", False)
+        init_kwargs.setdefault("log_to_driver", True)
+        ray.init(resources={NPU_RESOURCE: num_npus}, **init_kwargs)
+
+
+def publish_weights(cfg: ModelConfig, checkpoint: str | None = None) -> dict[str, ray.ObjectRef]:
+    """Put every weight tensor into the object store once (one object a tensor),
+    so each NPU fetches only the tensors of its shard."""
+    from actors.model.reference import build_reference
+    from actors.model.weights import load_checkpoint
+
+    state = load_checkpoint(checkpoint) if checkpoint else build_reference(cfg).state_dict()
+    return {name: ray.put(t.contiguous()) for name, t in state.items()}
+
+
+@dataclass
+class Instance:
+    """One copy of the model: EP-N NPU actors and the executor that steps them."""
+
+    name: str
+    role: str
+    specs: list[NPUSpec]
+    npus: list
+    executor: InstanceExecutor
+    memory: list[dict] = field(default_factory=list)  # HBM report per NPU after load
+
+    @property
+    def ep_size(self) -> int:
+        return len(self.npus)
+
+    def stats(self) -> list[dict]:
+        return ray.get([n.stats.remote() for n in self.npus])
+
+    def shutdown(self) -> None:
+        for npu in self.npus:
+            ray.kill(npu)
+
+
+def launch_instance(
+    name: str,
+    cfg: ModelConfig,
+    ep: int,
+    compute: ComputeMode,
+    device: str,
+    weight_refs: dict | None = None,
+    role: str = "mixed",
+    expert_map: ExpertMap | None = None,
+    backend: str = "gloo",
+    time_scale: float = 1.0,
+) -> Instance:
+    """Start EP `ep` NPU actors, join them into a fresh collective group and load
+    their shards. Raises the NPU's HBMOutOfMemory if a shard does not fit."""
+    expert_map = expert_map or ExpertMap.contiguous(cfg.moe_layers, cfg.num_experts, ep)
+    expert_map.validate(cfg.num_experts)
+    group = f"{name}-{uuid.uuid4().hex[:8]}"
+    specs = [
+        NPUSpec(f"{name}.npu{r}", name, r, device, compute, cfg, expert_map, group, backend, time_scale)
+        for r in range(ep)
+    ]
+    actor_cls = ray.remote(NPUActor)
+    npus = [
+        actor_cls.options(name=f"{group}.npu{s.rank}", num_cpus=0, resources={NPU_RESOURCE: 1}).remote(s)
+        for s in specs
+    ]
+    try:
+        memory = ray.get([n.setup.remote(weight_refs) for n in npus])
+    except Exception:
+        for n in npus:
+            ray.kill(n)
+        raise
+    return Instance(name, role, specs, npus, InstanceExecutor(npus), memory)

@@ -1,0 +1,179 @@
+"""Tokenizer, chat template and streaming detokenizer for the Omni Proxy.
+
+Data flow: the proxy slave renders a chat request with
+:meth:`Tokenizer.apply_chat_template`, encodes it once with
+:meth:`Tokenizer.encode` (the ids are what the prefill and decode sides and the
+KV-block hashes reuse), and turns the engine's token stream back into text
+deltas with one :class:`IncrementalDetokenizer` per request.
+
+The shipped tokenizer (``cluster/assets/tokenizer.json``) is a 512-token
+byte-level BPE trained by ``scripts/train_tokenizer.py``; any Hugging Face
+``tokenizer.json`` can be loaded instead with :meth:`Tokenizer.from_file`.
+"""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterable, Sequence
+from importlib import resources
+
+import tokenizers
+from tokenizers import decoders
+
+ROLE_MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_MARKER = "<|end|>"
+# First name present wins: OmniRay's own, then the common Hugging Face spellings.
+_EOS_NAMES = ("<|eos|>", "</s>", "<|endoftext|>")
+_BOS_NAMES = ("<|bos|>", "<s>", "<|begin_of_text|>", "<|startoftext|>")
+
+
+def _shipped_tokenizer_json() -> str:
+    # importlib.resources rather than __file__, so it also works from a wheel or zip.
+    return resources.files("cluster").joinpath("assets", "tokenizer.json").read_text(encoding="utf-8")
+
+
+class Tokenizer:
+    """Thin wrapper over ``tokenizers.Tokenizer`` with the ids the server needs.
+
+    Wrapping (not subclassing) keeps the proxy's surface to the few calls it
+    uses, so another backend could stand in without touching callers.
+    """
+
+    def __init__(self, hf: tokenizers.Tokenizer, source: str = "<memory>"):
+        self.hf = hf
+        self.source = source
+        self.eos_token_id = self._first_id(_EOS_NAMES)
+        self.bos_token_id = self._first_id(_BOS_NAMES)
+        self.pad_token_id = self.hf.token_to_id("<|pad|>")
+
+    @classmethod
+    def from_file(cls, path: str | None = None) -> "Tokenizer":
+        """Load a ``tokenizer.json``; ``None`` loads the one shipped with the package.
+
+        Errors name the path, since a bad path in a manifest is the usual cause.
+        """
+        source = "cluster/assets/tokenizer.json (package data)" if path is None else str(path)
+        try:
+            text = _shipped_tokenizer_json() if path is None else open(path, encoding="utf-8").read()
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"tokenizer file not found: {source}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read tokenizer file {source}: {e}") from e
+        try:
+            hf = tokenizers.Tokenizer.from_str(text)
+        except Exception as e:  # the Rust side raises a bare Exception on bad JSON
+            raise ValueError(f"not a valid tokenizer.json: {source}: {e}") from e
+        return cls(hf, source)
+
+    def _first_id(self, names: Iterable[str]) -> int | None:
+        return next((i for i in map(self.hf.token_to_id, names) if i is not None), None)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added/special tokens included (what an embedding table needs)."""
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids of ``text``. Marker strings inside ``text`` become their special ids."""
+        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Like :meth:`encode` for many texts; the Rust side runs them in parallel."""
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[dict]) -> str:
+        """Render OpenAI-style messages, ending with the assistant marker as generation prompt.
+
+        ``<|role|>\\n{content}<|end|>\\n`` per message, then ``<|assistant|>\\n``.
+        No BOS is added: prepending it is the caller's choice.
+        """
+        parts = []
+        for i, m in enumerate(messages):
+            role = m.get("role") if isinstance(m, dict) else None
+            if role not in ROLE_MARKERS:
+                raise ValueError(f"message {i}: unsupported chat role {role!r}; expected one of {sorted(ROLE_MARKERS)}")
+            content = m.get("content")
+            if content is None:
+                content = ""
+            if not isinstance(content, str):
+                raise ValueError(f"message {i} ({role}): content must be a string, got {type(content).__name__}")
+            parts.append(f"{ROLE_MARKERS[role]}\n{content}{END_MARKER}\n")
+        parts.append(f"{ROLE_MARKERS['assistant']}\n")
+        return "".join(parts)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes->printable-unicode table that the ByteLevel decoder undoes."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = list(bs), 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+class IncrementalDetokenizer:
+    """Turns a token stream into text deltas whose concatenation equals ``decode(ids)``.
+
+    Byte-level BPE splits multi-byte UTF-8 characters across tokens, so decoding
+    one token at a time would emit U+FFFD halves. For byte-level tokenizers this
+    maps each token to its raw bytes and feeds an incremental UTF-8 decoder,
+    which holds back an incomplete character until its last byte arrives: O(1)
+    per token and exact. Other tokenizers (SentencePiece-style) use a sliding
+    window: re-decode the tokens since the last clean boundary and emit what was
+    added, unless it ends in U+FFFD (an unfinished character).
+
+    Call :meth:`add` per token id and :meth:`flush` once at the end of the stream.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        hf = tokenizer.hf
+        self._byte_level = isinstance(hf.decoder, decoders.ByteLevel)
+        self._special = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ids: list[int] = []  # window path only
+        self._prefix = 0  # window start: a clean character boundary
+        self._read = 0  # end of the tokens whose text is already emitted
+
+    def add(self, token_id: int) -> str:
+        """Feed one id; return the newly completed text (possibly "")."""
+        if self._byte_level:
+            return self._utf8.decode(self._token_bytes(token_id))
+        self._ids.append(token_id)
+        return self._window_delta(final=False)
+
+    def flush(self) -> str:
+        """End of stream: emit whatever is held back (an unfinished character as U+FFFD)."""
+        if self._byte_level:
+            return self._utf8.decode(b"", final=True)
+        return self._window_delta(final=True)
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        if self.skip_special_tokens and token_id in self._special:
+            return b""
+        token = self.tokenizer.hf.id_to_token(token_id)
+        if token is None:  # decode() silently drops unknown ids too
+            return b""
+        try:
+            return bytes(_BYTE_DECODER[c] for c in token)
+        except KeyError:  # like the Rust ByteLevel decoder: unmapped token -> its UTF-8
+            return token.encode("utf-8")
+
+    def _window_delta(self, final: bool) -> str:
+        decode = self.tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix : self._read], self.skip_special_tokens)
+        new_text = decode(self._ids[self._prefix :], self.skip_special_tokens)
+        if len(new_text) <= len(prefix_text) or (new_text.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return new_text[len(prefix_text) :]
