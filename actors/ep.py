@@ -25,6 +25,16 @@ from actors.model.moe import MoELayer, apply_grouped
 from actors.model.router import RouterOutput
 
 
+def join_ep_group(world: int, rank: int, backend: str, group_name: str):
+    """Join the instance's ray.util.collective group and return its torch
+    process group (the handle all_to_all_single needs)."""
+    from ray.util import collective
+    from ray.util.collective.collective import _group_mgr
+
+    collective.init_collective_group(world, rank, backend, group_name)
+    return _group_mgr.get_group_by_name(group_name)._pg
+
+
 class _LayerRoutes:
     """Lookup tables of one layer: logical expert -> copies; (rank, expert) -> slot."""
 

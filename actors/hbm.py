@@ -46,6 +46,10 @@ class HBMOutOfMemory(MemoryError):
             f" (used {used} B, free {self.free} B, capacity {capacity} B)"
         )
 
+    def __reduce__(self):
+        # rebuild from the fields, so the error crosses Ray's actor boundary intact
+        return (type(self), (self.npu, self.category, self.key, self.requested, self.used, self.capacity))
+
 
 class HBMLedger:
     """Bytes charged to one NPU's HBM, by category ('weights', 'kv', ...) and key.

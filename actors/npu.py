@@ -39,7 +39,10 @@ class NPUActor:
             torch.set_num_threads(int(os.environ.get("OMNIRAY_NPU_THREADS", "1")))
             from actors.compute.real import RealCompute
 
-            group = self._join_group() if self.spec.ep_size > 1 else None
+            from actors.ep import join_ep_group
+
+            spec = self.spec
+            group = join_ep_group(spec.ep_size, spec.rank, spec.backend, spec.group_name) if spec.ep_size > 1 else None
             self.compute = RealCompute(self.spec, self.ledger, self.cost, group)
         else:
             from actors.compute.emulated import EmulatedCompute
@@ -47,13 +50,6 @@ class NPUActor:
             self.compute = EmulatedCompute(self.spec, self.ledger, self.cost)
         self.compute.load_weights(weight_refs)
         return self.ledger.report()
-
-    def _join_group(self):
-        from ray.util import collective
-        from ray.util.collective.collective import _group_mgr
-
-        collective.init_collective_group(self.spec.ep_size, self.spec.rank, self.spec.backend, self.spec.group_name)
-        return _group_mgr.get_group_by_name(self.spec.group_name)._pg
 
     def step(self, batch: NPUBatch) -> NPUStepResult:
         result = self.compute.step(batch)

@@ -47,6 +47,12 @@ class MoEModel(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # multi-token prediction heads (actors/model/mtp.py); absent when num_mtp_layers == 0
+        self.mtp: nn.ModuleList | None = None
+        if cfg.num_mtp_layers > 0:
+            from actors.model.mtp import MTPModule  # local: mtp.py builds on DecoderLayer
+
+            self.mtp = nn.ModuleList(MTPModule(cfg, j) for j in range(cfg.num_mtp_layers))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -62,6 +68,16 @@ class MoEModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return torch.matmul(hidden, weight.t()).float()
+
+    def mtp_forward(self, depth: int, hidden: torch.Tensor, batch: ForwardBatch, cache, executor: ExpertExecutor) -> torch.Tensor:
+        """MTP module `depth` on rows at positions i (batch.positions): hidden [T, h]
+        is the previous depth's pre-norm output at i (depth 0: the main model's),
+        batch.input_ids the token that depth predicts there, t_{i+1+depth}.
+        Returns this depth's pre-norm hidden [T, h]; `self.logits(self.norm(.))`
+        of a row predicts t_{i+2+depth}."""
+        if self.mtp is None:
+            raise ValueError("model has no MTP modules (cfg.num_mtp_layers == 0)")
+        return self.mtp[depth](hidden, self.embed_tokens(batch.input_ids), batch, cache, executor)
 
     def moe_layers(self) -> list[MoELayer]:
         return [layer.mlp for layer in self.layers if layer.is_moe]

@@ -1,0 +1,17 @@
+"""Shared fixtures: one local Ray session per test module (Ray start is ~4 s)."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from actors.npu import NPU_RESOURCE
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, resources={NPU_RESOURCE: 64}, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

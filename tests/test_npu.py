@@ -1,0 +1,70 @@
+"""NPU actors: HBM ledger charges in both compute modes, refusal of what does
+not fit, and the emulated 718B model starting on this machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.hbm import HBMOutOfMemory
+from actors.model.config import DTYPE_BYTES
+from actors.protocol import SeqWork
+from cluster.config import load_manifest
+from cluster.launcher import launch_instance, publish_weights
+
+
+def test_emulated_718b_starts_and_charges_weights_split_over_npus(ray_session):
+    m = load_manifest("pangu-ultra-moe-718b")
+    cfg, ep = m.model, m.instances[0].ep
+    inst = launch_instance("u718", cfg, ep, "emulated", m.device)
+    try:
+        counts, per_param = cfg.parameter_counts(), DTYPE_BYTES[cfg.weight_dtype]
+        assert counts.total > 700e9
+        expert_bytes = [r["by_category"]["weights"] - counts.replicated * per_param for r in inst.memory]
+        assert sum(expert_bytes) == counts.routed_experts * per_param
+        assert len(set(expert_bytes)) == 1  # an even split: 256 experts over 16 NPUs
+        for report in inst.memory:
+            assert report["used"] == counts.replicated * per_param + counts.routed_experts * per_param // ep
+            assert report["capacity"] == 128 * 2**30
+        out = inst.executor.step([SeqWork(f"s{i}", list(range(7, 71)), 0) for i in range(8)])
+        assert len(out.tokens) == 8 and out.device_time_s > 0
+    finally:
+        inst.shutdown()
+
+
+def test_oversize_load_is_refused_naming_npu_what_and_size(ray_session):
+    m = load_manifest("pangu-ultra-moe-718b")
+    with pytest.raises(HBMOutOfMemory) as info:
+        launch_instance("toosmall", m.model, 2, "emulated", "910B")  # 718B INT8 on 2 x 64 GiB
+    msg = str(info.value)
+    assert "toosmall.npu" in msg and "weights" in msg and "GiB" in msg
+
+
+def test_real_npu_charges_kv_per_token_and_frees_it(ray_session):
+    m = load_manifest("local")
+    cfg = m.model
+    inst = launch_instance("kv", cfg, 2, "real", m.device, publish_weights(cfg))
+    try:
+        before = sum(r["used"] for r in inst.memory)
+        inst.executor.step([SeqWork("a", [10, 11, 12, 13, 14], 0), SeqWork("b", [20, 21, 22], 0)])
+        mem = [s["hbm"] for s in inst.stats()]
+        assert sum(r["by_category"].get("kv", 0) for r in mem) == 8 * cfg.kv_bytes_per_token()
+        inst.executor.free(["a", "b"])
+        assert sum(s["hbm"]["used"] for s in inst.stats()) == before
+    finally:
+        inst.shutdown()
+
+
+def test_emulated_tokens_do_not_depend_on_ep_size(ray_session):
+    m = load_manifest("pangu-pro-moe-72b")
+    prompts = [[7, 8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18]]
+    results = []
+    for ep in (4, 8):
+        inst = launch_instance(f"emu{ep}", m.model, ep, "emulated", m.device, time_scale=0.0)
+        try:
+            tokens, _, steps = inst.executor.generate(prompts, 6)
+        finally:
+            inst.shutdown()
+        assert all(s.device_time_s > 0 for s in steps)
+        results.append(tokens)
+    assert results[0] == results[1]
+    assert all(len(t) == 6 for t in results[0])
