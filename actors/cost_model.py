@@ -196,6 +196,13 @@ class CostModel:
         bw = self.device.interconnect_bandwidth if intra_node else self.device.inter_node_bandwidth
         return self.collective_latency_s + (num_npus - 1) / num_npus * nbytes_per_npu / bw
 
+    def transfer_time(self, nbytes: int, intra_node: bool = False) -> float:
+        """latency + nbytes / link bandwidth: a point-to-point copy, e.g. KV blocks from a prefill NPU."""
+        if nbytes <= 0:
+            return 0.0
+        bw = self.device.interconnect_bandwidth if intra_node else self.device.inter_node_bandwidth
+        return self.collective_latency_s + nbytes / bw
+
     # ---- a whole step ----------------------------------------------------------------
     def step_time(
         self,

@@ -41,10 +41,12 @@ class InstanceExecutor:
             self._seqs_on[rank] += 1
         return self.owner[seq_id]
 
-    def submit(self, works: list[SeqWork], return_logits: bool = False) -> list[ray.ObjectRef]:
+    def submit(self, works: list[SeqWork], return_logits: bool = False, ranks: list[int] | None = None) -> list[ray.ObjectRef]:
+        """Send one step to every NPU; `ranks` pins each work to an NPU (the
+        engine's scheduler chose them), else sequences are placed here."""
         per_rank: list[list[SeqWork]] = [[] for _ in self.npus]
-        for w in works:
-            per_rank[self.rank_of(w.seq_id)].append(w)
+        for i, w in enumerate(works):
+            per_rank[self.rank_of(w.seq_id) if ranks is None else ranks[i]].append(w)
         self._step += 1
         return [npu.step.remote(NPUBatch(self._step, seqs, return_logits)) for npu, seqs in zip(self.npus, per_rank)]
 

@@ -49,7 +49,7 @@ class NPUActor:
 
             self.compute = EmulatedCompute(self.spec, self.ledger, self.cost)
         self.compute.load_weights(weight_refs)
-        return self.ledger.report()
+        return self.ledger.report() | {"kv_blocks": self.compute.num_blocks, "block_size": self.spec.block_size}
 
     def step(self, batch: NPUBatch) -> NPUStepResult:
         result = self.compute.step(batch)

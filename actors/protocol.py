@@ -45,6 +45,10 @@ class NPUSpec:
     group_name: str  # collective group of the instance (one per instance incarnation)
     backend: Literal["gloo", "nccl"] = "gloo"
     time_scale: float = 1.0  # emulated: wall seconds slept per emulated device second
+    block_size: int = 16  # tokens per KV block
+    kv_blocks: int | None = None  # KV pool size; None: fill kv_memory_fraction of the HBM left after weights
+    kv_memory_fraction: float = 0.9
+    kv_cache_name: str | None = None  # the global KV cache actor to publish blocks to
 
     @property
     def ep_size(self) -> int:
@@ -61,6 +65,9 @@ class SeqWork:
     sample: bool = True  # sample a next token (false for a non-final prefill chunk)
     params: SamplingParams = field(default_factory=SamplingParams)
     output_index: int = 0  # index of the token to sample in the output (seeds sampling)
+    block_table: list[int] | None = None  # paged KV: the sequence's blocks (None: a scratch per-sequence cache)
+    load_blocks: list = field(default_factory=list)  # (block id, [ref]): fill from the object store before the step
+    save_blocks: list = field(default_factory=list)  # (block id, prefix hash or None): put into the object store
 
 
 @dataclass(frozen=True)
@@ -77,3 +84,49 @@ class NPUStepResult:
     logits: dict[str, list[float]] | None  # when asked: seq id -> next-token logits
     device_time_s: float  # what the step would take on the emulated chip (cost model)
     wall_time_s: float
+    exported: dict[str, list] = field(default_factory=dict)  # seq id -> [[ref]] of its saved blocks
+
+
+@dataclass
+class KVTransfer:
+    """A prefilled request's KV, handed from a prefill instance to a decode one.
+
+    `blocks` are object-store refs (each wrapped in a one-element list so Ray
+    passes the ref, not the value) of the request's KV blocks in order; the
+    prefill NPU wrote them once, owned by the global KV cache actor, and any
+    decode NPU reads them (zero-copy on the same node)."""
+
+    num_tokens: int  # tokens of KV in the blocks (the prompt)
+    block_size: int
+    blocks: list[list]  # [[ObjectRef]] per block
+
+
+@dataclass
+class EngineRequest:
+    """What an instance engine is asked to generate. Tokens only: the proxy
+    tokenized once, and nothing downstream tokenizes again."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 16
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    eos_token_id: int | None = None
+    block_hashes: list[int] | None = None  # prefix-chain hashes of the prompt's full blocks
+    output_ids: list[int] = field(default_factory=list)  # tokens already generated (P/D hand-off, resume)
+    kv_transfer: KVTransfer | None = None  # decode side of P/D: the prompt's KV, prefilled elsewhere
+    prefill_only: bool = False  # prefill role: stop after the first token and export the KV
+
+
+@dataclass
+class EngineOutput:
+    """One streamed update of a request."""
+
+    request_id: str
+    token_ids: list[int]  # new tokens since the last update
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from a cache (local or global)
+    kv_transfer: KVTransfer | None = None

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from actors.engine.scheduler import SchedulerConfig
 from actors.executor import InstanceExecutor
 from actors.expert_map import ExpertMap
 from actors.model.config import ModelConfig
@@ -52,6 +53,7 @@ class Instance:
     npus: list
     executor: InstanceExecutor
     memory: list[dict] = field(default_factory=list)  # HBM report per NPU after load
+    engine: object | None = None  # the InstanceEngine actor, once launched
 
     @property
     def ep_size(self) -> int:
@@ -61,6 +63,8 @@ class Instance:
         return ray.get([n.stats.remote() for n in self.npus])
 
     def shutdown(self) -> None:
+        if self.engine is not None:
+            ray.kill(self.engine)
         for npu in self.npus:
             ray.kill(npu)
 
@@ -76,6 +80,9 @@ def launch_instance(
     expert_map: ExpertMap | None = None,
     backend: str = "gloo",
     time_scale: float = 1.0,
+    block_size: int = 16,
+    kv_blocks: int | None = None,
+    kv_cache_name: str | None = None,
 ) -> Instance:
     """Start EP `ep` NPU actors, join them into a fresh collective group and load
     their shards. Raises the NPU's HBMOutOfMemory if a shard does not fit."""
@@ -83,7 +90,10 @@ def launch_instance(
     expert_map.validate(cfg.num_experts)
     group = f"{name}-{uuid.uuid4().hex[:8]}"
     specs = [
-        NPUSpec(f"{name}.npu{r}", name, r, device, compute, cfg, expert_map, group, backend, time_scale)
+        NPUSpec(
+            f"{name}.npu{r}", name, r, device, compute, cfg, expert_map, group, backend, time_scale,
+            block_size=block_size, kv_blocks=kv_blocks, kv_cache_name=kv_cache_name,
+        )
         for r in range(ep)
     ]
     actor_cls = ray.remote(NPUActor)
@@ -98,3 +108,14 @@ def launch_instance(
             ray.kill(n)
         raise
     return Instance(name, role, specs, npus, InstanceExecutor(npus), memory)
+
+
+def launch_engine(instance: Instance, scheduler: SchedulerConfig | None = None, kv_cache_name: str | None = None):
+    """Start the engine actor that drives an instance's NPUs step by step."""
+    from actors.engine.instance import EngineConfig, InstanceEngine
+
+    scheduler = scheduler or SchedulerConfig(block_size=instance.specs[0].block_size)
+    config = EngineConfig(instance.name, instance.role, scheduler, kv_cache_name)
+    engine = ray.remote(InstanceEngine).options(num_cpus=0, max_concurrency=10_000)
+    instance.engine = engine.remote(config, instance.npus, instance.memory)
+    return instance.engine

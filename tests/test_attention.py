@@ -25,6 +25,15 @@ from actors.model.reference import build_reference, generate
 MODELS = Path(__file__).resolve().parent.parent / "manifests" / "models"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add contention (10x slower on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(name: str, **overrides) -> ModelConfig:
     data = yaml.safe_load((MODELS / f"{name}.yaml").read_text())
     data.update(overrides)
@@ -141,7 +150,7 @@ def test_amla_block_size_is_irrelevant_in_float64():
 
 # ---- exponent_add -------------------------------------------------------------
 
-INT_OF = {torch.float32: np.float32, torch.float64: np.float64}
+NP_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -191,7 +200,7 @@ def test_exponent_add_property(data, dtype, k):
     too), otherwise zero. Never garbage."""
     width = 32 if dtype == torch.float32 else 64
     xv = data.draw(st.floats(allow_nan=False, allow_infinity=False, width=width))
-    np_t = INT_OF[dtype]
+    np_t = NP_FLOAT[dtype]
     exact = np.ldexp(np_t(xv), k)
     x = torch.tensor([xv], dtype=dtype)
     got = exponent_add(x, torch.tensor([k], dtype=dtype)).item()

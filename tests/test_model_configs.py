@@ -122,7 +122,7 @@ def test_tiny_models(name: str):
     assert cfg.vocab_size == 512
     assert cfg.hidden_size == 64
     assert 2 <= cfg.num_layers <= 3
-    assert cfg.dtype == cfg.weight_dtype == cfg.kv_dtype == "float32"
+    assert cfg.dtype == cfg.weight_dtype == cfg.kv_dtype == "float64"  # verification precision
     assert cfg.seed == 0
     assert cfg.num_experts == 8 and cfg.num_shared_experts == 1
     if name == "tiny-gqa-moge":

@@ -22,9 +22,14 @@ def test_emulated_718b_starts_and_charges_weights_split_over_npus(ray_session):
         expert_bytes = [r["by_category"]["weights"] - counts.replicated * per_param for r in inst.memory]
         assert sum(expert_bytes) == counts.routed_experts * per_param
         assert len(set(expert_bytes)) == 1  # an even split: 256 experts over 16 NPUs
+        weights = counts.replicated * per_param + counts.routed_experts * per_param // ep
+        block = 16 * cfg.kv_bytes_per_token()
         for report in inst.memory:
-            assert report["used"] == counts.replicated * per_param + counts.routed_experts * per_param // ep
+            assert report["by_category"]["weights"] == weights
             assert report["capacity"] == 128 * 2**30
+            # the KV pool fills 90% of what the weights leave, in whole blocks
+            assert report["by_category"]["kv"] == report["kv_blocks"] * block
+            assert report["kv_blocks"] == int((report["capacity"] - weights) * 0.9) // block
         out = inst.executor.step([SeqWork(f"s{i}", list(range(7, 71)), 0) for i in range(8)])
         assert len(out.tokens) == 8 and out.device_time_s > 0
     finally:
@@ -45,9 +50,10 @@ def test_real_npu_charges_kv_per_token_and_frees_it(ray_session):
     inst = launch_instance("kv", cfg, 2, "real", m.device, publish_weights(cfg))
     try:
         before = sum(r["used"] for r in inst.memory)
+        pool = sum(r["by_category"]["kv"] for r in inst.memory)
         inst.executor.step([SeqWork("a", [10, 11, 12, 13, 14], 0), SeqWork("b", [20, 21, 22], 0)])
         mem = [s["hbm"] for s in inst.stats()]
-        assert sum(r["by_category"].get("kv", 0) for r in mem) == 8 * cfg.kv_bytes_per_token()
+        assert sum(r["by_category"]["kv"] for r in mem) - pool == 8 * cfg.kv_bytes_per_token()
         inst.executor.free(["a", "b"])
         assert sum(s["hbm"]["used"] for s in inst.stats()) == before
     finally:

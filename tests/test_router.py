@@ -157,11 +157,6 @@ def test_imbalance_score_values():
     assert imbalance_score(torch.tensor([1, 3])) == pytest.approx(1.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG actors/model/router.py Router.forward: scores are computed with .float() (float32) even for "
-    "a float64 model, so float64 combine weights carry ~1e-7 error and near-tied routing is decided in float32",
-)
 def test_router_keeps_float64_precision():
     cfg = moge_cfg(8, 4, 4)
     router = make_router(cfg, 3, torch.float64)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import time
 
+import numpy as np
+
 from actors.compute.kv_ledger import KVCharges
+from actors.compute.kv_pool import BlockPublisher, block_bytes, reserve_pool
 from actors.cost_model import CostModel
 from actors.hbm import HBMLedger
 from actors.model.config import DTYPE_BYTES
@@ -28,6 +31,8 @@ class EmulatedCompute:
         self.spec, self.ledger, self.cost = spec, ledger, cost
         self.held = spec.expert_map.held_by(spec.rank)
         self.kv = KVCharges(ledger, spec.model.kv_bytes_per_token())
+        self.publisher = BlockPublisher(spec)
+        self.num_blocks = 0
 
     def load_weights(self, weight_refs: dict | None) -> None:
         cfg = self.spec.model
@@ -35,12 +40,15 @@ class EmulatedCompute:
         self.ledger.charge("weights", "replicated", cfg.parameter_counts().replicated * per_param)
         for layer, experts in self.held.items():
             self.ledger.charge("weights", f"layer{layer}.experts", len(experts) * cfg.expert_params() * per_param)
+        self.num_blocks = reserve_pool(self.spec, self.ledger)
 
     def step(self, batch: NPUBatch) -> NPUStepResult:
         t0 = time.perf_counter()
         cfg = self.spec.model
         for w in batch.seqs:
-            self.kv.charge(w.seq_id, w.start_pos, len(w.token_ids))
+            if w.block_table is None:
+                self.kv.charge(w.seq_id, w.start_pos, len(w.token_ids))
+        loaded = sum(len(w.load_blocks) for w in batch.seqs)
         num_tokens = sum(len(w.token_ids) for w in batch.seqs)
         device_s = self.cost.step_time(
             cfg,
@@ -50,6 +58,8 @@ class EmulatedCompute:
             ep_size=self.spec.ep_size,
             num_local_experts=len(next(iter(self.held.values()), [])),
         ).total_s
+        # KV blocks pulled from another instance cross the inter-node link
+        device_s += self.cost.transfer_time(loaded * block_bytes(self.spec))
         tokens = {
             w.seq_id: standin_token(w.token_ids[-1], w.start_pos + len(w.token_ids), cfg.vocab_size)
             for w in batch.seqs
@@ -58,7 +68,10 @@ class EmulatedCompute:
         remaining = device_s * self.spec.time_scale - (time.perf_counter() - t0)
         if remaining > 0:
             time.sleep(remaining)
-        return NPUStepResult(self.spec.rank, tokens, None, device_s, time.perf_counter() - t0)
+        # no tensors: a block is a marker; the index still charges its real size
+        saved = [(w.seq_id, h, np.zeros(0, dtype=np.uint8)) for w in batch.seqs for _, h in w.save_blocks]
+        exported = self.publisher.publish(saved) if saved else {}
+        return NPUStepResult(self.spec.rank, tokens, None, device_s, time.perf_counter() - t0, exported)
 
     def free(self, seq_id: str) -> None:
         self.kv.release(seq_id)

@@ -12,6 +12,7 @@ import ray
 import torch
 
 from actors.compute.kv_ledger import KVCharges
+from actors.compute.kv_pool import BlockPublisher, reserve_pool
 from actors.cost_model import CostModel
 from actors.ep import EPExperts
 from actors.hbm import HBMLedger
@@ -19,6 +20,7 @@ from actors.model.batch import ForwardBatch
 from actors.model.kv_store import SequenceKVStore
 from actors.model.model import TORCH_DTYPES, MoEModel
 from actors.model.moe import LocalExperts
+from actors.model.paged_kv import PagedKVStore
 from actors.model.sampler import sample
 from actors.model.weights import expert_of, shard_names
 from actors.protocol import NPUBatch, NPUSpec, NPUStepResult
@@ -30,7 +32,9 @@ class RealCompute:
         cfg = spec.model
         self.held = spec.expert_map.held_by(spec.rank)
         self.model: MoEModel | None = None
-        self.cache = SequenceKVStore()
+        self.cache = SequenceKVStore()  # scratch cache of the static-batch path (verify, bench ep)
+        self.paged: PagedKVStore | None = None  # the engine's paged cache
+        self.publisher = BlockPublisher(spec)
         self.kv = KVCharges(ledger, cfg.kv_bytes_per_token())
         self.experts = LocalExperts() if spec.ep_size == 1 else EPExperts(spec.expert_map, spec.rank, cfg.num_experts, group)
 
@@ -50,14 +54,31 @@ class RealCompute:
         model = MoEModel(cfg, self.held).to(TORCH_DTYPES[cfg.dtype])
         model.load_state_dict(tensors, strict=True)
         self.model = model.eval()
+        self.num_blocks = reserve_pool(self.spec, self.ledger)
+        self.paged = PagedKVStore(cfg, self.num_blocks, self.spec.block_size, TORCH_DTYPES[cfg.dtype])
+
+    def _cache_for(self, batch: NPUBatch):
+        """The paged store, bound to this step's block tables, or the scratch store."""
+        if not any(w.block_table is not None for w in batch.seqs):
+            for w in batch.seqs:
+                self.kv.charge(w.seq_id, w.start_pos, len(w.token_ids))
+            return self.cache
+        self.paged.unbind_all()
+        for w in batch.seqs:
+            for block, (ref,) in w.load_blocks:
+                self.paged.import_block(block, ray.get(ref))
+            self.paged.bind(w.seq_id, w.block_table, w.start_pos)
+        return self.paged
+
+    def _save(self, batch: NPUBatch) -> dict[str, list]:
+        blocks = [(w.seq_id, h, self.paged.export_block(b)) for w in batch.seqs for b, h in w.save_blocks]
+        return self.publisher.publish(blocks) if blocks else {}
 
     @torch.no_grad()
     def step(self, batch: NPUBatch) -> NPUStepResult:
         t0 = time.perf_counter()
         fb = ForwardBatch.build([(w.seq_id, w.token_ids, w.start_pos) for w in batch.seqs])
-        for w in batch.seqs:
-            self.kv.charge(w.seq_id, w.start_pos, len(w.token_ids))
-        hidden = self.model(fb, self.cache, self.experts)
+        hidden = self.model(fb, self._cache_for(batch), self.experts)
         sampling = [i for i, w in enumerate(batch.seqs) if w.sample]
         tokens, logits_out = {}, {} if batch.return_logits else None
         if sampling:
@@ -75,7 +96,8 @@ class RealCompute:
             ep_size=self.spec.ep_size,
             num_local_experts=len(self.held[next(iter(self.held))]) if self.held else 0,
         ).total_s
-        return NPUStepResult(self.spec.rank, tokens, logits_out, device_s, time.perf_counter() - t0)
+        exported = self._save(batch)
+        return NPUStepResult(self.spec.rank, tokens, logits_out, device_s, time.perf_counter() - t0, exported)
 
     def free(self, seq_id: str) -> None:
         self.cache.free(seq_id)

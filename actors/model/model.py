@@ -67,7 +67,8 @@ class MoEModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.matmul(hidden, weight.t()).float()
+        logits = torch.matmul(hidden, weight.t())
+        return logits if logits.dtype == torch.float64 else logits.float()
 
     def mtp_forward(self, depth: int, hidden: torch.Tensor, batch: ForwardBatch, cache, executor: ExpertExecutor) -> torch.Tensor:
         """MTP module `depth` on rows at positions i (batch.positions): hidden [T, h]

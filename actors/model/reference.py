@@ -47,7 +47,11 @@ def generate(
     keep_logits: bool = False,
 ) -> GenerateOutput:
     """Generate up to max_new_tokens for every prompt (greedy unless params say otherwise)."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: every prompt needs at least one token")
     params = params or SamplingParams()
+    if max_new_tokens <= 0:
+        return GenerateOutput([[] for _ in prompts], [[] for _ in prompts] if keep_logits else [])
     stop = stop_token_ids or set()
     cache, experts = SequenceKVStore(), LocalExperts()
     out = GenerateOutput([[] for _ in prompts], [[] for _ in prompts] if keep_logits else [])

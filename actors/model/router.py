@@ -49,7 +49,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        scores = torch.softmax(torch.matmul(x, self.weight.t()).float(), dim=-1)
+        # at least float32 (bf16 routing is too coarse), float64 kept for verification
+        logits = torch.matmul(x, self.weight.t())
+        scores = torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
         weights, ids = self.select(scores)
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)

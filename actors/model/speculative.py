@@ -157,17 +157,17 @@ def speculative_generate(
                 seq = seqs[sid]
                 seq.mtp_len, seq.pending = seq.main_len, seq.pending[:0]
                 drafts[sid].append(int(tok[row]))
-            g = dict(zip(dsids, hid))
+            last_hid = dict(zip(dsids, hid))
             # chained steps: the single head fed its own hidden and draft, one position on
             for step in range(1, num_draft):
                 csids = [sid for sid in dsids if k[sid] > step]
                 if not csids:
                     break
                 items = [(sid, [drafts[sid][-1]], seqs[sid].main_len + step - 1) for sid in csids]
-                hid, tok = _mtp_step(model, items, torch.stack([g[sid] for sid in csids]), cache, experts, stats)
+                hid, tok = _mtp_step(model, items, torch.stack([last_hid[sid] for sid in csids]), cache, experts, stats)
                 for row, sid in enumerate(csids):
                     drafts[sid].append(int(tok[row]))
-                    g[sid] = hid[row]
+                    last_hid[sid] = hid[row]
             for sid in dsids:  # drop chained rows: they were built from drafts
                 cache.truncate(sid, seqs[sid].mtp_len, mtp_layers)
         # verify every sequence's [last token + drafts] in one main forward

@@ -1,0 +1,60 @@
+"""The KV side of an NPU that both compute modes share: sizing the block pool
+in the HBM ledger, and publishing blocks to the object store.
+
+Published blocks are `ray.put` by the NPU; blocks with a prefix hash are also
+indexed by the global KV cache actor, which takes its own copy (Ray 2.56+ has
+no `_owner=` for ray.put), so indexed blocks outlive the NPU that computed them."""
+
+from __future__ import annotations
+
+import ray
+
+from actors.hbm import HBMLedger
+from actors.protocol import NPUSpec
+
+REAL_DEFAULT_KV_BLOCKS = 512  # real compute allocates host tensors: keep the default pool small
+
+
+def block_bytes(spec: NPUSpec) -> int:
+    return spec.block_size * spec.model.kv_bytes_per_token()
+
+
+def reserve_pool(spec: NPUSpec, ledger: HBMLedger) -> int:
+    """Charge the KV pool to the ledger (as vLLM preallocates it) and return its size in blocks."""
+    per_block = block_bytes(spec)
+    if spec.kv_blocks is not None:
+        n = spec.kv_blocks
+    elif spec.compute == "real":
+        n = REAL_DEFAULT_KV_BLOCKS
+    else:
+        n = int(ledger.free * spec.kv_memory_fraction) // per_block
+    ledger.charge("kv", "pool", n * per_block)
+    return n
+
+
+class BlockPublisher:
+    def __init__(self, spec: NPUSpec):
+        self.spec, self.nbytes = spec, block_bytes(spec)
+        self._cache = None
+
+    def _cache_actor(self):
+        if self._cache is None and self.spec.kv_cache_name:
+            try:
+                self._cache = ray.get_actor(self.spec.kv_cache_name)
+            except ValueError:
+                self._cache = None  # no global cache: nothing is indexed
+        return self._cache
+
+    def publish(self, blocks: list[tuple[str, int | None, object]]) -> dict[str, list]:
+        """blocks: (seq id, prefix hash or None, data). Returns seq id -> [[ref], ...] in order."""
+        cache = self._cache_actor()
+        exported: dict[str, list] = {}
+        entries = []
+        for seq_id, block_hash, data in blocks:
+            ref = ray.put(data)
+            exported.setdefault(seq_id, []).append([ref])
+            if block_hash is not None and cache is not None:
+                entries.append((block_hash, [ref], self.nbytes))
+        if entries:
+            ray.get(cache.put.remote(entries))  # indexed before the step returns: a later match sees them
+        return exported

@@ -1,0 +1,227 @@
+"""InstanceEngine: the engine actor of one instance. Its loop is one sentence:
+schedule -> execute on the NPUs -> update the sequences and stream their tokens.
+
+Requests arrive as token ids (the proxy tokenized them once) and leave as a
+stream of EngineOutput. Role `prefill` runs a request until its first token
+and hands its KV on (KVTransfer: block refs in the object store); role
+`decode` starts from such a transfer; `mixed` does both. Full prompt blocks
+are published to the global KV cache, so any instance can reuse a prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from actors.engine.block_manager import BlockManager
+from actors.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
+from actors.engine.sequence import Sequence
+from actors.executor import InstanceExecutor
+from actors.kv_hash import ROOT, hash_block
+from actors.protocol import EngineOutput, EngineRequest, KVTransfer, SeqWork
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    name: str
+    role: str = "mixed"  # prefill | decode | mixed
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kv_cache_name: str | None = None  # global KV cache actor; None: local prefix caching only
+
+
+class InstanceEngine:
+    def __init__(self, config: EngineConfig, npus: list, npu_memory: list[dict]):
+        self.config = config
+        bs = config.scheduler.block_size
+        self.managers = [BlockManager(m["kv_blocks"], bs) for m in npu_memory]
+        self.scheduler = Scheduler(config.scheduler, self.managers)
+        self.executor = InstanceExecutor(npus)
+        self.seqs: dict[str, Sequence] = {}
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.hashes: dict[str, list[int]] = {}  # seq id -> prefix-chain hashes of its full blocks
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self.counters = {"steps": 0, "prompt_tokens": 0, "computed_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
+        self.device_time_s = 0.0
+
+    # ---- requests ------------------------------------------------------------------
+    async def generate(self, request: EngineRequest):
+        """Stream EngineOutput for one request (a Ray streaming generator)."""
+        self._ensure_loop()
+        seq = await self._admit(request)
+        queue = self.queues[request.request_id]
+        try:
+            while True:
+                out = await queue.get()
+                if isinstance(out, Exception):
+                    raise out
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if not seq.finish_reason:  # the consumer went away: free its KV now
+                self._finish(seq, "abort")
+            self.queues.pop(request.request_id, None)
+
+    async def _admit(self, req: EngineRequest) -> Sequence:
+        if not req.prompt_ids:
+            raise ValueError("prompt_ids: empty prompt")
+        if req.request_id in self.seqs:
+            raise ValueError(f"request_id: {req.request_id!r} is already running")
+        need = self.managers[0].blocks_needed(len(req.prompt_ids) + req.max_tokens)
+        if need > max(m.num_blocks for m in self.managers):
+            raise ValueError(
+                f"max_tokens: prompt ({len(req.prompt_ids)}) + max_tokens ({req.max_tokens}) needs {need} KV blocks; "
+                f"an NPU of {self.config.name} has {self.managers[0].num_blocks}"
+            )
+        seq = Sequence(req)
+        if req.kv_transfer is not None:
+            seq.remote_blocks, seq.remote_tokens = req.kv_transfer.blocks, req.kv_transfer.num_tokens
+        elif self.config.kv_cache_name and req.block_hashes:
+            await self._match_global(seq)
+        self.seqs[req.request_id] = seq
+        self.queues[req.request_id] = asyncio.Queue()
+        self.counters["prompt_tokens"] += len(req.prompt_ids)
+        self.scheduler.add(seq)
+        self._wake.set()
+        return seq
+
+    async def _match_global(self, seq: Sequence) -> None:
+        import ray
+
+        usable = seq.request.block_hashes[: (len(seq.request.prompt_ids) - 1) // self.config.scheduler.block_size]
+        try:
+            cache = ray.get_actor(self.config.kv_cache_name)
+            hit = await cache.match.remote(usable)
+        except Exception:  # no cache, or it is restarting: a miss costs only recomputation
+            return
+        seq.remote_blocks, seq.remote_tokens = hit["refs"], hit["num_blocks"] * self.config.scheduler.block_size
+
+    async def abort(self, request_id: str) -> bool:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return False
+        self._finish(seq, "abort")
+        return True
+
+    # ---- the loop ---------------------------------------------------------------------
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            if not self.scheduler.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                await asyncio.sleep(0.001)  # admission waits for blocks freed by a finishing request
+                continue
+            works = [self._work(s) for s in scheduled]
+            refs = self.executor.submit(works, ranks=[s.seq.rank for s in scheduled])
+            try:
+                out = InstanceExecutor.merge(await asyncio.gather(*refs))
+            except Exception as err:  # an NPU failed: fail what ran, loudly, and keep serving the rest
+                for s in scheduled:
+                    self._fail(s.seq, f"engine {self.config.name}: step failed on an NPU: {err}")
+                continue
+            self.device_time_s += out.device_time_s
+            self.counters["steps"] += 1
+            self._update(scheduled, out)
+
+    def _work(self, s: Scheduled) -> SeqWork:
+        seq, bs = s.seq, self.config.scheduler.block_size
+        start, stop = seq.num_computed, seq.num_computed + s.num_tokens
+        n_prompt = len(seq.request.prompt_ids)
+        prompt_hashes = self._chain(seq, n_prompt)
+        save = []
+        if seq.request.prefill_only and s.samples:  # hand the whole prompt's KV on
+            save = [(b, prompt_hashes[i] if i < len(prompt_hashes) else None) for i, b in enumerate(seq.block_table[: -(-n_prompt // bs)])]
+        elif self.config.kv_cache_name and self.config.role != "decode":  # publish newly computed prompt blocks
+            first = max(start, seq.num_cached) // bs
+            save = [(seq.block_table[i], prompt_hashes[i]) for i in range(first, min(stop, n_prompt) // bs)]
+        return SeqWork(
+            seq.seq_id, seq.token_ids[start:stop], start, s.samples, seq.request.params, len(seq.output_ids),
+            block_table=list(seq.block_table), load_blocks=s.load, save_blocks=save,
+        )
+
+    def _chain(self, seq: Sequence, num_tokens: int) -> list[int]:
+        """Prefix-chain hashes of the full blocks within seq's first num_tokens tokens."""
+        bs = self.config.scheduler.block_size
+        chain = self.hashes.setdefault(seq.seq_id, list(seq.request.block_hashes or []))
+        tokens = seq.token_ids
+        while (len(chain) + 1) * bs <= min(num_tokens, len(tokens)):
+            i = len(chain)
+            chain.append(hash_block(chain[-1] if chain else ROOT, tokens[i * bs : (i + 1) * bs]))
+        return chain[: num_tokens // bs]
+
+    def _update(self, scheduled: list[Scheduled], out) -> None:
+        for s in scheduled:
+            seq = s.seq
+            if seq.finish_reason:  # aborted while its step ran
+                continue
+            seq.num_computed += s.num_tokens
+            self.counters["computed_tokens"] += s.num_tokens
+            bm = self.managers[seq.rank]
+            for i, h in enumerate(self._chain(seq, seq.num_computed)):
+                if i >= seq.registered_blocks:
+                    bm.register(seq.block_table[i], h)
+            seq.registered_blocks = seq.num_computed // self.config.scheduler.block_size
+            if not s.samples:
+                continue
+            seq.output_ids.append(out.tokens[seq.seq_id])
+            self.counters["generated_tokens"] += 1
+            if seq.check_finished():
+                transfer = None
+                if seq.request.prefill_only:
+                    transfer = KVTransfer(len(seq.request.prompt_ids), self.config.scheduler.block_size, out.exported.get(seq.seq_id, []))
+                self._finish(seq, seq.finish_reason, transfer)
+            else:
+                self._emit(seq)
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        queue = self.queues.get(seq.seq_id)
+        seq.finish_reason = "error"
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.seq_id, None)
+        if queue is not None:
+            queue.put_nowait(RuntimeError(message))
+
+    def _emit(self, seq: Sequence, transfer: KVTransfer | None = None) -> None:
+        queue = self.queues.get(seq.seq_id)
+        new = seq.output_ids[seq.emitted :]
+        seq.emitted = len(seq.output_ids)
+        if queue is not None:
+            queue.put_nowait(
+                EngineOutput(
+                    seq.seq_id, new, bool(seq.finish_reason), seq.finish_reason,
+                    len(seq.request.prompt_ids), seq.num_cached, transfer,
+                )
+            )
+
+    def _finish(self, seq: Sequence, reason: str, transfer: KVTransfer | None = None) -> None:
+        seq.finish_reason = reason
+        self.counters["cached_tokens"] += seq.num_cached
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.seq_id, None)
+        self.hashes.pop(seq.seq_id, None)
+        self._emit(seq, transfer)
+
+    # ---- state for the master ---------------------------------------------------------
+    def stats(self) -> dict:
+        return {
+            "name": self.config.name,
+            "role": self.config.role,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "free_blocks": [m.num_free for m in self.managers],
+            "total_blocks": [m.num_blocks for m in self.managers],
+            "preemptions": self.scheduler.num_preemptions,
+            "device_time_s": self.device_time_s,
+            "time": time.time(),
+            **self.counters,
+        }

@@ -1,0 +1,135 @@
+"""Scheduler: which sequences run in the next step, with how many tokens.
+
+Continuous batching with chunked prefill, in the manner of vLLM v1: running
+sequences first (a decode takes 1 token, an unfinished prefill its next
+chunk), then waiting ones in queue order while the token budget, the
+sequence cap and the KV blocks last. A new sequence goes to the NPU with the
+longest cached prefix of its prompt (then the most free blocks). When a
+running sequence needs a block and its NPU has none, the most recently
+arrived sequence on that NPU is preempted: its blocks are freed and it waits
+to be recomputed (prompt + tokens so far) — nothing is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from actors.engine.block_manager import BlockManager
+from actors.engine.sequence import Sequence, Status
+from actors.kv_hash import block_hashes
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 32  # running sequences per instance
+    max_num_batched_tokens: int = 512  # tokens per step (chunked prefill splits longer prompts)
+    block_size: int = 16
+
+
+@dataclass
+class Scheduled:
+    seq: Sequence
+    num_tokens: int  # new tokens fed this step
+    load: list = field(default_factory=list)  # (block id, [ref]) to fill from the object store first
+    samples: bool = False  # this step reaches the sequence's end: sample its next token
+
+    def __post_init__(self):
+        self.samples = self.seq.num_computed + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, managers: list[BlockManager]):
+        self.config, self.managers = config, managers
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _prompt_hashes(self, seq: Sequence) -> list[int]:
+        req = seq.request
+        hashes = req.block_hashes or block_hashes(req.prompt_ids, self.config.block_size)
+        return hashes[: (len(req.prompt_ids) - 1) // self.config.block_size]  # keep >= 1 token to compute
+
+    def _choose_rank(self, seq: Sequence, hashes: list[int]) -> int:
+        return max(
+            range(len(self.managers)),
+            key=lambda r: (len(self.managers[r].match(hashes)), self.managers[r].num_free, -r),
+        )
+
+    def _admit(self, seq: Sequence, budget: int) -> Scheduled | None:
+        """Place a waiting sequence on an NPU, reusing cached KV; None if no room."""
+        hashes = self._prompt_hashes(seq)
+        rank = self._choose_rank(seq, hashes)
+        bm = self.managers[rank]
+        local = bm.match(hashes)
+        bm.attach(local)
+        table, computed = list(local), len(local) * bm.block_size
+        remote = seq.remote_blocks
+        remote_tokens = min(seq.remote_tokens, seq.num_tokens - 1)
+        load = []
+        if remote_tokens > computed:
+            if not bm.grow(table, remote_tokens):
+                bm.release(table)
+                return None
+            first = len(local)
+            load = [(table[i], remote[i]) for i in range(first, bm.blocks_needed(remote_tokens))]
+            computed = remote_tokens
+        n = min(seq.num_tokens - computed, budget)
+        if n <= 0 or not bm.grow(table, computed + n):
+            bm.release(table)
+            return None
+        seq.rank, seq.block_table, seq.num_computed = rank, table, computed
+        seq.num_cached = min(computed, len(seq.request.prompt_ids))
+        seq.registered_blocks = len(local)
+        seq.status = Status.RUNNING
+        return Scheduled(seq, n, load)  # after num_computed is set: `samples` depends on it
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.managers[seq.rank].release(seq.block_table)
+        seq.status, seq.rank, seq.num_computed, seq.registered_blocks = Status.WAITING, None, 0, 0
+        self.running.remove(seq)
+        self.waiting.insert(0, seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.config.max_num_batched_tokens
+        out: list[Scheduled] = []
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if seq.status is not Status.RUNNING or budget == 0:
+                continue
+            n = min(seq.num_uncomputed, budget)
+            bm = self.managers[seq.rank]
+            while not bm.grow(seq.block_table, seq.num_computed + n):
+                scheduled = {s.seq.seq_id for s in out}
+                victims = [s for s in self.running if s.rank == seq.rank and s.seq_id not in scheduled]
+                victim = max(victims, key=lambda s: s.arrival)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                out.append(Scheduled(seq, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            item = self._admit(self.waiting[0], budget)
+            if item is None:
+                break  # out of KV blocks: it waits, in order, for a finished sequence to free some
+            self.waiting.pop(0)
+            self.running.append(item.seq)
+            out.append(item)
+            budget -= item.num_tokens
+        return out
+
+    def finish(self, seq: Sequence) -> None:
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.rank is not None:
+            self.managers[seq.rank].release(seq.block_table)
+            seq.rank = None

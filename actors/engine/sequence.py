@@ -1,0 +1,62 @@
+"""Sequence: one request's state inside an instance engine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from actors.protocol import EngineRequest
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request: EngineRequest
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    rank: int | None = None  # the NPU holding its KV (attention is data-parallel)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the block table
+    num_cached: int = 0  # prompt tokens taken from a cache instead of computed
+    registered_blocks: int = 0  # full blocks already named by their prefix hash
+    arrival: float = field(default_factory=time.monotonic)
+    finish_reason: str | None = None
+    emitted: int = 0  # output tokens already streamed out
+    remote_blocks: list = field(default_factory=list)  # [[ref]] of KV blocks to load (global cache hit, P/D)
+    remote_tokens: int = 0  # tokens the remote blocks cover
+
+    def __post_init__(self):
+        self.output_ids = list(self.request.output_ids)
+        self.emitted = len(self.output_ids)
+
+    @property
+    def seq_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        """Tokens still to feed through the model before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
+
+    def check_finished(self) -> bool:
+        req = self.request
+        last = self.output_ids[-1] if self.output_ids else None
+        if last is not None and (last in req.stop_token_ids or (not req.ignore_eos and last == req.eos_token_id)):
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= req.max_tokens or (req.prefill_only and self.output_ids):
+            self.finish_reason = "length"
+        return self.finish_reason is not None
