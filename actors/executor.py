@@ -8,7 +8,7 @@ MoE all-to-all needs all ranks in lock step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -21,6 +21,7 @@ class StepOutput:
     logits: dict[str, list[float]]
     device_time_s: float  # the slowest NPU's emulated device time: the step's time on the chip
     wall_time_s: float
+    exported: dict[str, list] = field(default_factory=dict)  # seq id -> [[ref]] of blocks it saved
 
 
 class InstanceExecutor:
@@ -52,15 +53,17 @@ class InstanceExecutor:
 
     @staticmethod
     def merge(results: list[NPUStepResult]) -> StepOutput:
-        tokens, logits = {}, {}
+        tokens, logits, exported = {}, {}, {}
         for r in results:
             tokens.update(r.tokens)
             logits.update(r.logits or {})
+            exported.update(r.exported)
         return StepOutput(
             tokens,
             logits,
             max(r.device_time_s for r in results),
             max(r.wall_time_s for r in results),
+            exported,
         )
 
     def step(self, works: list[SeqWork], return_logits: bool = False) -> StepOutput:

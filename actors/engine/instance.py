@@ -11,6 +11,7 @@ are published to the global KV cache, so any instance can reuse a prefix.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +21,8 @@ from actors.engine.sequence import Sequence
 from actors.executor import InstanceExecutor
 from actors.kv_hash import ROOT, hash_block
 from actors.protocol import EngineOutput, EngineRequest, KVTransfer, SeqWork
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,15 @@ class InstanceEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        try:
+            await self._steps()
+        except Exception as err:  # a bug in the loop itself: fail every request loudly, never hang them
+            logger.exception("engine %s: loop crashed", self.config.name)
+            for seq in list(self.seqs.values()):
+                self._fail(seq, f"engine {self.config.name}: loop crashed: {err!r}")
+            self._loop_task = None
+
+    async def _steps(self) -> None:
         while True:
             if not self.scheduler.has_work():
                 self._wake.clear()
