@@ -22,6 +22,8 @@ class StepOutput:
     device_time_s: float  # the slowest NPU's emulated device time: the step's time on the chip
     wall_time_s: float
     exported: dict[str, list] = field(default_factory=dict)  # seq id -> [[ref]] of blocks it saved
+    accepted: dict[str, list[int]] = field(default_factory=dict)  # MTP drafts accepted, per sequence
+    drafts: dict[str, int] = field(default_factory=dict)  # MTP drafts for the next step
 
 
 class InstanceExecutor:
@@ -53,17 +55,21 @@ class InstanceExecutor:
 
     @staticmethod
     def merge(results: list[NPUStepResult]) -> StepOutput:
-        tokens, logits, exported = {}, {}, {}
+        tokens, logits, exported, accepted, drafts = {}, {}, {}, {}, {}
         for r in results:
             tokens.update(r.tokens)
             logits.update(r.logits or {})
             exported.update(r.exported)
+            accepted.update(r.accepted)
+            drafts.update(r.drafts)
         return StepOutput(
             tokens,
             logits,
             max(r.device_time_s for r in results),
             max(r.wall_time_s for r in results),
             exported,
+            accepted,
+            drafts,
         )
 
     def step(self, works: list[SeqWork], return_logits: bool = False) -> StepOutput:

@@ -49,6 +49,7 @@ class NPUSpec:
     kv_blocks: int | None = None  # KV pool size; None: fill kv_memory_fraction of the HBM left after weights
     kv_memory_fraction: float = 0.9
     kv_cache_name: str | None = None  # the global KV cache actor to publish blocks to
+    mtp_acceptance_rate: float = 0.9  # emulated MTP: the share of drafts accepted (real compute measures it)
 
     @property
     def ep_size(self) -> int:
@@ -68,6 +69,12 @@ class SeqWork:
     block_table: list[int] | None = None  # paged KV: the sequence's blocks (None: a scratch per-sequence cache)
     load_blocks: list = field(default_factory=list)  # (block id, [ref]): fill from the object store before the step
     save_blocks: list = field(default_factory=list)  # (block id, prefix hash or None): put into the object store
+    # MTP speculative decoding (greedy): the last `num_drafts` token_ids are drafts to
+    # verify in this forward; `propose` asks the MTP head for the next step's draft,
+    # which for a prefill chunk that is not the last needs the token after the chunk.
+    num_drafts: int = 0
+    propose: bool = False
+    next_token: int | None = None
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,8 @@ class NPUStepResult:
     device_time_s: float  # what the step would take on the emulated chip (cost model)
     wall_time_s: float
     exported: dict[str, list] = field(default_factory=dict)  # seq id -> [[ref]] of its saved blocks
+    accepted: dict[str, list[int]] = field(default_factory=dict)  # seq id -> drafts accepted (before its token)
+    drafts: dict[str, int] = field(default_factory=dict)  # seq id -> MTP draft for the next step
 
 
 @dataclass

@@ -83,6 +83,7 @@ def launch_instance(
     block_size: int = 16,
     kv_blocks: int | None = None,
     kv_cache_name: str | None = None,
+    mtp_acceptance_rate: float = 0.9,
 ) -> Instance:
     """Start EP `ep` NPU actors, join them into a fresh collective group and load
     their shards. Raises the NPU's HBMOutOfMemory if a shard does not fit."""
@@ -93,6 +94,7 @@ def launch_instance(
         NPUSpec(
             f"{name}.npu{r}", name, r, device, compute, cfg, expert_map, group, backend, time_scale,
             block_size=block_size, kv_blocks=kv_blocks, kv_cache_name=kv_cache_name,
+            mtp_acceptance_rate=mtp_acceptance_rate,
         )
         for r in range(ep)
     ]
@@ -110,12 +112,16 @@ def launch_instance(
     return Instance(name, role, specs, npus, InstanceExecutor(npus), memory)
 
 
-def launch_engine(instance: Instance, scheduler: SchedulerConfig | None = None, kv_cache_name: str | None = None):
+def launch_engine(
+    instance: Instance, scheduler: SchedulerConfig | None = None, kv_cache_name: str | None = None, mtp: bool = False
+):
     """Start the engine actor that drives an instance's NPUs step by step."""
     from actors.engine.instance import EngineConfig, InstanceEngine
 
+    if mtp and not instance.specs[0].model.num_mtp_layers:
+        raise ValueError(f"mtp: model {instance.specs[0].model.name} has no MTP heads (num_mtp_layers: 0)")
     scheduler = scheduler or SchedulerConfig(block_size=instance.specs[0].block_size)
-    config = EngineConfig(instance.name, instance.role, scheduler, kv_cache_name)
+    config = EngineConfig(instance.name, instance.role, scheduler, kv_cache_name, mtp)
     engine = ray.remote(InstanceEngine).options(num_cpus=0, max_concurrency=10_000)
     instance.engine = engine.remote(config, instance.npus, instance.memory)
     return instance.engine

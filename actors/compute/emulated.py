@@ -21,9 +21,18 @@ from actors.model.config import DTYPE_BYTES
 from actors.protocol import NPUBatch, NPUSpec, NPUStepResult
 
 
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
 def standin_token(last_token: int, position: int, vocab_size: int) -> int:
-    digest = hashlib.blake2b(f"{last_token}:{position}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % vocab_size
+    return _digest(f"{last_token}:{position}") % vocab_size
+
+
+def standin_accepts(last_token: int, position: int, rate: float) -> bool:
+    """Whether the emulated MTP draft for `position` is accepted: true for a
+    deterministic `rate` share of (token, position) pairs."""
+    return _digest(f"mtp:{last_token}:{position}") < rate * 2**64
 
 
 class EmulatedCompute:
@@ -60,18 +69,34 @@ class EmulatedCompute:
         ).total_s
         # KV blocks pulled from another instance cross the inter-node link
         device_s += self.cost.transfer_time(loaded * block_bytes(self.spec))
-        tokens = {
-            w.seq_id: standin_token(w.token_ids[-1], w.start_pos + len(w.token_ids), cfg.vocab_size)
-            for w in batch.seqs
-            if w.sample
-        }
+        tokens, accepted, drafts = {}, {}, {}
+        for w in batch.seqs:
+            if w.num_drafts:  # the draft's value is not modelled, only whether it is accepted
+                last, pos = w.token_ids[-1 - w.num_drafts], w.start_pos + len(w.token_ids) - w.num_drafts
+                accepted[w.seq_id] = []
+                while len(accepted[w.seq_id]) < w.num_drafts and standin_accepts(last, pos, self.spec.mtp_acceptance_rate):
+                    last = standin_token(last, pos, cfg.vocab_size)
+                    accepted[w.seq_id].append(last)
+                    pos += 1
+                tokens[w.seq_id] = standin_token(last, pos, cfg.vocab_size)
+            elif w.sample:
+                tokens[w.seq_id] = standin_token(w.token_ids[-1], w.start_pos + len(w.token_ids), cfg.vocab_size)
+            if w.propose and w.seq_id in tokens:
+                drafts[w.seq_id] = tokens[w.seq_id]  # a placeholder: see above
+        if drafts:  # the MTP depth is one more decoder layer over the proposing rows
+            device_s += self.cost.step_time(
+                cfg, num_tokens=len(drafts), context_tokens=0, num_seqs=len(drafts), ep_size=1,
+                num_local_experts=cfg.num_experts,
+            ).total_s / cfg.num_layers
         remaining = device_s * self.spec.time_scale - (time.perf_counter() - t0)
         if remaining > 0:
             time.sleep(remaining)
         # no tensors: a block is a marker; the index still charges its real size
         saved = [(w.seq_id, h, np.zeros(0, dtype=np.uint8)) for w in batch.seqs for _, h in w.save_blocks]
         exported = self.publisher.publish(saved) if saved else {}
-        return NPUStepResult(self.spec.rank, tokens, None, device_s, time.perf_counter() - t0, exported)
+        return NPUStepResult(
+            self.spec.rank, tokens, None, device_s, time.perf_counter() - t0, exported, accepted, drafts
+        )
 
     def free(self, seq_id: str) -> None:
         self.kv.release(seq_id)

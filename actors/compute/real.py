@@ -13,6 +13,7 @@ import torch
 
 from actors.compute.kv_ledger import KVCharges
 from actors.compute.kv_pool import BlockPublisher, reserve_pool
+from actors.compute.speculative import propose_drafts, verify_drafts
 from actors.cost_model import CostModel
 from actors.ep import EPExperts
 from actors.hbm import HBMLedger
@@ -78,9 +79,14 @@ class RealCompute:
     def step(self, batch: NPUBatch) -> NPUStepResult:
         t0 = time.perf_counter()
         fb = ForwardBatch.build([(w.seq_id, w.token_ids, w.start_pos) for w in batch.seqs])
-        hidden = self.model(fb, self._cache_for(batch), self.experts)
-        sampling = [i for i, w in enumerate(batch.seqs) if w.sample]
-        tokens, logits_out = {}, {} if batch.return_logits else None
+        cache = self._cache_for(batch)
+        residual = self.model.residual(fb, cache, self.experts)
+        hidden = self.model.norm(residual)
+        tokens, accepted, logits_out = {}, {}, {} if batch.return_logits else None
+        for seq, w in zip(fb.slices(), batch.seqs):
+            if w.num_drafts:
+                accepted[w.seq_id], tokens[w.seq_id] = verify_drafts(self.model, hidden, seq, w)
+        sampling = [i for i, w in enumerate(batch.seqs) if w.sample and not w.num_drafts]
         if sampling:
             logits = self.model.logits(hidden[fb.last_rows()[sampling]])
             for row, i in enumerate(sampling):
@@ -88,6 +94,7 @@ class RealCompute:
                 tokens[w.seq_id] = sample(logits[row], w.params, w.output_index)
                 if logits_out is not None:
                     logits_out[w.seq_id] = logits[row].tolist()
+        drafts = propose_drafts(self.model, residual, fb, batch.seqs, tokens, accepted, cache) if self.model.mtp else {}
         device_s = self.cost.step_time(
             self.spec.model,
             num_tokens=fb.num_tokens,
@@ -97,7 +104,9 @@ class RealCompute:
             num_local_experts=len(self.held[next(iter(self.held))]) if self.held else 0,
         ).total_s
         exported = self._save(batch)
-        return NPUStepResult(self.spec.rank, tokens, logits_out, device_s, time.perf_counter() - t0, exported)
+        return NPUStepResult(
+            self.spec.rank, tokens, logits_out, device_s, time.perf_counter() - t0, exported, accepted, drafts
+        )
 
     def free(self, seq_id: str) -> None:
         self.cache.free(seq_id)

@@ -31,6 +31,7 @@ class EngineConfig:
     role: str = "mixed"  # prefill | decode | mixed
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_cache_name: str | None = None  # global KV cache actor; None: local prefix caching only
+    mtp: bool = False  # MTP speculative decoding for greedy requests (the model needs MTP heads)
 
 
 class InstanceEngine:
@@ -45,7 +46,10 @@ class InstanceEngine:
         self.hashes: dict[str, list[int]] = {}  # seq id -> prefix-chain hashes of its full blocks
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self.counters = {"steps": 0, "prompt_tokens": 0, "computed_tokens": 0, "cached_tokens": 0, "generated_tokens": 0}
+        self.counters = {
+            "steps": 0, "prompt_tokens": 0, "computed_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
+            "drafted_tokens": 0, "accepted_tokens": 0,
+        }
         self.device_time_s = 0.0
 
     # ---- requests ------------------------------------------------------------------
@@ -156,9 +160,16 @@ class InstanceEngine:
         elif self.config.kv_cache_name and self.config.role != "decode":  # publish newly computed prompt blocks
             first = max(start, seq.num_cached) // bs
             save = [(seq.block_table[i], prompt_hashes[i]) for i in range(first, min(stop, n_prompt) // bs)]
+        tokens = seq.token_ids[start:stop]
+        drafting = s.samples and seq.draft is not None
+        if drafting:
+            tokens = tokens + [seq.draft]
+        propose = self.config.mtp and seq.request.params.greedy and not seq.request.prefill_only
         return SeqWork(
-            seq.seq_id, seq.token_ids[start:stop], start, s.samples, seq.request.params, len(seq.output_ids),
+            seq.seq_id, tokens, start, s.samples, seq.request.params, len(seq.output_ids),
             block_table=list(seq.block_table), load_blocks=s.load, save_blocks=save,
+            num_drafts=1 if drafting else 0, propose=propose,
+            next_token=seq.token_ids[stop] if stop < seq.num_tokens else None,
         )
 
     def _chain(self, seq: Sequence, num_tokens: int) -> list[int]:
@@ -176,24 +187,39 @@ class InstanceEngine:
             seq = s.seq
             if seq.finish_reason:  # aborted while its step ran
                 continue
-            seq.num_computed += s.num_tokens
+            accepted = out.accepted.get(seq.seq_id, [])
+            if s.samples and seq.draft is not None:
+                self.counters["drafted_tokens"] += 1
+                self.counters["accepted_tokens"] += len(accepted)
+            seq.draft = out.drafts.get(seq.seq_id)
+            seq.num_computed += s.num_tokens + len(accepted)  # an accepted draft's KV is already written
             self.counters["computed_tokens"] += s.num_tokens
-            bm = self.managers[seq.rank]
-            for i, h in enumerate(self._chain(seq, seq.num_computed)):
-                if i >= seq.registered_blocks:
-                    bm.register(seq.block_table[i], h)
-            seq.registered_blocks = seq.num_computed // self.config.scheduler.block_size
+            finished = False
+            if s.samples:
+                for token in accepted + [out.tokens[seq.seq_id]]:
+                    seq.output_ids.append(token)
+                    self.counters["generated_tokens"] += 1
+                    if seq.check_finished():
+                        finished = True
+                        break
+            self._register_blocks(seq)
             if not s.samples:
                 continue
-            seq.output_ids.append(out.tokens[seq.seq_id])
-            self.counters["generated_tokens"] += 1
-            if seq.check_finished():
+            if finished:
                 transfer = None
                 if seq.request.prefill_only:
                     transfer = KVTransfer(len(seq.request.prompt_ids), self.config.scheduler.block_size, out.exported.get(seq.seq_id, []))
                 self._finish(seq, seq.finish_reason, transfer)
             else:
                 self._emit(seq)
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        """Name the blocks this step filled by their prefix hash (local prefix caching)."""
+        bm = self.managers[seq.rank]
+        chain = self._chain(seq, seq.num_computed)
+        for i in range(seq.registered_blocks, len(chain)):
+            bm.register(seq.block_table[i], chain[i])
+        seq.registered_blocks = max(seq.registered_blocks, len(chain))
 
     def _fail(self, seq: Sequence, message: str) -> None:
         queue = self.queues.get(seq.seq_id)

@@ -92,6 +92,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.managers[seq.rank].release(seq.block_table)
         seq.status, seq.rank, seq.num_computed, seq.registered_blocks = Status.WAITING, None, 0, 0
+        seq.draft = None
         self.running.remove(seq)
         self.waiting.insert(0, seq)
         self.num_preemptions += 1
@@ -104,7 +105,8 @@ class Scheduler:
                 continue
             n = min(seq.num_uncomputed, budget)
             bm = self.managers[seq.rank]
-            while not bm.grow(seq.block_table, seq.num_computed + n):
+            lookahead = 1 if seq.draft is not None and n == seq.num_uncomputed else 0  # the draft's KV slot
+            while not bm.grow(seq.block_table, seq.num_computed + n + lookahead):
                 scheduled = {s.seq.seq_id for s in out}
                 victims = [s for s in self.running if s.rank == seq.rank and s.seq_id not in scheduled]
                 victim = max(victims, key=lambda s: s.arrival)

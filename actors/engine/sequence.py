@@ -30,6 +30,7 @@ class Sequence:
     emitted: int = 0  # output tokens already streamed out
     remote_blocks: list = field(default_factory=list)  # [[ref]] of KV blocks to load (global cache hit, P/D)
     remote_tokens: int = 0  # tokens the remote blocks cover
+    draft: int | None = None  # MTP draft of the token after the next one, to verify in the next step
 
     def __post_init__(self):
         self.output_ids = list(self.request.output_ids)

@@ -118,8 +118,8 @@ class ModelConfig(BaseModel):
         return 2 * self.num_kv_heads * self.head_dim
 
     def kv_bytes_per_token(self) -> int:
-        """Bytes of KV cache one token takes across all layers."""
-        return self.kv_elements_per_token() * self.num_layers * DTYPE_BYTES[self.kv_dtype]
+        """Bytes of KV cache one token takes across all layers, MTP layers included."""
+        return self.kv_elements_per_token() * (self.num_layers + self.num_mtp_layers) * DTYPE_BYTES[self.kv_dtype]
 
     def attention_params(self) -> int:
         h = self.hidden_size

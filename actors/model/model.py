@@ -60,10 +60,14 @@ class MoEModel(nn.Module):
 
     def forward(self, batch: ForwardBatch, cache, executor: ExpertExecutor) -> torch.Tensor:
         """Final hidden states of every row [T, hidden]."""
+        return self.norm(self.residual(batch, cache, executor))
+
+    def residual(self, batch: ForwardBatch, cache, executor: ExpertExecutor) -> torch.Tensor:
+        """The residual stream after the last layer, before the final norm (what MTP reads)."""
         x = self.embed_tokens(batch.input_ids)
         for layer in self.layers:
             x = layer(x, batch, cache, executor)
-        return self.norm(x)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -26,7 +26,7 @@ def kv_shapes(cfg: ModelConfig) -> list[tuple[int, ...]]:
 class PagedKVStore:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, num_layers: int | None = None):
         self.block_size = block_size
-        layers = num_layers or cfg.num_layers
+        layers = num_layers or cfg.num_layers + cfg.num_mtp_layers  # MTP layers cache like main ones
         self.pool = [[torch.zeros(num_blocks, block_size, *s, dtype=dtype) for s in kv_shapes(cfg)] for _ in range(layers)]
         self._tables: dict[str, list[int]] = {}
         self._starts: dict[str, int] = {}
