@@ -5,39 +5,25 @@ from __future__ import annotations
 
 import math
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.model.attention import AMLA_BLOCK, amla_attention, exponent_add, softmax_attention
 from actors.model.batch import ForwardBatch
-from actors.model.config import ModelConfig
 from actors.model.kv_store import SequenceKVStore
 from actors.model.layers import apply_rope, rope_cos_sin
 from actors.model.moe import LocalExperts
 from actors.model.reference import build_reference, generate
 
-MODELS = Path(__file__).resolve().parent.parent / "manifests" / "models"
+from helpers import tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention (10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def tiny(name: str, **overrides) -> ModelConfig:
-    data = yaml.safe_load((MODELS / f"{name}.yaml").read_text())
-    data.update(overrides)
-    return ModelConfig(**data)
 
 
 def naive_attention(q, k, v, scale, q_start):

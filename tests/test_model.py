@@ -4,11 +4,9 @@ ModelConfig validation."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from pydantic import ValidationError
 
 from actors.model.config import ModelConfig
@@ -25,22 +23,11 @@ from actors.model.weights import (
 )
 from actors.protocol import SamplingParams
 
-MODELS = Path(__file__).resolve().parent.parent / "manifests" / "models"
+from helpers import tiny
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-def tiny(name: str, **overrides) -> ModelConfig:
-    data = yaml.safe_load((MODELS / f"{name}.yaml").read_text())
-    data.update(overrides)
-    return ModelConfig(**data)
 
 
 def random_prompts(lengths, seed=1, vocab=512):

@@ -12,24 +12,21 @@ model will say, every draft must be accepted and forward passes drop to
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
+import helpers
 import pytest
 import torch
-import yaml
 
 from actors.model.config import ModelConfig
 from actors.model.model import MoEModel
 from actors.model.reference import build_reference, generate
 from actors.model.speculative import TruncatableKVStore, speculative_generate
 
-MODELS = Path(__file__).resolve().parent.parent / "manifests" / "models"
 PROMPTS = [[5, 17, 300, 42, 9], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [400, 401]]
 
 
 def tiny(name: str, mtp: int = 1) -> ModelConfig:
-    data = yaml.safe_load((MODELS / f"{name}.yaml").read_text())
-    return ModelConfig(**{**data, "num_mtp_layers": mtp})
+    return helpers.tiny(name, num_mtp_layers=mtp)
 
 
 CFGS = {"gqa-moge": tiny("tiny-gqa-moge"), "mla-topk": tiny("tiny-mla-topk")}
