@@ -32,6 +32,21 @@ class InstanceSpec(BaseModel):
     ep: int = Field(1, gt=0, le=1024)
 
 
+class EngineSettings(BaseModel):
+    """How every instance engine schedules and caches (one setting per knob, for A/B runs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    block_size: int = Field(16, gt=0, le=1024)  # tokens per KV block
+    kv_blocks: int | None = Field(None, gt=0)  # KV pool per NPU; None: real 512, emulated 90% of free HBM
+    max_num_seqs: int = Field(32, gt=0)
+    max_num_batched_tokens: int = Field(512, gt=0)  # per step; longer prompts are prefilled in chunks
+    mtp: bool = False  # MTP speculative decoding (greedy requests); the model needs MTP heads
+    mtp_acceptance_rate: float = Field(0.9, ge=0.0, le=1.0)  # emulated compute only
+    global_kv_cache: bool = True  # publish prompt blocks to the global KV cache actor
+    kv_cache_bytes: int = Field(1 << 30, gt=0)  # its capacity (LRU eviction past it)
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -44,6 +59,7 @@ class Manifest(BaseModel):
     time_scale: float = Field(1.0, ge=0.0)  # emulated: wall seconds per device second
     collective_backend: Literal["gloo", "nccl"] = "gloo"
     instances: list[InstanceSpec] = Field(default_factory=lambda: [InstanceSpec()], min_length=1)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
 
     @field_validator("device")
     @classmethod
@@ -63,6 +79,8 @@ class Manifest(BaseModel):
                 raise ValueError(
                     f"instances.{i}.ep: {inst.ep} does not divide model.num_experts ({self.model.num_experts})"
                 )
+        if self.engine.mtp and not self.model.num_mtp_layers:
+            raise ValueError(f"engine.mtp: model {self.model.name} has no MTP heads (model.num_mtp_layers: 0)")
         if self.checkpoint and self.compute == "emulated":
             raise ValueError("checkpoint: emulated compute loads no weights; remove the checkpoint")
         return self

@@ -125,3 +125,32 @@ def launch_engine(
     engine = ray.remote(InstanceEngine).options(num_cpus=0, max_concurrency=10_000)
     instance.engine = engine.remote(config, instance.npus, instance.memory)
     return instance.engine
+
+
+def launch_manifest(manifest) -> list[Instance]:
+    """Everything a manifest describes: the global KV cache, the weights in the
+    object store, and each instance with its engine."""
+    from actors.kv_cache import KV_CACHE_NAME, get_or_create_kv_cache
+
+    eng = manifest.engine
+    cache_name = None
+    if eng.global_kv_cache:
+        get_or_create_kv_cache(eng.kv_cache_bytes)
+        cache_name = KV_CACHE_NAME
+    refs = publish_weights(manifest.model, manifest.checkpoint) if manifest.compute == "real" else None
+    sched = SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size)
+    instances = []
+    try:
+        for spec in manifest.instances:
+            inst = launch_instance(
+                spec.name, manifest.model, spec.ep, manifest.compute, manifest.device, refs, role=spec.role,
+                backend=manifest.collective_backend, time_scale=manifest.time_scale, block_size=eng.block_size,
+                kv_blocks=eng.kv_blocks, kv_cache_name=cache_name, mtp_acceptance_rate=eng.mtp_acceptance_rate,
+            )
+            instances.append(inst)
+            launch_engine(inst, sched, cache_name, eng.mtp)
+    except Exception:
+        for inst in instances:
+            inst.shutdown()
+        raise
+    return instances

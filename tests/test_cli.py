@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.cli import main
+from helpers import MODELS
 
 
 def test_verify_passes_on_tiny_mla(ray_session, capsys):
@@ -33,3 +34,10 @@ def test_bad_ep_flag(capsys):
         main(["verify", "--ep", "two"])
     assert info.value.code == 2
     assert "--ep" in capsys.readouterr().err
+
+
+def test_mtp_without_heads_names_the_field(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {MODELS}/tiny-gqa-moge.yaml\nengine: {{mtp: true}}\n")
+    assert main(["verify", "--manifest", str(bad)]) == 2
+    assert "engine.mtp" in capsys.readouterr().out

@@ -204,3 +204,22 @@ def test_emulated_mode_runs_the_same_engine():
         expected.append(last)
     assert _tokens(outs) == expected
     assert stats["device_time_s"] > 0 and stats["steps"] == 6
+
+
+def test_launch_manifest_serves_pd_through_the_global_cache(model):
+    from cluster.config import parse_manifest
+    from cluster.config import MANIFEST_DIR
+    from cluster.launcher import launch_manifest
+
+    cfg, _, reference = model
+    manifest = parse_manifest({"model": "models/tiny-gqa-moge.yaml", "instances": [
+        {"role": "prefill", "ep": 1}, {"role": "decode", "ep": 2}]}, MANIFEST_DIR)
+    prefill, decode = launch_manifest(manifest)
+    prompt = _prompts([37], seed=23)[0]
+    try:
+        pre = asyncio.run(_run(prefill.engine, _req(0, prompt, 5, prefill_only=True)))
+        dec = asyncio.run(_run(decode.engine, _req(1, prompt, 5, output_ids=_tokens(pre), kv_transfer=pre[-1].kv_transfer)))
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
+    assert _tokens(pre) + _tokens(dec) == generate(reference, [prompt], 5).tokens[0]
