@@ -47,6 +47,25 @@ class EngineSettings(BaseModel):
     kv_cache_bytes: int = Field(1 << 30, gt=0)  # its capacity (LRU eviction past it)
 
 
+class ProxySettings(BaseModel):
+    """The Omni Proxy: slaves (Serve ingress replicas) and the master's policies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_slaves: int = Field(1, gt=0)  # Serve ingress replicas
+    policy: Literal["round_robin", "least_loaded", "cache_aware", "omni"] = "omni"
+    pd_mode: Literal["sequential", "parallel"] = "sequential"  # when both prefill and decode instances exist
+    weighted_sorting: bool = True
+    token_weight: float = Field(0.8, ge=0.0)
+    time_weight: float = Field(0.2, ge=0.0)
+    starvation_ms: float = Field(400.0, gt=0.0)
+    tokenizer_reuse: bool = True
+    tokenizer_cache_size: int = Field(4096, ge=0)
+    max_queue: int = Field(1024, gt=0)  # waiting requests past which new ones get 429
+    max_body_bytes: int = Field(1 << 20, gt=0)  # larger bodies get 413 before parsing
+    api_keys: list[str] = Field(default_factory=list)  # empty: no key needed
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -60,6 +79,7 @@ class Manifest(BaseModel):
     collective_backend: Literal["gloo", "nccl"] = "gloo"
     instances: list[InstanceSpec] = Field(default_factory=lambda: [InstanceSpec()], min_length=1)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
 
     @field_validator("device")
     @classmethod

@@ -177,3 +177,37 @@ class IncrementalDetokenizer:
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return new_text[len(prefix_text) :]
+
+
+class TokenCache:
+    """Tokenizer result reuse: the ids of a text are computed once per slave and
+    reused by every later request with the same text (repeated prompts, chat
+    histories re-sent each turn). Bounded LRU; counts calls, hits and time."""
+
+    def __init__(self, tokenizer: Tokenizer, capacity: int = 4096, enabled: bool = True):
+        from collections import OrderedDict
+
+        self.tokenizer, self.capacity, self.enabled = tokenizer, capacity, enabled
+        self._lru: OrderedDict[str, list[int]] = OrderedDict()
+        self.calls = self.hits = 0
+        self.encode_s = 0.0
+
+    def encode(self, text: str) -> list[int]:
+        import time
+
+        if self.enabled and text in self._lru:
+            self._lru.move_to_end(text)
+            self.hits += 1
+            return list(self._lru[text])
+        t0 = time.perf_counter()
+        ids = self.tokenizer.encode(text)
+        self.encode_s += time.perf_counter() - t0
+        self.calls += 1
+        if self.enabled:
+            self._lru[text] = ids
+            if len(self._lru) > self.capacity:
+                self._lru.popitem(last=False)
+        return list(ids)
+
+    def stats(self) -> dict:
+        return {"tokenizer_calls": self.calls, "tokenizer_cache_hits": self.hits, "tokenizer_s": self.encode_s}

@@ -1,0 +1,239 @@
+"""`omniray bench engine`: the instance engine end to end, against the
+single-process reference, measured in one run.
+
+Two parts, each on its own engine (an EP instance of NPU actors driven by an
+InstanceEngine actor, with the manifest's engine settings: block size, token
+budget, global KV cache; `max_num_seqs` raised to the largest batch so that
+B requests really run as one batch):
+
+1. Throughput. B requests are submitted at once; the figure is output tokens/s
+   = tokens generated / wall time from the first submit to the last finish. It
+   includes everything a served request pays after tokenization: Ray calls and
+   streaming, scheduling, chunked prefill, paged KV, the EP all-to-all. The
+   reference's batched `generate` runs on the same prompts in the same repeat
+   (interleaved, so drift hits both sides alike). Each repeat draws fresh
+   prompts so the engine's prefix cache cannot serve a repeat from the last.
+   The engine's tokens are compared with the reference's greedy tokens: a
+   benchmark must not time wrong output.
+2. Prefix reuse. Time to first token (submit -> first EngineOutput, with
+   max_tokens=1, i.e. the prefill) of a prefix_len + suffix_len prompt whose
+   prefix was never seen, vs one whose prefix a finished request just cached.
+   Every measurement uses its own random prefix, so nothing leaks between them.
+
+Figures are medians over `repeats`; one untimed warm-up request runs first on
+each engine (it starts the engine loop and the gloo group's first all-to-all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import ray
+
+from actors.engine.scheduler import SchedulerConfig
+from actors.kv_cache import get_or_create_kv_cache
+from actors.kv_hash import block_hashes
+from actors.model.reference import build_reference, generate
+from actors.protocol import EngineRequest
+from cluster.config import Manifest
+from cluster.launcher import launch_engine, launch_instance, publish_weights
+
+
+@dataclass
+class BatchRow:
+    batch: int
+    engine_tok_s: float
+    reference_tok_s: float
+    ratio: float  # engine / reference output tokens/s (higher is better)
+    tokens_match: bool  # every engine token equals the reference's greedy token, in every repeat
+
+
+@dataclass
+class PrefixRow:
+    ttft_uncached_s: float
+    ttft_cached_s: float
+    ratio: float  # cached / uncached TTFT (lower is better)
+    cached_tokens: int  # num_cached_tokens the engine reported for the cached request
+    tokens_match: bool  # both first tokens equal the reference's
+
+
+@dataclass
+class EngineBenchResult:
+    model: str
+    dtype: str
+    ep: int
+    prompt_len: int
+    output_len: int
+    prefix_len: int
+    suffix_len: int
+    repeats: int
+    scheduler: dict
+    global_kv_cache: bool
+    batches: list[BatchRow] = field(default_factory=list)
+    prefix: PrefixRow | None = None
+
+    @property
+    def tokens_match(self) -> bool:
+        return all(b.tokens_match for b in self.batches) and (self.prefix is None or self.prefix.tokens_match)
+
+    def write_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+
+def _prompt(length: int, vocab: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(7, vocab) for _ in range(length)]
+
+
+async def _stream(engine, prompt: list[int], max_tokens: int, block_size: int) -> tuple[list[int], float, int]:
+    """Run one request; return (tokens, seconds to its first output, num_cached_tokens)."""
+    req = EngineRequest(f"bench-{uuid.uuid4().hex[:8]}", prompt, max_tokens=max_tokens,
+                        block_hashes=block_hashes(prompt, block_size))
+    t0 = time.perf_counter()
+    tokens, ttft, cached = [], None, 0
+    async for ref in engine.generate.remote(req):
+        out = await ref
+        ttft = time.perf_counter() - t0 if ttft is None else ttft
+        tokens += out.token_ids
+        cached = out.num_cached_tokens
+    return tokens, ttft, cached
+
+
+def _engine_run(engine, prompts: list[list[int]], output_len: int, block_size: int) -> tuple[float, list[list[int]]]:
+    """Submit all prompts at once; (output tokens/s from first submit to last finish, tokens)."""
+    async def main():
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*[_stream(engine, p, output_len, block_size) for p in prompts])
+        return time.perf_counter() - t0, [r[0] for r in results]
+
+    wall, tokens = asyncio.run(main())
+    return sum(map(len, tokens)) / wall, tokens
+
+
+def _reference_run(model, prompts: list[list[int]], output_len: int) -> tuple[float, list[list[int]]]:
+    t0 = time.perf_counter()
+    tokens = generate(model, prompts, output_len).tokens
+    return sum(map(len, tokens)) / (time.perf_counter() - t0), tokens
+
+
+class _Engine:
+    """One instance + engine actor (and its own global KV cache actor), killed on exit."""
+
+    def __init__(self, manifest: Manifest, refs, ep: int, kv_blocks: int, sched: SchedulerConfig):
+        eng, tag = manifest.engine, uuid.uuid4().hex[:6]
+        self.cache = None
+        cache_name = None
+        if eng.global_kv_cache:
+            cache_name = f"bench-kv-{tag}"
+            self.cache = get_or_create_kv_cache(eng.kv_cache_bytes, name=cache_name)
+        self.inst = launch_instance(
+            f"bench-engine-{tag}", manifest.model, ep, manifest.compute, manifest.device, refs,
+            backend=manifest.collective_backend, block_size=sched.block_size, kv_blocks=kv_blocks,
+            kv_cache_name=cache_name,
+        )
+        self.engine = launch_engine(self.inst, sched, kv_cache_name=cache_name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.inst.shutdown()
+        if self.cache is not None:
+            ray.kill(self.cache)
+
+
+def run_engine_bench(
+    manifest: Manifest, ep: int, batches: list[int], prompt_len: int, output_len: int,
+    prefix_len: int, suffix_len: int, repeats: int,
+) -> EngineBenchResult:
+    if manifest.compute != "real":
+        raise ValueError("compute: bench engine checks tokens against the reference and needs compute: real")
+    cfg, eng = manifest.model, manifest.engine
+    bs, vocab = eng.block_size, cfg.vocab_size
+    sched = SchedulerConfig(max(eng.max_num_seqs, max(batches)), eng.max_num_batched_tokens, bs)
+    # Worst case: every sequence of the largest batch on one NPU; the prefix part holds 2 prompts at most.
+    need = max(max(batches) * -(-(prompt_len + output_len) // bs), 2 * -(-(prefix_len + suffix_len + 1) // bs))
+    kv_blocks = max(eng.kv_blocks or 0, need + 8)
+    refs = publish_weights(cfg, manifest.checkpoint)
+    reference = build_reference(cfg, {n: ray.get(r) for n, r in refs.items()})
+    result = EngineBenchResult(cfg.name, cfg.dtype, ep, prompt_len, output_len, prefix_len, suffix_len, repeats,
+                               asdict(sched), eng.global_kv_cache)
+
+    # 1. throughput
+    eng_runs = {b: [] for b in batches}
+    ref_runs = {b: [] for b in batches}
+    match = {b: True for b in batches}
+    with _Engine(manifest, refs, ep, kv_blocks, sched) as e:
+        warm = [_prompt(prompt_len, vocab, seed=-1)]
+        _engine_run(e.engine, warm, output_len, bs)
+        _reference_run(reference, warm, output_len)
+        for r in range(repeats):
+            for b in batches:
+                prompts = [_prompt(prompt_len, vocab, seed=(r * 1000 + b) * 1000 + i) for i in range(b)]
+                tok_s, got = _engine_run(e.engine, prompts, output_len, bs)
+                eng_runs[b].append(tok_s)
+                tok_s, want = _reference_run(reference, prompts, output_len)
+                ref_runs[b].append(tok_s)
+                match[b] = match[b] and got == want
+    for b in batches:
+        e_tok, r_tok = statistics.median(eng_runs[b]), statistics.median(ref_runs[b])
+        result.batches.append(BatchRow(b, e_tok, r_tok, e_tok / r_tok, match[b]))
+
+    # 2. prefix reuse: prompt = prefix + suffix; seeds from 10**9 up are never used by part 1
+    def prompt(r: int, which: int, part: int) -> list[int]:
+        n = prefix_len if part == 0 else suffix_len
+        return _prompt(n, vocab, seed=10**9 + (r * 10 + which) * 10 + part)
+
+    uncached, cached, hits, ok = [], [], [], True
+    with _Engine(manifest, refs, ep, kv_blocks, sched) as e:
+        asyncio.run(_stream(e.engine, prompt(-1, 0, 0) + prompt(-1, 0, 1), 1, bs))  # warm-up
+        for r in range(repeats):
+            fresh = prompt(r, 0, 0) + prompt(r, 0, 1)
+            tokens, ttft, n_cached = asyncio.run(_stream(e.engine, fresh, 1, bs))
+            if n_cached:
+                raise RuntimeError(f"bench engine: a never-seen prefix reported {n_cached} cached tokens")
+            uncached.append(ttft)
+            ok = ok and tokens == generate(reference, [fresh], 1).tokens[0]
+            asyncio.run(_stream(e.engine, prompt(r, 1, 0) + prompt(r, 1, 1), 1, bs))  # caches prefix (r, 1)
+            second = prompt(r, 1, 0) + prompt(r, 2, 1)  # same prefix, another suffix
+            tokens, ttft, n_cached = asyncio.run(_stream(e.engine, second, 1, bs))
+            if n_cached <= 0:
+                raise RuntimeError(f"bench engine: the cached prefix ({prefix_len} tokens) reported "
+                                   f"num_cached_tokens={n_cached}; prefix caching did not work")
+            cached.append(ttft)
+            hits.append(n_cached)
+            ok = ok and tokens == generate(reference, [second], 1).tokens[0]
+    t_u, t_c = statistics.median(uncached), statistics.median(cached)
+    result.prefix = PrefixRow(t_u, t_c, t_c / t_u, min(hits), ok)
+    return result
+
+
+def print_engine_bench(result: EngineBenchResult, console) -> None:
+    from rich.table import Table
+
+    yes = lambda ok: "[green]yes" if ok else "[red]NO"
+    table = Table(title=f"omniray bench engine — {result.model} ({result.dtype}), EP-{result.ep}, "
+                  f"prompt {result.prompt_len}, {result.output_len} output tokens, median of {result.repeats}")
+    for col in ("batch", "engine tok/s", "reference tok/s", "engine / reference", "tokens match"):
+        table.add_column(col, justify="right")
+    for b in result.batches:
+        table.add_row(str(b.batch), f"{b.engine_tok_s:.1f}", f"{b.reference_tok_s:.1f}", f"{b.ratio:.2f}x", yes(b.tokens_match))
+    console.print(table)
+    p = result.prefix
+    if p is None:
+        return
+    n = result.prefix_len + result.suffix_len
+    table = Table(title=f"prefix reuse — TTFT of a {n}-token prompt (max_tokens 1), "
+                  f"{result.prefix_len}-token prefix, median of {result.repeats}")
+    for col in ("prefix", "cached tokens", "TTFT ms", "vs uncached", "first token matches"):
+        table.add_column(col, justify="right")
+    table.add_row("never seen", "0", f"{p.ttft_uncached_s * 1000:.1f}", "1.00x", yes(p.tokens_match))
+    table.add_row("cached", str(p.cached_tokens), f"{p.ttft_cached_s * 1000:.1f}", f"{p.ratio:.2f}x", yes(p.tokens_match))
+    console.print(table)

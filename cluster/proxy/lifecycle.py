@@ -1,0 +1,94 @@
+"""The 10-stage request lifecycle: one timestamp per stage, each gap a metric.
+
+Why: TTFT alone does not say where the time went. The Omni Proxy stamps every
+request at each step from receipt to completion; OmniRay does the same over
+ten stages so that a slow request can be attributed to tokenizing, queueing,
+prefill, the KV transfer or decode, and each gap can feed a histogram.
+
+Stamps are taken on one monotonic clock. The first stamp of a stage wins
+(re-stamping is a no-op), so a retry cannot move a stage later. Gaps follow
+the canonical STAGES order, not the order stamps were taken in: each stamped
+stage is measured from the previous *stamped* stage, so a mixed (non-P/D)
+request, which never stamps ``kv_transferred`` or ``decode_scheduled``, gets one
+``prefill_done->first_token`` gap bridging them. A gap is negative only if two
+stages were stamped out of canonical order (e.g. a P/D first token streamed
+from the prefill instance before the KV transfer was stamped).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+STAGES = (
+    "received",
+    "tokenized",
+    "prefix_matched",
+    "queued",
+    "prefill_scheduled",
+    "prefill_done",
+    "kv_transferred",
+    "decode_scheduled",
+    "first_token",
+    "finished",
+)
+_STAGE_SET = frozenset(STAGES)
+
+
+class Lifecycle:
+    """Stage timestamps of one request."""
+
+    def __init__(self, request_id: str, clock: Callable[[], float] = time.monotonic):
+        self.request_id = request_id
+        self.clock = clock
+        self._stamps: dict[str, float] = {}
+
+    def stamp(self, stage: str, t: float | None = None) -> None:
+        """Record ``stage`` at ``t`` (default: now). Unknown stage -> ValueError; the first stamp is kept."""
+        if stage not in _STAGE_SET:
+            raise ValueError(f"unknown lifecycle stage {stage!r}; stages are {', '.join(STAGES)}")
+        if stage not in self._stamps:
+            self._stamps[stage] = self.clock() if t is None else t
+
+    @property
+    def stamps(self) -> dict[str, float]:
+        """stage -> absolute time, in STAGES order (a copy)."""
+        return {s: self._stamps[s] for s in STAGES if s in self._stamps}
+
+    def gaps(self) -> dict[str, float]:
+        """"a->b" -> seconds from each stamped stage a to the next stamped stage b, in STAGES order."""
+        out: dict[str, float] = {}
+        prev: str | None = None
+        for stage, t in self.stamps.items():
+            if prev is not None:
+                out[f"{prev}->{stage}"] = t - self._stamps[prev]
+            prev = stage
+        return out
+
+    def _between(self, a: str, b: str) -> float | None:
+        if a in self._stamps and b in self._stamps:
+            return self._stamps[b] - self._stamps[a]
+        return None
+
+    @property
+    def ttft_s(self) -> float | None:
+        """received -> first_token, or None until both are stamped."""
+        return self._between("received", "first_token")
+
+    @property
+    def e2e_s(self) -> float | None:
+        """received -> finished, or None until both are stamped."""
+        return self._between("received", "finished")
+
+    def to_debug(self) -> dict:
+        """For a response's ``debug`` field: stamps relative to ``received`` (or to the
+        earliest stamp if received is missing), in seconds, and the gaps."""
+        stamps = self.stamps
+        origin = stamps.get("received", min(stamps.values(), default=0.0))
+        return {
+            "request_id": self.request_id,
+            "stages": {s: t - origin for s, t in stamps.items()},
+            "gaps": self.gaps(),
+            "ttft_s": self.ttft_s,
+            "e2e_s": self.e2e_s,
+        }

@@ -1,0 +1,251 @@
+"""OmniMaster: the Omni Proxy master — one actor holding the global state and
+making every scheduling decision.
+
+Slaves (the Serve ingress replicas) hand it a request summary (token count,
+block hashes) and await a Decision. The master keeps the waiting queue in
+weighted order (cluster.proxy.sorting), and a dispatch loop assigns queued
+requests to prefill (or mixed) instances with the routing policy
+(cluster.proxy.routing) while they have room; for P/D the decode instance is
+chosen when the prefill is done (sequential) or at dispatch (parallel).
+Instance load comes from the engines' own stats, refreshed in the background,
+plus what the master dispatched since. Its view of each instance's cached
+prefix blocks is built from what it routed there (the hashes of those
+prompts). Everything is rebuilt from the instances if the master restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from cluster.proxy.routing import InstanceView, make_policy
+from cluster.proxy.sorting import QueuedRequest, SortingConfig, WeightedSorter
+
+logger = logging.getLogger(__name__)
+
+MASTER_NAME = "omniray_master"
+CACHED_HASHES_PER_INSTANCE = 65_536  # bound on the master's prefix view of one instance
+
+
+@dataclass
+class InstanceRef:
+    """What the master knows of an instance: its engine and its load."""
+
+    name: str
+    role: str
+    engine: object  # InstanceEngine actor handle
+    max_num_seqs: int
+    view: InstanceView = None
+    inflight: int = 0  # dispatched by the master, not yet finished
+    inflight_tokens: int = 0
+    cached: dict = field(default_factory=dict)  # hash -> None, insertion-ordered (LRU-ish)
+
+    def __post_init__(self):
+        self.view = InstanceView(self.name, self.role, max_num_seqs=self.max_num_seqs)
+
+    @property
+    def load(self) -> int:
+        """Requests on the instance: the engine's last count, or what the master sent since, if more."""
+        return max(self.view.running + self.view.waiting, self.inflight)
+
+    def refresh_view(self) -> InstanceView:
+        v = self.view
+        return InstanceView(
+            self.name, self.role, running=self.load, waiting=v.waiting, queued_tokens=self.inflight_tokens,
+            free_blocks=v.free_blocks, total_blocks=v.total_blocks, max_num_seqs=self.max_num_seqs,
+            healthy=v.healthy, cached=self.cached.keys(),
+        )
+
+
+@dataclass
+class Decision:
+    prefill: str | None  # instance name (None for a mixed instance doing everything)
+    prefill_engine: object | None
+    decode: str | None
+    decode_engine: object | None
+    mode: str  # "mixed" | "sequential" | "parallel"
+    queued_s: float = 0.0
+
+
+class OmniMaster:
+    def __init__(self, instances: list[tuple[str, str, object, int]], policy: str = "omni", pd_mode: str = "sequential",
+                 sorting: SortingConfig | None = None, block_size: int = 16, max_queue: int = 4096):
+        self.instances = {name: InstanceRef(name, role, engine, seqs) for name, role, engine, seqs in instances}
+        self.policy = make_policy(policy)
+        self.policy_name = policy
+        self.pd_mode = pd_mode
+        self.sorter = WeightedSorter(sorting or SortingConfig())
+        self.block_size, self.max_queue = block_size, max_queue
+        self.queue: dict[str, tuple[QueuedRequest, asyncio.Future]] = {}
+        self.assigned: dict[str, tuple[str | None, str | None, int]] = {}  # request -> (prefill, decode, tokens)
+        self.counters = {"dispatched": 0, "finished": 0, "rejected": 0}
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def has_pd(self) -> bool:
+        roles = {i.role for i in self.instances.values()}
+        return "prefill" in roles and "decode" in roles
+
+    # ---- slave-facing --------------------------------------------------------------
+    async def schedule(self, request_id: str, prompt_tokens: int, max_tokens: int, block_hashes: list[int]) -> Decision:
+        """Queue a request and return where it runs once the dispatcher picks it."""
+        self._ensure_tasks()
+        if len(self.queue) >= self.max_queue:
+            self.counters["rejected"] += 1
+            raise OverflowError(f"queue full ({self.max_queue} waiting)")
+        req = QueuedRequest(request_id, prompt_tokens, max_tokens, time.monotonic(), list(block_hashes))
+        fut = asyncio.get_running_loop().create_future()
+        self.queue[request_id] = (req, fut)
+        self._wake.set()
+        return await fut
+
+    async def schedule_decode(self, request_id: str) -> Decision:
+        """Sequential P/D: the prefill is done; choose the decode instance by its load now."""
+        prefill, _, tokens = self.assigned.get(request_id, (None, None, 0))
+        decode = self._pick_decode(request_id, tokens)
+        self.assigned[request_id] = (prefill, decode.name, tokens)
+        self._release(prefill, tokens)
+        self._take(decode, tokens)
+        return Decision(prefill, None, decode.name, decode.engine, "sequential")
+
+    def finished(self, request_id: str) -> None:
+        prefill, decode, tokens = self.assigned.pop(request_id, (None, None, 0))
+        self._release(decode or prefill, tokens)
+        if decode and prefill and self.pd_mode == "parallel":
+            self._release(prefill, tokens)
+        self.counters["finished"] += 1
+
+    def cancel(self, request_id: str) -> None:
+        """A slave gave up on a queued request (client gone, timeout)."""
+        entry = self.queue.pop(request_id, None)
+        if entry and not entry[1].done():
+            entry[1].cancel()
+
+    # ---- dispatch -----------------------------------------------------------------------
+    def _ensure_tasks(self) -> None:
+        if not self._tasks:
+            self._wake = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._dispatch_loop()), loop.create_task(self._refresh_loop())]
+
+    def _candidates(self, roles: tuple[str, ...]) -> list[InstanceRef]:
+        return [i for i in self.instances.values() if i.role in roles and i.view.healthy]
+
+    def _has_room(self, inst: InstanceRef) -> bool:
+        return inst.load < inst.max_num_seqs * 2  # a little queue at the engine keeps its batches full
+
+    def _take(self, inst: InstanceRef, tokens: int) -> None:
+        inst.inflight += 1
+        inst.inflight_tokens += tokens
+
+    def _release(self, name: str | None, tokens: int) -> None:
+        inst = self.instances.get(name) if name else None
+        if inst is not None:
+            inst.inflight = max(0, inst.inflight - 1)
+            inst.inflight_tokens = max(0, inst.inflight_tokens - tokens)
+
+    def _remember(self, inst: InstanceRef, hashes: list[int]) -> None:
+        for h in hashes:
+            inst.cached.pop(h, None)
+            inst.cached[h] = None
+        while len(inst.cached) > CACHED_HASHES_PER_INSTANCE:
+            inst.cached.pop(next(iter(inst.cached)))
+
+    def _pick_decode(self, request_id: str, tokens: int) -> InstanceRef:
+        decodes = self._candidates(("decode",))
+        req = QueuedRequest(request_id, tokens, 0, time.monotonic())
+        view = self.policy.choose_decode(req, [d.refresh_view() for d in decodes]) if hasattr(self.policy, "choose_decode") \
+            else min((d.refresh_view() for d in decodes), key=lambda v: (v.running, -v.free_blocks, v.name))
+        return self.instances[view.name]
+
+    def _dispatch_once(self) -> bool:
+        """Assign queued requests in weighted order while instances have room."""
+        roles = ("prefill",) if self.has_pd else ("mixed", "prefill", "decode")
+        progressed = False
+        for req in self.sorter.prefill_order([r for r, _ in self.queue.values()], time.monotonic()):
+            room = [i for i in self._candidates(roles) if self._has_room(i)]
+            if not room:
+                break
+            view = self.policy.choose(req, [i.refresh_view() for i in room], self.block_size)
+            inst = self.instances[view.name]
+            _, fut = self.queue.pop(req.request_id)
+            tokens = req.prompt_tokens + req.max_tokens
+            self._take(inst, tokens)
+            self._remember(inst, req.block_hashes)
+            decision = Decision(inst.name, inst.engine, None, None, "mixed", time.monotonic() - req.arrival_s)
+            if self.has_pd:
+                decision.mode = self.pd_mode
+                if self.pd_mode == "parallel":
+                    dec = self._pick_decode(req.request_id, tokens)
+                    self._take(dec, tokens)
+                    decision.decode, decision.decode_engine = dec.name, dec.engine
+            else:
+                decision.prefill, decision.prefill_engine = None, None
+                decision.decode, decision.decode_engine = inst.name, inst.engine
+            self.assigned[req.request_id] = (inst.name if self.has_pd else None, decision.decode, tokens)
+            self.counters["dispatched"] += 1
+            if not fut.done():
+                fut.set_result(decision)
+            progressed = True
+        return progressed
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            if not self.queue:
+                self._wake.clear()
+                await self._wake.wait()
+            try:
+                if not self._dispatch_once():
+                    await asyncio.sleep(0.001)  # the original's 1 ms timer: wait for room
+            except Exception:
+                logger.exception("master dispatch failed")
+                await asyncio.sleep(0.01)
+
+    async def _refresh_loop(self, period_s: float = 0.05) -> None:
+        """Pull each engine's load; an engine that does not answer is marked unhealthy."""
+        while True:
+            await self.refresh()
+            await asyncio.sleep(period_s)
+
+    async def refresh(self) -> None:
+        async def one(inst: InstanceRef):
+            try:
+                st = await asyncio.wait_for(inst.engine.stats.remote(), timeout=2.0)
+            except Exception:
+                inst.view.healthy = False
+                return
+            v = inst.view
+            v.running, v.waiting, v.healthy = st["running"], st["waiting"], True
+            v.free_blocks, v.total_blocks = min(st["free_blocks"]), min(st["total_blocks"])
+            inst.stats = st
+
+        await asyncio.gather(*(one(i) for i in self.instances.values()))
+
+    # ---- state -----------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        return {
+            "policy": self.policy_name,
+            "pd_mode": self.pd_mode if self.has_pd else "mixed",
+            "queue_length": len(self.queue),
+            "counters": dict(self.counters),
+            "instances": [
+                {"name": i.name, "role": i.role, "healthy": i.view.healthy, "inflight": i.inflight,
+                 "cached_prefix_blocks": len(i.cached), "engine": getattr(i, "stats", {})}
+                for i in self.instances.values()
+            ],
+        }
+
+
+def start_master(instances, **kwargs):
+    """The named master actor; it restarts on failure and rebuilds from its arguments
+    (the instances) and their engines' stats."""
+    seqs = kwargs.pop("max_num_seqs", 32)
+    spec = [(i.name, i.role, i.engine, seqs) for i in instances]
+    return ray.remote(OmniMaster).options(name=MASTER_NAME, num_cpus=0, max_restarts=-1, max_concurrency=10_000).remote(
+        spec, **kwargs
+    )

@@ -1,0 +1,127 @@
+"""One request's way through the slave, after validation: tokens -> master ->
+engines -> text. The proxy tokenizes once (TokenCache) and passes token ids and
+block hashes along; prefill and decode engines never tokenize.
+
+mixed:      master picks one instance; it prefills and decodes.
+sequential: master picks a prefill instance; it runs to the first token and
+            exports the KV (object store); then the master picks a decode
+            instance by its load at that moment, which loads the KV and goes on.
+parallel:   master picks both at dispatch; the decode request goes out the
+            moment the prefill's KV is in the object store.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from actors.kv_hash import block_hashes
+from actors.protocol import EngineRequest, SamplingParams
+from cluster.proxy.lifecycle import Lifecycle
+from cluster.proxy.tokens import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class Delta:
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Pipeline:
+    def __init__(self, tokenizer: Tokenizer, master, block_size: int):
+        self.tokenizer, self.master, self.block_size = tokenizer, master, block_size
+
+    async def _engine_stream(self, engine, req: EngineRequest):
+        async for ref in engine.generate.remote(req):
+            yield await ref
+
+    async def run(self, prompt_ids: list[int], sampling: dict, stops: list[str], life: Lifecycle) -> AsyncIterator[Delta]:
+        rid = f"req-{uuid.uuid4().hex[:16]}"
+        hashes = block_hashes(prompt_ids, self.block_size)
+        life.stamp("prefix_matched")
+        life.stamp("queued")
+        decision = await self.master.schedule.remote(rid, len(prompt_ids), sampling["max_tokens"], hashes)
+        life.stamp("prefill_scheduled")
+        params = SamplingParams(
+            temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"], seed=sampling["seed"]
+        )
+        base = dict(
+            prompt_ids=prompt_ids, params=params, max_tokens=sampling["max_tokens"],
+            stop_token_ids=frozenset(sampling["stop_token_ids"]), ignore_eos=sampling["ignore_eos"],
+            eos_token_id=self.tokenizer.eos_token_id, block_hashes=hashes,
+        )
+        detok = IncrementalDetokenizer(self.tokenizer)
+        text, emitted, generated, cached = "", 0, 0, 0
+        try:
+            async for engine, out in self._streams(rid, decision, base, life):
+                if generated == 0 and out.token_ids:
+                    life.stamp("first_token")
+                cached = max(cached, out.num_cached_tokens)
+                generated += len(out.token_ids)
+                for t in out.token_ids:
+                    text += detok.add(t)
+                finish = ("length" if out.finish_reason == "length" else "stop") if out.finished else None
+                if out.finished:
+                    text += detok.flush()
+                cut = _find_stop(text, stops, emitted)
+                if cut is not None:
+                    text, finish = text[:cut], "stop"
+                    if not out.finished:
+                        await engine.abort.remote(rid)  # free its KV now
+                safe = len(text) if finish else _hold_back(text, stops)
+                if safe > emitted or finish:
+                    yield Delta(text[emitted:safe], finish, len(prompt_ids), generated, cached)
+                    emitted = safe
+                if finish:
+                    return
+        finally:
+            life.stamp("finished")
+            self.master.finished.remote(rid)
+
+    async def _streams(self, rid: str, decision, base: dict, life: Lifecycle):
+        """(engine handle, EngineOutput) pairs across the prefill and decode engines."""
+        if decision.mode == "mixed":
+            async for out in self._engine_stream(decision.decode_engine, EngineRequest(rid, **base)):
+                yield decision.decode_engine, out
+            return
+        first = None
+        async for out in self._engine_stream(decision.prefill_engine, EngineRequest(rid, **base, prefill_only=True)):
+            first = out
+        life.stamp("prefill_done")
+        if first.finish_reason == "stop" or base["max_tokens"] <= len(first.token_ids):
+            yield decision.prefill_engine, first
+            return
+        first.finished, first.finish_reason = False, None
+        yield decision.prefill_engine, first
+        if decision.mode == "sequential":
+            decision = await self.master.schedule_decode.remote(rid)
+        life.stamp("kv_transferred")
+        life.stamp("decode_scheduled")
+        req = EngineRequest(rid, **base, output_ids=list(first.token_ids), kv_transfer=first.kv_transfer)
+        async for out in self._engine_stream(decision.decode_engine, req):
+            yield decision.decode_engine, out
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+    """Index where the first stop string begins, searching from just before `start`."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, start - len(s)))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _hold_back(text: str, stops: list[str]) -> int:
+    """How much of text is safe to stream: hold back a tail that could begin a stop string."""
+    keep = len(text)
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if s.startswith(text[-k:]):
+                keep = min(keep, len(text) - k)
+                break
+    return keep

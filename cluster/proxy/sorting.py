@@ -1,0 +1,111 @@
+"""Weighted request sorting: the order in which the master serves its queues.
+
+Why: FIFO lets one long prompt hold up many short ones (head-of-line blocking,
+bad mean TTFT). The Omni Proxy sorts the prefill queue by a weight that puts
+short prompts first and lets long waits catch up, and sorts the decode queue
+longest first. This module computes exactly those weights, recomputed each
+round from the queue as it is now, and goes further than the original in one
+way: its starvation timeout is ENFORCED (the original has the setting but never
+applies it), so no request waits past ``starvation_ms`` behind shorter ones.
+
+Prefill weight of request i (descending):
+
+    token_i = (max_prompt - prompt_i) / max_prompt
+    time_i  = waited_ms_i / max(max_waited_ms, min_wait_norm_ms)
+    weight  = token_weight * token_i + time_weight * time_i
+
+where max_prompt and max_waited_ms are taken over the queue. Requests with
+``waited_ms >= starvation_ms`` go before all others, oldest first.
+
+Decode weight (descending, longest first):
+
+    weight = (prompt_i + decode_max_tokens_weight * max_tokens_i) / max_total
+
+Ties are broken by arrival time, then request_id, so the order is deterministic.
+With ``enabled=False`` both orders are plain FIFO (arrival, then request_id).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class QueuedRequest:
+    """What the scheduler knows of a waiting request (no prompt text: counts and hashes)."""
+
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    arrival_s: float  # on the master's monotonic clock
+    block_hashes: list[int] = field(default_factory=list)  # full-block prefix hash chain
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class SortingConfig:
+    """Every constant of the sort is a setting, so A/B runs can switch it off or retune it."""
+
+    enabled: bool = True
+    token_weight: float = 0.8
+    time_weight: float = 0.2
+    min_wait_norm_ms: float = 50.0  # floor of the waiting-time normaliser (the original's 50 ms)
+    starvation_ms: float = 400.0  # waited this long: served first, whatever its length
+    decode_max_tokens_weight: float = 0.0
+
+
+def _fifo_key(r: QueuedRequest) -> tuple[float, str]:
+    return (r.arrival_s, r.request_id)
+
+
+class WeightedSorter:
+    """Orders the prefill and decode queues; stateless, so the master can call it every round."""
+
+    def __init__(self, config: SortingConfig | None = None):
+        self.config = config or SortingConfig()
+
+    @staticmethod
+    def waited_ms(r: QueuedRequest, now_s: float) -> float:
+        return max(0.0, (now_s - r.arrival_s) * 1000.0)
+
+    def prefill_weights(self, queue: list[QueuedRequest], now_s: float) -> list[float]:
+        """The prefill weight of each request (the module docstring's formula), aligned with ``queue``."""
+        if not queue:
+            return []
+        c = self.config
+        max_prompt = max(max(r.prompt_tokens for r in queue), 1)
+        norm = max(max(self.waited_ms(r, now_s) for r in queue), c.min_wait_norm_ms)
+        return [
+            c.token_weight * (max_prompt - r.prompt_tokens) / max_prompt + c.time_weight * self.waited_ms(r, now_s) / norm
+            for r in queue
+        ]
+
+    def prefill_order(self, queue: list[QueuedRequest], now_s: float) -> list[QueuedRequest]:
+        """Starved requests first (oldest first), then the rest by weight, descending."""
+        if not self.config.enabled:
+            return sorted(queue, key=_fifo_key)
+        starved, rest = [], []
+        for r, w in zip(queue, self.prefill_weights(queue, now_s)):
+            if self.waited_ms(r, now_s) >= self.config.starvation_ms:
+                starved.append(r)
+            else:
+                rest.append((w, r))
+        rest.sort(key=lambda wr: (-wr[0], *_fifo_key(wr[1])))
+        return sorted(starved, key=_fifo_key) + [r for _, r in rest]
+
+    def decode_weights(self, queue: list[QueuedRequest]) -> list[float]:
+        """The decode weight of each request, (prompt + k * max_tokens) / max_total, aligned with ``queue``."""
+        k = self.config.decode_max_tokens_weight
+        totals = [r.prompt_tokens + k * r.max_tokens for r in queue]
+        max_total = max(max(totals, default=1.0), 1e-9)  # all-zero queue: weights 0, order = FIFO
+        return [t / max_total for t in totals]
+
+    def decode_order(self, queue: list[QueuedRequest], now_s: float) -> list[QueuedRequest]:
+        """Longest first (the decode weight, descending); FIFO when disabled.
+
+        ``now_s`` is unused by the weight but kept so both orders share one signature.
+        """
+        if not self.config.enabled:
+            return sorted(queue, key=_fifo_key)
+        pairs = sorted(zip(self.decode_weights(queue), queue), key=lambda wr: (-wr[0], *_fifo_key(wr[1])))
+        return [r for _, r in pairs]

@@ -1,0 +1,56 @@
+"""`omniray bench engine` on a tiny setting: it times the right tokens, prefix
+reuse really hits the cache, and the JSON summary has the documented keys."""
+
+from __future__ import annotations
+
+import json
+
+from helpers import MODELS
+
+from cluster.bench.engine import run_engine_bench
+from cluster.cli import main
+from cluster.config import load_manifest
+
+
+def test_bench_engine_tiny(ray_session, tmp_path):
+    result = run_engine_bench(load_manifest("local"), ep=2, batches=[1, 4], prompt_len=32, output_len=4,
+                              prefix_len=32, suffix_len=16, repeats=1)
+    assert result.tokens_match is True
+    assert [b.batch for b in result.batches] == [1, 4]
+    assert all(b.tokens_match is True for b in result.batches)
+    assert result.prefix.cached_tokens > 0 and result.prefix.tokens_match is True
+
+    path = tmp_path / "bench.json"
+    result.write_json(str(path))
+    data = json.loads(path.read_text())
+    assert data["model"] == "tiny-gqa-moge" and data["ep"] == 2 and data["dtype"] == "float64"
+    for row in data["batches"]:
+        assert set(row) == {"batch", "engine_tok_s", "reference_tok_s", "ratio", "tokens_match"}
+        assert row["tokens_match"] is True
+        assert all(row[k] > 0 for k in ("batch", "engine_tok_s", "reference_tok_s", "ratio"))
+    prefix = data["prefix"]
+    assert {"ttft_uncached_s", "ttft_cached_s", "ratio", "cached_tokens"} <= set(prefix)
+    assert all(prefix[k] > 0 for k in ("ttft_uncached_s", "ttft_cached_s", "ratio", "cached_tokens"))
+
+
+def test_bench_engine_refuses_emulated_compute(ray_session, tmp_path, capsys):
+    manifest = tmp_path / "emu.yaml"  # emulated tokens are stand-ins: nothing to check against the reference
+    manifest.write_text(f"model: {MODELS}/tiny-gqa-moge.yaml\ncompute: emulated\n")
+    assert main(["bench", "engine", "--manifest", str(manifest)]) == 2
+    assert "compute" in capsys.readouterr().out
+
+
+def test_bench_engine_reports_a_token_mismatch(ray_session, monkeypatch):
+    import cluster.bench.engine as bench
+    from actors.model.reference import generate
+
+    def wrong(model, prompts, n):  # a reference that disagrees with the engine on every last token
+        out = generate(model, prompts, n)
+        out.tokens = [t[:-1] + [(t[-1] + 1) % 512] for t in out.tokens]
+        return out
+
+    monkeypatch.setattr(bench, "generate", wrong)
+    result = bench.run_engine_bench(load_manifest("local"), ep=1, batches=[2], prompt_len=8, output_len=2,
+                                    prefix_len=32, suffix_len=8, repeats=1)
+    assert result.tokens_match is False
+    assert result.batches[0].tokens_match is False and result.prefix.tokens_match is False

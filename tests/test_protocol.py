@@ -1,0 +1,203 @@
+"""OpenAI schema: what parses, what is a 400 naming the field, and that the openai client parses our JSON."""
+
+import json
+
+import pytest
+from fastapi.exceptions import RequestValidationError
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletionChunk as OpenAIChunk
+from pydantic import ValidationError
+
+from cluster.proxy.protocol import (
+    SSE_DONE,
+    APIError,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamChunk,
+    ModelCard,
+    ModelList,
+    error_body,
+    from_validation_error,
+    sse,
+    to_sampling,
+)
+
+USER = [{"role": "user", "content": "hi"}]
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def test_minimal_completion_gets_openai_defaults():
+    req = CompletionRequest.model_validate({"model": "m", "prompt": "hello"})
+    assert to_sampling(req) == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None, "max_tokens": 16,
+                                "stop": [], "stop_token_ids": [], "ignore_eos": False}
+    assert not req.stream and not req.debug and req.n == 1
+
+
+def test_full_completion():
+    req = CompletionRequest.model_validate({
+        "model": "m", "prompt": [1, 2, 3], "max_tokens": 8, "temperature": 0, "top_p": 0.9, "top_k": 5, "seed": 7,
+        "stop": "\n", "stop_token_ids": [2], "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True}, "n": 1, "logprobs": None, "echo": False, "best_of": 1,
+        "logit_bias": {}, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0.0, "user": "u",
+        "debug": True})
+    assert req.prompt == [1, 2, 3] and req.stream_options.include_usage and req.debug
+    assert to_sampling(req) == {"temperature": 0.0, "top_p": 0.9, "top_k": 5, "seed": 7, "max_tokens": 8,
+                                "stop": ["\n"], "stop_token_ids": [2], "ignore_eos": True}
+
+
+def test_null_means_default_and_one_element_prompt_list():
+    req = CompletionRequest.model_validate({"model": "m", "prompt": ["hi"], "temperature": None, "n": None,
+                                            "max_tokens": None, "stop": ["a", "b"]})
+    assert req.prompt == "hi" and req.temperature == 1.0 and req.max_tokens == 16 and req.stop == ["a", "b"]
+
+
+def test_chat_parses_parts_and_max_completion_tokens():
+    req = ChatCompletionRequest.model_validate({
+        "model": "m", "max_completion_tokens": 9, "seed": 1, "stream": True,
+        "messages": [{"role": "system", "content": "be brief"},
+                     {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                     {"role": "assistant", "content": "ok", "refusal": None, "tool_calls": None}]})
+    assert [m.content for m in req.messages] == ["be brief", "ab", "ok"]
+    assert to_sampling(req)["max_tokens"] == 9
+    same = ChatCompletionRequest.model_validate({"model": "m", "messages": USER, "max_tokens": 4,
+                                                 "max_completion_tokens": 4})
+    assert same.max_tokens == 4
+    assert to_sampling(ChatCompletionRequest(model="m", messages=USER))["max_tokens"] == 16
+    assert to_sampling(ChatCompletionRequest(model="m", messages=USER), default_max_tokens=99)["max_tokens"] == 99
+
+
+def _rejects(cls, body) -> APIError:
+    with pytest.raises(ValidationError) as info:
+        cls.model_validate(body)
+    err = from_validation_error(info.value)
+    assert err.status == 400 and err.type == "invalid_request_error"
+    return err
+
+
+@pytest.mark.parametrize("extra, param, words", [
+    ({"n": 2}, "n", "n=1"),
+    ({"logprobs": 1}, "logprobs", "unsupported"),
+    ({"logprobs": 0}, "logprobs", "unsupported"),
+    ({"echo": True}, "echo", "unsupported"),
+    ({"best_of": 3}, "best_of", "unsupported"),
+    ({"logit_bias": {"5": 1}}, "logit_bias", "unsupported"),
+    ({"suffix": "x"}, "suffix", "unsupported"),
+    ({"presence_penalty": 0.5}, "presence_penalty", "unsupported"),
+    ({"frequency_penalty": -1}, "frequency_penalty", "unsupported"),
+    ({"foo": 1}, "foo", "unrecognized"),
+    ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"temperature": 3}, "temperature", "less than or equal to 2"),
+    ({"top_p": 0}, "top_p", "greater than 0"),
+    ({"top_k": -1}, "top_k", "greater than or equal to 0"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+    ({"stop": ["a", ""]}, "stop.1", "at least 1 character"),
+    ({"prompt": ["a", "b"]}, "prompt", "batch prompts"),
+    ({"prompt": [[1, 2], [3]]}, "prompt", "batch prompts"),
+    ({"prompt": 5}, "prompt", "string or a list of token ids"),
+    ({"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x", "unrecognized"),
+])
+def test_completion_rejections_name_the_field(extra, param, words):
+    err = _rejects(CompletionRequest, {"model": "m", "prompt": "hi"} | extra)
+    assert err.param == param
+    assert err.message.startswith(f"{param}: ") and words in err.message
+
+
+def test_missing_fields_are_named():
+    err = _rejects(CompletionRequest, {"prompt": "hi"})
+    assert err.param == "model" and "model: Field required" in err.message
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"messages": []}, "messages", "at least 1"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "'system', 'user' or 'assistant'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+     "messages.0.content", "'image_url'"),
+    ({"messages": [{"role": "user", "content": None}]}, "messages.0.content", "string or a list of text parts"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [{}]}]}, "messages.0.tool_calls", "unrecognized"),
+    ({"messages": USER, "n": 3}, "n", "n=1"),
+    ({"messages": USER, "logprobs": True}, "logprobs", "unsupported"),
+    ({"messages": USER, "top_logprobs": 2}, "top_logprobs", "unsupported"),
+    ({"messages": USER, "tools": []}, "tools", "unrecognized"),
+    ({"messages": USER, "max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens", "disagree"),
+    ({"messages": USER, "max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
+])
+def test_chat_rejections_name_the_field(body, param, words):
+    err = _rejects(ChatCompletionRequest, {"model": "m"} | body)
+    assert err.param == param and words in err.message, err.message
+
+
+def test_fastapi_body_prefix_is_dropped():
+    errors = [{"type": "greater_than_equal", "loc": ("body", "max_tokens"), "msg": "Input should be greater than or "
+               "equal to 1", "input": 0}]
+    err = from_validation_error(RequestValidationError(errors))
+    assert err.param == "max_tokens" and err.message == "max_tokens: Input should be greater than or equal to 1"
+
+
+def test_error_body_is_openai_shape():
+    err = APIError(429, "busy", "rate_limit_exceeded", headers={"Retry-After": "1"})
+    assert error_body(err) == {"error": {"message": "busy", "type": "rate_limit_exceeded", "param": None,
+                                         "code": None}}
+    assert err.status == 429 and err.headers == {"Retry-After": "1"} and str(err) == "busy"
+
+
+def _json(model) -> dict:
+    return json.loads(model.model_dump_json(exclude_none=True))
+
+
+def test_completion_response_parses_with_openai():
+    body = CompletionResponse(model="m", usage=USAGE, choices=[{"text": "hi", "finish_reason": "length"}])
+    data = _json(body)
+    assert data["id"].startswith("cmpl-") and data["choices"][0]["logprobs"] is None and "debug" not in data
+    out = Completion.model_validate(data)
+    assert out.choices[0].text == "hi" and out.usage.total_tokens == 5
+    body.debug = {"stages": {"queued": 0.001}}
+    assert body.model_dump(exclude_none=True)["debug"] == {"stages": {"queued": 0.001}}
+
+
+def test_completion_stream_chunks():
+    mid = _json(CompletionStreamChunk(id="cmpl-1", model="m", choices=[{"text": "a"}]))
+    assert mid["choices"][0]["finish_reason"] is None and "finish_reason" in mid["choices"][0]
+    assert "usage" not in mid and mid["object"] == "text_completion"
+    last = CompletionStreamChunk(id="cmpl-1", model="m", choices=[{"text": "b", "finish_reason": "stop"}])
+    assert Completion.model_validate(_json(last)).choices[0].finish_reason == "stop"
+    usage = _json(CompletionStreamChunk(id="cmpl-1", model="m", choices=[], usage=USAGE))
+    assert Completion.model_validate(usage).usage.completion_tokens == 2
+
+
+def test_chat_response_and_chunks_parse_with_openai():
+    body = _json(ChatCompletionResponse(model="m", usage=USAGE, choices=[
+        {"message": {"content": "yo"}, "finish_reason": "stop"}]))
+    assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
+    assert body["choices"][0]["logprobs"] is None and "logprobs" in body["choices"][0]
+    out = ChatCompletion.model_validate(body)
+    assert out.choices[0].message.role == "assistant" and out.choices[0].message.content == "yo"
+
+    first = _json(ChatCompletionChunk(id="chatcmpl-1", model="m", choices=[{"delta": {"role": "assistant",
+                                                                                       "content": ""}}]))
+    assert first["choices"][0]["finish_reason"] is None and "finish_reason" in first["choices"][0]
+    assert OpenAIChunk.model_validate(first).choices[0].delta.role == "assistant"
+    mid = _json(ChatCompletionChunk(id="chatcmpl-1", model="m", choices=[{"delta": {"content": "x"}}]))
+    assert mid["choices"][0]["delta"] == {"content": "x"}
+    assert OpenAIChunk.model_validate(mid).choices[0].delta.content == "x"
+    last = _json(ChatCompletionChunk(id="chatcmpl-1", model="m", choices=[{"delta": {}, "finish_reason": "length"}]))
+    assert OpenAIChunk.model_validate(last).choices[0].finish_reason == "length"
+    usage = _json(ChatCompletionChunk(id="chatcmpl-1", model="m", choices=[], usage=USAGE))
+    assert OpenAIChunk.model_validate(usage).usage.total_tokens == 5
+
+
+def test_models_list():
+    data = ModelList(data=[ModelCard(id="tiny", created=1)]).model_dump()
+    assert data == {"object": "list", "data": [{"id": "tiny", "object": "model", "created": 1, "owned_by": "omniray"}]}
+
+
+def test_sse_framing():
+    chunk = ChatCompletionChunk(id="chatcmpl-1", created=1, model="m", choices=[{"delta": {"content": "é"}}])
+    event = sse(chunk)
+    assert event.startswith("data: {") and event.endswith("}\n\n") and event.count("\n") == 2
+    assert json.loads(event[len("data: "):]) == _json(chunk)
+    assert sse({"a": 1}) == 'data: {"a": 1}\n\n'
+    assert SSE_DONE == "data: [DONE]\n\n"

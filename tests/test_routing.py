@@ -1,0 +1,185 @@
+"""Routing policies: round robin, least loaded, cache-aware (SGLang style) and the Omni formula."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cluster.proxy.routing import (
+    POLICIES,
+    CacheAware,
+    InstanceView,
+    LeastLoaded,
+    Omni,
+    RoundRobin,
+    make_policy,
+)
+from cluster.proxy.sorting import QueuedRequest
+
+BS = 16
+
+
+def view(name, **kw):
+    kw.setdefault("role", "prefill")
+    kw.setdefault("free_blocks", 1000)
+    return InstanceView(name, **kw)
+
+
+def req(hashes=(), prompt=None, max_tokens=16):
+    hashes = list(hashes)
+    return QueuedRequest("r", prompt if prompt is not None else max(len(hashes) * BS, 1), max_tokens, 0.0, hashes)
+
+
+def test_match_depth_is_a_prefix_chain():
+    v = view("a", cached={1, 2, 4})
+    assert v.match_depth([1, 2, 3, 4]) == 2
+    assert v.match_depth([2, 1]) == 2
+    assert v.match_depth([3, 1, 2]) == 0  # a miss ends the chain
+    assert v.match_depth([]) == 0
+    assert view("b", cached={1: None, 2: None}.keys()).match_depth([1, 2, 3]) == 2  # any container works
+
+
+def test_load_is_queued_tokens_plus_running():
+    assert view("a", queued_tokens=100, running=3).load == 103
+
+
+def test_round_robin_cycles_in_name_order():
+    rr = RoundRobin()
+    cands = [view("c"), view("a"), view("b")]
+    assert [rr.choose(req(), cands, BS).name for _ in range(7)] == ["a", "b", "c", "a", "b", "c", "a"]
+
+
+def test_round_robin_survives_changing_candidates():
+    rr = RoundRobin()
+    assert rr.choose(req(), [view("a"), view("b"), view("c")], BS).name == "a"
+    assert rr.choose(req(), [view("a"), view("c")], BS).name == "c"  # b gone: next after a
+    assert rr.choose(req(), [view("a"), view("b")], BS).name == "a"  # wrap
+
+
+def test_least_loaded():
+    ll = LeastLoaded()
+    cands = [view("a", queued_tokens=50), view("b", queued_tokens=10, running=5), view("c", queued_tokens=10, running=2)]
+    assert ll.choose(req(), cands, BS).name == "c"
+    assert ll.choose(req(), [view("b"), view("a")], BS).name == "a"  # name breaks ties
+
+
+def test_cache_aware_prefix_holder_when_balanced():
+    hashes = [1, 2, 3, 4]
+    holder = view("holder", cached=set(hashes), queued_tokens=20)
+    idle = view("idle", queued_tokens=0)
+    # imbalance 20 <= 32 tokens: balanced, match ratio 1.0 >= 0.5
+    assert CacheAware().choose(req(hashes), [holder, idle], BS).name == "holder"
+
+
+def test_cache_aware_least_loaded_when_imbalanced():
+    hashes = [1, 2, 3, 4]
+    holder = view("holder", cached=set(hashes), queued_tokens=200)
+    idle = view("idle", queued_tokens=10)
+    ca = CacheAware()
+    assert ca.imbalanced([holder, idle])  # 200 - 10 > 32 and 200 > 1.5 * 10
+    assert ca.choose(req(hashes), [holder, idle], BS).name == "idle"
+    # a large absolute gap that is small relatively is still balanced
+    holder2, busy = view("holder", cached=set(hashes), queued_tokens=1000), view("busy", queued_tokens=900)
+    assert not ca.imbalanced([holder2, busy])
+    assert ca.choose(req(hashes), [holder2, busy], BS).name == "holder"
+
+
+def test_cache_aware_low_match_ratio_goes_least_loaded():
+    hashes = [1, 2, 3, 4]
+    partial = view("partial", cached={1}, queued_tokens=10)  # ratio 0.25 < 0.5
+    idle = view("idle")
+    assert CacheAware().choose(req(hashes), [partial, idle], BS).name == "idle"
+    assert CacheAware(cache_threshold=0.25).choose(req(hashes), [partial, idle], BS).name == "partial"
+
+
+def test_omni_deepest_match_when_cache_outweighs_queue():
+    hashes = [1, 2, 3, 4]
+    holder = view("holder", cached=set(hashes), queued_tokens=20, running=1)
+    idle = view("idle")
+    om, r = Omni(), req(hashes)
+    # 4 blocks * 16 = 64 cached tokens - 1.0 * 20 queued - 0.5 * 1 running * 16 = 36 > 0
+    assert om.score(r, holder, BS) == 64 - 20 - 8 == 36
+    assert om.score(r, idle, BS) == 0
+    assert om.choose(r, [idle, holder], BS).name == "holder"
+
+
+def test_omni_least_loaded_when_queue_outweighs_cache():
+    hashes = [1, 2, 3, 4]
+    holder = view("holder", cached=set(hashes), queued_tokens=100, running=2)
+    idle = view("idle", queued_tokens=10)
+    om, r = Omni(), req(hashes)
+    # 64 - 100 - 0.5 * 2 * 16 = -52 < 0 - 10 = -10
+    assert om.score(r, holder, BS) == -52
+    assert om.score(r, idle, BS) == -10
+    assert om.choose(r, [holder, idle], BS).name == "idle"
+    # cheaper queue (alpha 0.2): 64 - 20 - 16 = 28 > -2
+    assert Omni(alpha=0.2).choose(r, [holder, idle], BS).name == "holder"
+
+
+def test_omni_ties_fewer_queued_then_name():
+    om = Omni()
+    # a: 32 cached - 32 queued = 0; b: 0; c: 0 -> b and c have fewer queued tokens, then name
+    a, b, c = view("a", cached={1, 2}, queued_tokens=32), view("c"), view("b")
+    assert om.choose(req([1, 2]), [a, b, c], BS).name == "b"
+
+
+def test_omni_skips_instances_without_room():
+    hashes = [1, 2, 3, 4]
+    r = req(hashes, prompt=64, max_tokens=100)  # needs ceil(164 / 16) = 11 blocks
+    assert Omni.blocks_needed(r, BS) == 11
+    full = view("full", cached=set(hashes), running=32, max_num_seqs=32)
+    no_kv = view("no_kv", cached=set(hashes), free_blocks=10)
+    ok = view("ok", free_blocks=11, queued_tokens=500)
+    assert Omni().choose(r, [full, no_kv, ok], BS).name == "ok"
+    # none qualifies: all are considered, best score wins
+    assert Omni().choose(r, [full, no_kv], BS).name == "no_kv"
+
+
+def test_omni_choose_decode():
+    om, r = Omni(), req()
+    cands = [view("a", role="decode", running=3, free_blocks=10), view("b", role="decode", running=1, free_blocks=5),
+             view("c", role="decode", running=1, free_blocks=50), view("d", role="decode", running=0, max_num_seqs=0)]
+    assert om.choose_decode(r, cands).name == "c"  # d is at its max_num_seqs; b and c tie on running
+    full = [view("x", role="decode", running=9, max_num_seqs=4), view("y", role="decode", running=5, max_num_seqs=4)]
+    assert om.choose_decode(r, full).name == "y"
+
+
+def test_make_policy():
+    assert set(POLICIES) == {"round_robin", "least_loaded", "cache_aware", "omni"}
+    for name, cls in POLICIES.items():
+        p = make_policy(name)
+        assert isinstance(p, cls) and p.name == name
+    assert make_policy("omni", alpha=2.0).alpha == 2.0
+    assert make_policy("cache_aware", cache_threshold=0.9).cache_threshold == 0.9
+    with pytest.raises(ValueError, match="cache_aware, least_loaded, omni, round_robin"):
+        make_policy("random")
+
+
+instances = st.lists(
+    st.builds(
+        lambda i, depth, q, run, free, seqs: view(
+            f"i{i}", cached=set(range(depth)), queued_tokens=q, running=run, free_blocks=free, max_num_seqs=seqs),
+        st.integers(0, 99), st.integers(0, 8), st.integers(0, 500), st.integers(0, 40), st.integers(0, 30),
+        st.integers(1, 32),
+    ),
+    min_size=1, max_size=8, unique_by=lambda v: v.name,
+)
+
+
+@given(instances, st.integers(0, 8), st.integers(1, 200), st.floats(0.0, 4.0), st.floats(0.0, 2.0))
+def test_omni_picks_max_score_among_qualifying(cands, n_hashes, max_tokens, alpha, beta):
+    om, r = Omni(alpha, beta), req(range(n_hashes), max_tokens=max_tokens)
+    need = math.ceil((r.prompt_tokens + r.max_tokens) / BS)
+    room = [v for v in cands if v.running < v.max_num_seqs and v.free_blocks >= need] or cands
+    pick = om.choose(r, cands, BS)
+    assert pick in room
+    assert om.score(r, pick, BS) == max(om.score(r, v, BS) for v in room)
+
+
+@given(instances, st.integers(0, 8))
+def test_every_policy_returns_a_candidate(cands, n_hashes):
+    for name in POLICIES:
+        assert make_policy(name).choose(req(range(n_hashes)), cands, BS) in cands
