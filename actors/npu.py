@@ -74,4 +74,5 @@ class NPUActor:
             "device_time_s": self.device_time_s,
             "hbm": self.ledger.report(),
             "expert_load": self.compute.expert_load() if self.compute else {},
+            "experts": {str(layer): ids for layer, ids in self.spec.expert_map.held_by(self.spec.rank).items()},
         }

@@ -126,6 +126,8 @@ class EngineRequest:
     output_ids: list[int] = field(default_factory=list)  # tokens already generated (P/D hand-off, resume)
     kv_transfer: KVTransfer | None = None  # decode side of P/D: the prompt's KV, prefilled elsewhere
     prefill_only: bool = False  # prefill role: stop after the first token and export the KV
+    kv_pending: bool = False  # decode side of parallel P/D: wait, admitted, until deliver() brings the KV
+    deliver_to: object | None = None  # prefill side of parallel P/D: the decode engine to push the KV to
 
 
 @dataclass

@@ -90,8 +90,9 @@ def cmd_serve(args) -> int:
     if args.api_key:
         manifest.proxy.api_keys = [args.api_key]
     connect(args.address, include_dashboard=args.dashboard)
-    server = start_server(manifest, args.host, args.port)
-    console.print(f"[green]OmniRay serving {manifest.model.name}[/green] at {server.url}/v1 "
+    server = start_server(manifest, args.host, args.port, args.grpc_port)
+    grpc = f", gRPC at {server.grpc_address}" if server.grpc_address else ""
+    console.print(f"[green]OmniRay serving {manifest.model.name}[/green] at {server.url}/v1{grpc} "
                   f"({len(server.instances)} instances, {manifest.compute} compute) — Ctrl-C to stop")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=_positive, default=8000)
+    sv.add_argument("--grpc-port", type=_positive, default=None, help="also serve gRPC (omniray.proto) on this port")
     sv.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY)")
     sv.add_argument("--dashboard", action="store_true", help="start the Ray dashboard too")
     sv.set_defaults(func=cmd_serve)

@@ -54,6 +54,7 @@ class Instance:
     executor: InstanceExecutor
     memory: list[dict] = field(default_factory=list)  # HBM report per NPU after load
     engine: object | None = None  # the InstanceEngine actor, once launched
+    kv_cache: object | None = None  # the global KV cache actor it publishes to (held, so it lives as long)
 
     @property
     def ep_size(self) -> int:
@@ -112,6 +113,12 @@ def launch_instance(
     return Instance(name, role, specs, npus, InstanceExecutor(npus), memory)
 
 
+def engine_name(instance: str) -> str:
+    """The named engine actor of an instance: the master finds engines by name, so
+    a restarted master needs only the instance names."""
+    return f"omniray.engine.{instance}"
+
+
 def launch_engine(
     instance: Instance, scheduler: SchedulerConfig | None = None, kv_cache_name: str | None = None, mtp: bool = False
 ):
@@ -122,9 +129,20 @@ def launch_engine(
         raise ValueError(f"mtp: model {instance.specs[0].model.name} has no MTP heads (num_mtp_layers: 0)")
     scheduler = scheduler or SchedulerConfig(block_size=instance.specs[0].block_size)
     config = EngineConfig(instance.name, instance.role, scheduler, kv_cache_name, mtp)
-    engine = ray.remote(InstanceEngine).options(num_cpus=0, max_concurrency=10_000)
+    engine = ray.remote(InstanceEngine).options(name=engine_name(instance.name), num_cpus=0, max_concurrency=10_000)
     instance.engine = engine.remote(config, instance.npus, instance.memory)
     return instance.engine
+
+
+def check_capacity(num_npus: int) -> None:
+    """Fail fast, naming the resource, when the cluster cannot place `num_npus`
+    NPU actors (Ray would otherwise wait for them forever)."""
+    have = int(ray.cluster_resources().get(NPU_RESOURCE, 0))
+    if have < num_npus:
+        raise RuntimeError(
+            f"the manifest needs {num_npus} NPU actors but the Ray cluster offers {have} '{NPU_RESOURCE}' slots; "
+            f"start Ray with --resources='{{\"{NPU_RESOURCE}\": {num_npus}}}' or use cluster.launcher.connect()"
+        )
 
 
 def launch_manifest(manifest) -> list[Instance]:
@@ -132,10 +150,11 @@ def launch_manifest(manifest) -> list[Instance]:
     object store, and each instance with its engine."""
     from actors.kv_cache import KV_CACHE_NAME, get_or_create_kv_cache
 
+    check_capacity(sum(spec.ep for spec in manifest.instances))
     eng = manifest.engine
-    cache_name = None
-    if eng.global_kv_cache:
-        get_or_create_kv_cache(eng.kv_cache_bytes)
+    cache_name, cache = None, None
+    if eng.global_kv_cache:  # a named actor lives only while someone holds a handle: the instances do
+        cache = get_or_create_kv_cache(eng.kv_cache_bytes)
         cache_name = KV_CACHE_NAME
     refs = publish_weights(manifest.model, manifest.checkpoint) if manifest.compute == "real" else None
     sched = SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size)
@@ -147,6 +166,7 @@ def launch_manifest(manifest) -> list[Instance]:
                 backend=manifest.collective_backend, time_scale=manifest.time_scale, block_size=eng.block_size,
                 kv_blocks=eng.kv_blocks, kv_cache_name=cache_name, mtp_acceptance_rate=eng.mtp_acceptance_rate,
             )
+            inst.kv_cache = cache
             instances.append(inst)
             launch_engine(inst, sched, cache_name, eng.mtp)
     except Exception:

@@ -24,6 +24,8 @@ from actors.protocol import EngineOutput, EngineRequest, KVTransfer, SeqWork
 
 logger = logging.getLogger(__name__)
 
+EARLY_KV_TTL_S = 60.0  # a pushed KV whose request never arrives is dropped after this
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -44,6 +46,8 @@ class InstanceEngine:
         self.seqs: dict[str, Sequence] = {}
         self.queues: dict[str, asyncio.Queue] = {}
         self.hashes: dict[str, list[int]] = {}  # seq id -> prefix-chain hashes of its full blocks
+        self.pending: dict[str, Sequence] = {}  # parallel P/D: admitted, waiting for their KV
+        self.early: dict[str, tuple[float, list[int], KVTransfer]] = {}  # KV delivered before its request came
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.counters = {
@@ -83,6 +87,14 @@ class InstanceEngine:
                 f"an NPU of {self.config.name} has {self.managers[0].num_blocks}"
             )
         seq = Sequence(req)
+        if req.kv_pending:  # parallel P/D: open the stream now, schedule when the KV arrives
+            self.seqs[req.request_id] = seq
+            self.queues[req.request_id] = asyncio.Queue()
+            self.pending[req.request_id] = seq
+            early = self.early.pop(req.request_id, None)
+            if early is not None:
+                self.deliver(req.request_id, early[1], early[2])
+            return seq
         if req.kv_transfer is not None:
             seq.remote_blocks, seq.remote_tokens = req.kv_transfer.blocks, req.kv_transfer.num_tokens
         elif self.config.kv_cache_name and req.block_hashes:
@@ -93,6 +105,25 @@ class InstanceEngine:
         self.scheduler.add(seq)
         self._wake.set()
         return seq
+
+    def deliver(self, request_id: str, output_ids: list[int], transfer: KVTransfer) -> bool:
+        """Parallel P/D: the prefill instance pushes a parked request's KV and first
+        token(s); the request joins the scheduler. A delivery that overtook its
+        request is kept until the request arrives (stale ones are dropped)."""
+        seq = self.pending.pop(request_id, None)
+        if seq is None:
+            now = time.monotonic()
+            self.early = {k: v for k, v in self.early.items() if now - v[0] < EARLY_KV_TTL_S}
+            if request_id not in self.seqs:
+                self.early[request_id] = (now, list(output_ids), transfer)
+            return False
+        seq.output_ids = list(output_ids)
+        seq.emitted = len(seq.output_ids)
+        seq.remote_blocks, seq.remote_tokens = transfer.blocks, transfer.num_tokens
+        self.counters["prompt_tokens"] += len(seq.request.prompt_ids)
+        self.scheduler.add(seq)
+        self._wake.set()
+        return True
 
     async def _match_global(self, seq: Sequence) -> None:
         import ray
@@ -242,20 +273,39 @@ class InstanceEngine:
             )
 
     def _finish(self, seq: Sequence, reason: str, transfer: KVTransfer | None = None) -> None:
+        if transfer is not None and seq.request.deliver_to is not None and self._continues(seq):
+            seq.request.deliver_to.deliver.remote(seq.seq_id, list(seq.output_ids), transfer)
         seq.finish_reason = reason
+        self.pending.pop(seq.seq_id, None)
         self.counters["cached_tokens"] += seq.num_cached
         self.scheduler.finish(seq)
         self.seqs.pop(seq.seq_id, None)
         self.hashes.pop(seq.seq_id, None)
         self._emit(seq, transfer)
 
+    @staticmethod
+    def _continues(seq: Sequence) -> bool:
+        """A prefilled request still has tokens to decode (its first token was not the end)."""
+        req, last = seq.request, seq.output_ids[-1] if seq.output_ids else None
+        stopped = last in req.stop_token_ids or (not req.ignore_eos and last == req.eos_token_id)
+        return not stopped and len(seq.output_ids) < req.max_tokens
+
     # ---- state for the master ---------------------------------------------------------
+    async def npu_stats(self) -> list[dict]:
+        """Each NPU's report: HBM ledger, device time, experts held and their load."""
+        return list(await asyncio.gather(*(n.stats.remote() for n in self.executor.npus)))
+
+    def cached_hashes(self) -> list[int]:
+        """Prefix hashes of every block cached on this instance's NPUs (the master's
+        routing view is rebuilt from these)."""
+        return sorted({h for m in self.managers for h in m.cached})
+
     def stats(self) -> dict:
         return {
             "name": self.config.name,
             "role": self.config.role,
             "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
+            "waiting": len(self.scheduler.waiting) + len(self.pending),
             "free_blocks": [m.num_free for m in self.managers],
             "total_blocks": [m.num_blocks for m in self.managers],
             "preemptions": self.scheduler.num_preemptions,

@@ -6,40 +6,45 @@ engines' tokens back as text, and answers every error in OpenAI's error JSON
 with the right status. Builder: `build_app(manifest)`.
 """
 
-from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
-import uuid
 
 import ray
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
 from cluster.config import Manifest
+from cluster.proxy import grpc_ingress, omniray_pb2
 from cluster.proxy.lifecycle import Lifecycle
 from cluster.proxy.master import MASTER_NAME
 from cluster.proxy.pipeline import Pipeline
 from cluster.proxy.protocol import (
-    SSE_DONE,
     APIError,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChatCompletionResponse,
     CompletionRequest,
-    CompletionResponse,
-    CompletionStreamChunk,
     ModelCard,
     ModelList,
     error_body,
     from_validation_error,
-    sse,
     to_sampling,
 )
+from cluster.proxy.responses import (
+    CHAT,
+    COMPLETION,
+    ResponseKind,
+    collect,
+    first_then_rest,
+    stream,
+)
 from cluster.proxy.tokens import TokenCache, Tokenizer
+
+SNAPSHOT_POLL_S = 0.2  # how often a slave reads the master's published state
 
 api = FastAPI(title="OmniRay", description="OpenAI-compatible API of the Omni Proxy")
 
@@ -49,32 +54,61 @@ async def _api_error(_request, exc: APIError):
     return JSONResponse(error_body(exc), status_code=exc.status, headers=exc.headers)
 
 
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_request, exc: RequestValidationError):
+    return await _api_error(_request, from_validation_error(exc))
+
+
+# Serve copies the ingress class when it is decorated: helpers the methods call must be
+# imported from other modules (or defined above), not defined below it in this file.
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class OmniProxySlave:
-    def __init__(self, manifest: Manifest):
-        self.manifest = manifest
+    def __init__(self, manifest: Manifest, namespace: str):
+        self.manifest, self.namespace = manifest, namespace  # where the master and caches live (not Serve's)
         self.model_name = manifest.model.name
         self.settings = manifest.proxy
         self.tokenizer = Tokenizer.from_file(manifest.tokenizer)
         self.tokens = TokenCache(self.tokenizer, self.settings.tokenizer_cache_size, self.settings.tokenizer_reuse)
-        self.master = ray.get_actor(MASTER_NAME)
+        self.master = ray.get_actor(MASTER_NAME, namespace=namespace)
         self.pipeline = Pipeline(self.tokenizer, self.master, manifest.engine.block_size)
         self.created = int(time.time())
+        self.snapshot: dict | None = None  # the master's latest published state
+        self._poller: asyncio.Task | None = None
+
+    # ---- the master's published state -------------------------------------------------
+    def _ensure_poller(self) -> None:
+        if self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll_snapshot())
+
+    async def _poll_snapshot(self) -> None:
+        """Read the master's snapshot from the object store every SNAPSHOT_POLL_S, not
+        per request. While the master restarts the last snapshot stays in use."""
+        while True:
+            await self._read_snapshot()
+            await asyncio.sleep(SNAPSHOT_POLL_S)
+
+    async def _read_snapshot(self) -> None:
+        try:
+            refs = await asyncio.wait_for(self.master.published.remote(), SNAPSHOT_POLL_S * 10)
+            if refs:
+                self.snapshot = await refs[0]
+        except (asyncio.TimeoutError, ray.exceptions.RayError):
+            pass
 
     # ---- checks -------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, auth: str) -> None:
+        """`auth`: the Authorization header (HTTP) or metadata value (gRPC)."""
         keys = self.settings.api_keys
         if not keys:
             return
-        auth = request.headers.get("authorization", "")
         given = auth[7:] if auth.lower().startswith("bearer ") else ""
         if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
             raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error",
                            code="invalid_api_key")
 
     async def _parse(self, request: Request, model_cls):
-        self._authorize(request)
+        self._authorize(request.headers.get("authorization", ""))
         ctype = request.headers.get("content-type", "")
         if "application/json" not in ctype:
             raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'}", "invalid_request_error")
@@ -89,6 +123,9 @@ class OmniProxySlave:
             raise APIError(400, f"body is not valid JSON: {err}", "invalid_request_error") from None
         if not isinstance(data, dict):
             raise APIError(400, "body must be a JSON object", "invalid_request_error")
+        return self._validate(data, model_cls)
+
+    def _validate(self, data: dict, model_cls):
         try:
             req = model_cls.model_validate(data)
         except ValidationError as err:
@@ -117,89 +154,78 @@ class OmniProxySlave:
         return ids
 
     async def _generate(self, ids, sampling, stops, life):
+        self._ensure_poller()
         try:
             async for delta in self.pipeline.run(ids, sampling, stops, life):
                 yield delta
         except OverflowError as err:  # the master's queue is full
             raise APIError(429, f"server overloaded: {err}", "rate_limit_exceeded", headers={"Retry-After": "1"}) from None
 
+    async def _start(self, req, life: Lifecycle):
+        """Tokenize a validated request and start generating; errors up to the first
+        token are raised here (so they still get a status code)."""
+        sampling = to_sampling(req)
+        prompt = self._chat_prompt(req) if isinstance(req, ChatCompletionRequest) else req.prompt
+        ids = self._prompt_ids(prompt, sampling["max_tokens"], life)
+        return await first_then_rest(self._generate(ids, sampling, sampling["stop"], life))
+
     # ---- endpoints ------------------------------------------------------------------
+    async def _respond(self, request: Request, model_cls, kind: ResponseKind):
+        """Shared by both completion endpoints: validate, tokenize, generate, answer
+        (one JSON body, or server-sent events)."""
+        life = Lifecycle(kind.id_prefix)
+        life.stamp("received")
+        req = await self._parse(request, model_cls)
+        deltas = await self._start(req, life)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream(kind, self.model_name, deltas, include_usage),
+                                     media_type="text/event-stream")
+        return await collect(kind, self.model_name, deltas, life.to_debug if req.debug else None)
+
+    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        """The chat template's ids, tokenized message by message (a re-sent history hits the cache)."""
+        try:
+            segments = self.tokenizer.chat_segments([{"role": m.role, "content": m.content} for m in req.messages])
+        except ValueError as err:
+            raise APIError(400, f"messages: {err}", "invalid_request_error", "messages") from None
+        return self.tokens.encode_segments(segments)
+
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        life = Lifecycle("completion")
-        life.stamp("received")
-        req = await self._parse(request, CompletionRequest)
-        sampling = to_sampling(req)
-        ids = self._prompt_ids(req.prompt, sampling["max_tokens"], life)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        gen = self._generate(ids, sampling, sampling["stop"], life)
-        if req.stream:
-            first = await _first(gen)  # errors before the first byte still get a status code
-
-            async def events():
-                last = None
-                async for d in _chain(first, gen):
-                    last = d
-                    yield sse(CompletionStreamChunk(id=rid, created=created, model=self.model_name, choices=[
-                        {"index": 0, "text": d.text, "finish_reason": d.finish_reason, "logprobs": None}]))
-                if req.stream_options and req.stream_options.include_usage and last:
-                    yield sse(CompletionStreamChunk(id=rid, created=created, model=self.model_name, choices=[],
-                                                    usage=_usage(last)))
-                yield SSE_DONE
-
-            return StreamingResponse(events(), media_type="text/event-stream")
-        text, last = "", None
-        async for d in gen:
-            text, last = text + d.text, d
-        body = CompletionResponse(id=rid, created=created, model=self.model_name, usage=_usage(last), choices=[
-            {"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": None}])
-        if req.debug:
-            body.debug = life.to_debug()
-        return JSONResponse(body.model_dump(exclude_none=True) | {"choices": [c.model_dump() for c in body.choices]})
+        return await self._respond(request, CompletionRequest, COMPLETION)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        life = Lifecycle("chat")
+        return await self._respond(request, ChatCompletionRequest, CHAT)
+
+    # ---- gRPC (Ray Serve's gRPC proxy calls these by the proto's method names) -----------
+    async def Generate(self, request, grpc_context=None):
+        """Server-streaming generation: one GenerateChunk per text delta."""
+        life = Lifecycle("grpc")
         life.stamp("received")
-        req = await self._parse(request, ChatCompletionRequest)
-        sampling = to_sampling(req)
         try:
-            prompt = self.tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in req.messages])
-        except ValueError as err:
-            raise APIError(400, f"messages: {err}", "invalid_request_error", "messages") from None
-        ids = self._prompt_ids(prompt, sampling["max_tokens"], life)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        gen = self._generate(ids, sampling, sampling["stop"], life)
-        if req.stream:
-            first = await _first(gen)
+            self._authorize(grpc_ingress.metadata(grpc_context, "authorization"))
+            model_cls, body = grpc_ingress.to_openai(request)
+            deltas = await self._start(self._validate(body, model_cls), life)
+            async for d in deltas:
+                yield grpc_ingress.chunk(d)
+        except APIError as err:
+            grpc_ingress.fail(grpc_context, err)
+            raise  # Serve answers with the code set on the context
 
-            async def events():
-                yield sse(ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
-                last = None
-                async for d in _chain(first, gen):
-                    last = d
-                    yield sse(ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[
-                        {"index": 0, "delta": {"content": d.text}, "finish_reason": d.finish_reason}]))
-                if req.stream_options and req.stream_options.include_usage and last:
-                    yield sse(ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=[],
-                                                  usage=_usage(last)))
-                yield SSE_DONE
+    async def ListModels(self, request, grpc_context=None):
+        try:
+            self._authorize(grpc_ingress.metadata(grpc_context, "authorization"))
+        except APIError as err:
+            grpc_ingress.fail(grpc_context, err)
+            raise
+        return omniray_pb2.ListModelsResponse(models=[self.model_name])
 
-            return StreamingResponse(events(), media_type="text/event-stream")
-        text, last = "", None
-        async for d in gen:
-            text, last = text + d.text, d
-        body = ChatCompletionResponse(id=rid, created=created, model=self.model_name, usage=_usage(last), choices=[
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason,
-             "logprobs": None}])
-        if req.debug:
-            body.debug = life.to_debug()
-        return JSONResponse(body.model_dump(exclude_none=True) | {"choices": [c.model_dump() for c in body.choices]})
-
+    # ---- HTTP: the rest ------------------------------------------------------------------
     @api.get("/v1/models")
     async def models(self, request: Request):
-        self._authorize(request)
+        self._authorize(request.headers.get("authorization", ""))
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created)]).model_dump()
 
     @api.get("/health")
@@ -208,12 +234,18 @@ class OmniProxySlave:
 
     @api.get("/v1/cluster")
     async def cluster(self, request: Request):
-        self._authorize(request)
-        snap = await self.master.snapshot.remote()
+        self._authorize(request.headers.get("authorization", ""))
+        self._ensure_poller()
+        if self.snapshot is None:
+            await self._read_snapshot()
+        if self.snapshot is None:
+            raise APIError(503, "the master has not published its state yet", "service_unavailable",
+                           headers={"Retry-After": "1"})
+        snap = dict(self.snapshot, age_s=max(0.0, time.time() - self.snapshot["time"]))
         try:
             from actors.kv_cache import KV_CACHE_NAME
 
-            snap["kv_cache"] = await ray.get_actor(KV_CACHE_NAME).stats.remote()
+            snap["kv_cache"] = await ray.get_actor(KV_CACHE_NAME, namespace=self.namespace).stats.remote()
         except ValueError:
             snap["kv_cache"] = None
         snap["model"] = self.model_name
@@ -221,25 +253,7 @@ class OmniProxySlave:
         return snap
 
 
-def _usage(d) -> dict:
-    return {"prompt_tokens": d.prompt_tokens, "completion_tokens": d.completion_tokens,
-            "total_tokens": d.prompt_tokens + d.completion_tokens}
-
-
-async def _first(gen):
-    try:
-        return await gen.__anext__()
-    except StopAsyncIteration:
-        return None
-
-
-async def _chain(first, gen):
-    if first is not None:
-        yield first
-    async for d in gen:
-        yield d
-
-
-def build_app(manifest: Manifest):
-    """The Serve application of the slaves; the master and instances must be up."""
-    return OmniProxySlave.options(num_replicas=manifest.proxy.num_slaves).bind(manifest)
+def build_app(manifest: Manifest, namespace: str):
+    """The Serve application of the slaves; the master and instances must be up in
+    Ray namespace `namespace` (Serve's replicas run in their own)."""
+    return OmniProxySlave.options(num_replicas=manifest.proxy.num_slaves).bind(manifest, namespace)

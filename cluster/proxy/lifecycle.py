@@ -42,6 +42,7 @@ class Lifecycle:
         self.request_id = request_id
         self.clock = clock
         self._stamps: dict[str, float] = {}
+        self.route: dict[str, str | None] = {}  # where it ran: {"prefill": ..., "decode": ...}
 
     def stamp(self, stage: str, t: float | None = None) -> None:
         """Record ``stage`` at ``t`` (default: now). Unknown stage -> ValueError; the first stamp is kept."""
@@ -87,6 +88,7 @@ class Lifecycle:
         origin = stamps.get("received", min(stamps.values(), default=0.0))
         return {
             "request_id": self.request_id,
+            "route": dict(self.route),
             "stages": {s: t - origin for s, t in stamps.items()},
             "gaps": self.gaps(),
             "ttft_s": self.ttft_s,

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass, field, replace
 
 import ray
 
@@ -28,6 +29,7 @@ from cluster.proxy.sorting import QueuedRequest, SortingConfig, WeightedSorter
 logger = logging.getLogger(__name__)
 
 MASTER_NAME = "omniray_master"
+DISPATCH_LOG_LEN = 256  # decisions kept for the cluster view
 CACHED_HASHES_PER_INSTANCE = 65_536  # bound on the master's prefix view of one instance
 
 
@@ -43,6 +45,8 @@ class InstanceRef:
     inflight: int = 0  # dispatched by the master, not yet finished
     inflight_tokens: int = 0
     cached: dict = field(default_factory=dict)  # hash -> None, insertion-ordered (LRU-ish)
+    stats: dict = field(default_factory=dict)  # the engine's last stats()
+    npus: list = field(default_factory=list)  # its NPUs' last stats()
 
     def __post_init__(self):
         self.view = InstanceView(self.name, self.role, max_num_seqs=self.max_num_seqs)
@@ -72,19 +76,30 @@ class Decision:
 
 
 class OmniMaster:
-    def __init__(self, instances: list[tuple[str, str, object, int]], policy: str = "omni", pd_mode: str = "sequential",
-                 sorting: SortingConfig | None = None, block_size: int = 16, max_queue: int = 4096):
-        self.instances = {name: InstanceRef(name, role, engine, seqs) for name, role, engine, seqs in instances}
+    def __init__(self, instances: list[tuple[str, str, int]], policy: str = "omni", pd_mode: str = "sequential",
+                 sorting: SortingConfig | None = None, block_size: int = 16, max_queue: int = 4096,
+                 publish_period_s: float = 0.1):
+        from cluster.launcher import engine_name
+
+        self.instances = {
+            name: InstanceRef(name, role, ray.get_actor(engine_name(name)), seqs) for name, role, seqs in instances
+        }
         self.policy = make_policy(policy)
         self.policy_name = policy
         self.pd_mode = pd_mode
         self.sorter = WeightedSorter(sorting or SortingConfig())
         self.block_size, self.max_queue = block_size, max_queue
         self.queue: dict[str, tuple[QueuedRequest, asyncio.Future]] = {}
-        self.assigned: dict[str, tuple[str | None, str | None, int]] = {}  # request -> (prefill, decode, tokens)
+        # request -> (prefill, decode, tokens, block hashes)
+        self.assigned: dict[str, tuple[str | None, str | None, int, list[int]]] = {}
         self.counters = {"dispatched": 0, "finished": 0, "rejected": 0}
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
+        self.publish_period_s = publish_period_s
+        self._published: ray.ObjectRef | None = None
+        self.started = time.time()
+        self.paused = False  # dispatch held (maintenance, resizing); requests queue up meanwhile
+        self.dispatch_log: deque[dict] = deque(maxlen=DISPATCH_LOG_LEN)  # the latest decisions, for /v1/cluster
 
     @property
     def has_pd(self) -> bool:
@@ -106,17 +121,17 @@ class OmniMaster:
 
     async def schedule_decode(self, request_id: str) -> Decision:
         """Sequential P/D: the prefill is done; choose the decode instance by its load now."""
-        prefill, _, tokens = self.assigned.get(request_id, (None, None, 0))
+        prefill, _, tokens, hashes = self.assigned.get(request_id, (None, None, 0, []))
         decode = self._pick_decode(request_id, tokens)
-        self.assigned[request_id] = (prefill, decode.name, tokens)
+        self.assigned[request_id] = (prefill, decode.name, tokens, hashes)
         self._release(prefill, tokens)
         self._take(decode, tokens)
         return Decision(prefill, None, decode.name, decode.engine, "sequential")
 
     def finished(self, request_id: str) -> None:
-        prefill, decode, tokens = self.assigned.pop(request_id, (None, None, 0))
+        prefill, decode, tokens, _ = self.assigned.pop(request_id, (None, None, 0, []))
         self._release(decode or prefill, tokens)
-        if decode and prefill and self.pd_mode == "parallel":
+        if self.has_pd and self.pd_mode == "parallel":
             self._release(prefill, tokens)
         self.counters["finished"] += 1
 
@@ -126,12 +141,46 @@ class OmniMaster:
         if entry and not entry[1].done():
             entry[1].cancel()
 
+    # ---- operator-facing ------------------------------------------------------------------
+    def configure(self, policy: str | None = None, pd_mode: str | None = None, weighted_sorting: bool | None = None,
+                  max_queue: int | None = None, paused: bool | None = None) -> dict:
+        """Switch scheduling features while serving (A/B runs, drain before a resize).
+        Unpausing dispatches what queued meanwhile. Returns the settings now in force."""
+        if policy is not None:
+            self.policy, self.policy_name = make_policy(policy), policy
+        if pd_mode is not None:
+            if pd_mode not in ("sequential", "parallel"):
+                raise ValueError(f"pd_mode: {pd_mode!r} is not one of sequential, parallel")
+            self.pd_mode = pd_mode
+        if weighted_sorting is not None:
+            self.sorter = WeightedSorter(replace(self.sorter.config, enabled=weighted_sorting))
+        if max_queue is not None:
+            if max_queue < 1:
+                raise ValueError("max_queue: must be at least 1")
+            self.max_queue = max_queue
+        if paused is not None:
+            self.paused = paused
+            if self._wake is not None:
+                self._wake.set()
+        return self.settings()
+
+    def settings(self) -> dict:
+        return {"policy": self.policy_name, "pd_mode": self.pd_mode, "weighted_sorting": self.sorter.config.enabled,
+                "max_queue": self.max_queue, "paused": self.paused}
+
     # ---- dispatch -----------------------------------------------------------------------
     def _ensure_tasks(self) -> None:
         if not self._tasks:
             self._wake = asyncio.Event()
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._dispatch_loop()), loop.create_task(self._refresh_loop())]
+
+    async def start(self) -> None:
+        """Rebuild the view from the instances (load, cached prefixes) and start the
+        loops. Called once by whoever starts the master; a restarted master calls it
+        on its first request."""
+        await self.refresh(sync_cache=True)
+        self._ensure_tasks()
 
     def _candidates(self, roles: tuple[str, ...]) -> list[InstanceRef]:
         return [i for i in self.instances.values() if i.role in roles and i.view.healthy]
@@ -165,6 +214,8 @@ class OmniMaster:
 
     def _dispatch_once(self) -> bool:
         """Assign queued requests in weighted order while instances have room."""
+        if self.paused:
+            return False
         roles = ("prefill",) if self.has_pd else ("mixed", "prefill", "decode")
         progressed = False
         for req in self.sorter.prefill_order([r for r, _ in self.queue.values()], time.monotonic()):
@@ -187,8 +238,11 @@ class OmniMaster:
             else:
                 decision.prefill, decision.prefill_engine = None, None
                 decision.decode, decision.decode_engine = inst.name, inst.engine
-            self.assigned[req.request_id] = (inst.name if self.has_pd else None, decision.decode, tokens)
+            self.assigned[req.request_id] = (inst.name, decision.decode, tokens, req.block_hashes)
             self.counters["dispatched"] += 1
+            self.dispatch_log.append({"request_id": req.request_id, "prompt_tokens": req.prompt_tokens,
+                                      "prefill": decision.prefill, "decode": decision.decode,
+                                      "queued_s": decision.queued_s})
             if not fut.done():
                 fut.set_result(decision)
             progressed = True
@@ -196,9 +250,10 @@ class OmniMaster:
 
     async def _dispatch_loop(self) -> None:
         while True:
-            if not self.queue:
+            if not self.queue or self.paused:
                 self._wake.clear()
                 await self._wake.wait()
+                continue
             try:
                 if not self._dispatch_once():
                     await asyncio.sleep(0.001)  # the original's 1 ms timer: wait for room
@@ -206,46 +261,85 @@ class OmniMaster:
                 logger.exception("master dispatch failed")
                 await asyncio.sleep(0.01)
 
-    async def _refresh_loop(self, period_s: float = 0.05) -> None:
-        """Pull each engine's load; an engine that does not answer is marked unhealthy."""
+    async def _refresh_loop(self, period_s: float = 0.05, cache_sync_every: int = 10) -> None:
+        """Pull each engine's load (and now and then its cached prefixes); publish the
+        snapshot for the slaves."""
+        n = 0
         while True:
-            await self.refresh()
+            await self.refresh(sync_cache=n % cache_sync_every == 0)
+            if n % max(1, round(self.publish_period_s / period_s)) == 0:
+                self._published = ray.put(self.snapshot())
+            n += 1
             await asyncio.sleep(period_s)
 
-    async def refresh(self) -> None:
+    async def refresh(self, sync_cache: bool = False) -> None:
+        """Each engine's load; with sync_cache, also the prefix blocks it really holds
+        (plus those of requests routed there and still running). An engine that does
+        not answer is marked unhealthy."""
+
         async def one(inst: InstanceRef):
             try:
                 st = await asyncio.wait_for(inst.engine.stats.remote(), timeout=2.0)
-            except Exception:
+                held = await asyncio.wait_for(inst.engine.cached_hashes.remote(), 2.0) if sync_cache else None
+                if sync_cache:
+                    inst.npus = await asyncio.wait_for(inst.engine.npu_stats.remote(), 2.0)
+            except (asyncio.TimeoutError, ray.exceptions.RayError):
                 inst.view.healthy = False
                 return
             v = inst.view
             v.running, v.waiting, v.healthy = st["running"], st["waiting"], True
             v.free_blocks, v.total_blocks = min(st["free_blocks"]), min(st["total_blocks"])
             inst.stats = st
+            if held is not None:
+                inst.cached = dict.fromkeys(held)
+                for prefill, _, _, hashes in self.assigned.values():
+                    if prefill == inst.name:
+                        self._remember(inst, hashes)
 
         await asyncio.gather(*(one(i) for i in self.instances.values()))
+
+    async def published(self) -> list:
+        """[ref] of the latest published snapshot (in a list so Ray hands over the ref):
+        slaves poll this now and then instead of calling per request. (A restarted
+        master's loops start on its first call.)"""
+        self._ensure_tasks()
+        return [self._published] if self._published is not None else []
 
     # ---- state -----------------------------------------------------------------------
     def snapshot(self) -> dict:
         return {
-            "policy": self.policy_name,
+            **self.settings(),
             "pd_mode": self.pd_mode if self.has_pd else "mixed",
+            "recent_dispatches": list(self.dispatch_log),
             "queue_length": len(self.queue),
+            "max_queue": self.max_queue,
+            "started": self.started,
+            "time": time.time(),
             "counters": dict(self.counters),
             "instances": [
                 {"name": i.name, "role": i.role, "healthy": i.view.healthy, "inflight": i.inflight,
-                 "cached_prefix_blocks": len(i.cached), "engine": getattr(i, "stats", {})}
+                 "cached_prefix_blocks": len(i.cached), "engine": i.stats, "npus": [_npu_summary(n) for n in i.npus]}
                 for i in self.instances.values()
             ],
         }
 
 
+def _npu_summary(npu: dict) -> dict:
+    """An NPU's line in the cluster view: HBM use and the experts it holds."""
+    hbm = npu.get("hbm", {})
+    return {"name": npu.get("name"), "device": npu.get("device"), "compute": npu.get("compute"),
+            "device_time_s": npu.get("device_time_s"), "hbm": hbm, "experts": npu.get("experts", {}),
+            "expert_load": npu.get("expert_load", {})}
+
+
 def start_master(instances, **kwargs):
-    """The named master actor; it restarts on failure and rebuilds from its arguments
-    (the instances) and their engines' stats."""
+    """The named master actor, started and its view built. It restarts on failure
+    (calls in flight are retried on the new one) and rebuilds its view from its
+    arguments — instance names only — and the engines, found by name."""
     seqs = kwargs.pop("max_num_seqs", 32)
-    spec = [(i.name, i.role, i.engine, seqs) for i in instances]
-    return ray.remote(OmniMaster).options(name=MASTER_NAME, num_cpus=0, max_restarts=-1, max_concurrency=10_000).remote(
-        spec, **kwargs
-    )
+    spec = [(i.name, i.role, seqs) for i in instances]
+    master = ray.remote(OmniMaster).options(
+        name=MASTER_NAME, num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=10_000
+    ).remote(spec, **kwargs)
+    ray.get(master.start.remote())
+    return master

@@ -13,8 +13,8 @@ parallel:   master picks both at dispatch; the decode request goes out the
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from actors.kv_hash import block_hashes
 from actors.protocol import EngineRequest, SamplingParams
@@ -35,10 +35,6 @@ class Pipeline:
     def __init__(self, tokenizer: Tokenizer, master, block_size: int):
         self.tokenizer, self.master, self.block_size = tokenizer, master, block_size
 
-    async def _engine_stream(self, engine, req: EngineRequest):
-        async for ref in engine.generate.remote(req):
-            yield await ref
-
     async def run(self, prompt_ids: list[int], sampling: dict, stops: list[str], life: Lifecycle) -> AsyncIterator[Delta]:
         rid = f"req-{uuid.uuid4().hex[:16]}"
         hashes = block_hashes(prompt_ids, self.block_size)
@@ -46,6 +42,7 @@ class Pipeline:
         life.stamp("queued")
         decision = await self.master.schedule.remote(rid, len(prompt_ids), sampling["max_tokens"], hashes)
         life.stamp("prefill_scheduled")
+        life.route.update(prefill=decision.prefill, decode=decision.decode, mode=decision.mode)
         params = SamplingParams(
             temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"], seed=sampling["seed"]
         )
@@ -56,8 +53,9 @@ class Pipeline:
         )
         detok = IncrementalDetokenizer(self.tokenizer)
         text, emitted, generated, cached = "", 0, 0, 0
+        engines, finish, cut, ended = [], None, None, False
         try:
-            async for engine, out in self._streams(rid, decision, base, life):
+            async for engine, out in self._streams(rid, decision, base, life, engines):
                 if generated == 0 and out.token_ids:
                     life.stamp("first_token")
                 cached = max(cached, out.num_cached_tokens)
@@ -66,12 +64,11 @@ class Pipeline:
                     text += detok.add(t)
                 finish = ("length" if out.finish_reason == "length" else "stop") if out.finished else None
                 if out.finished:
+                    ended = True
                     text += detok.flush()
                 cut = _find_stop(text, stops, emitted)
                 if cut is not None:
                     text, finish = text[:cut], "stop"
-                    if not out.finished:
-                        await engine.abort.remote(rid)  # free its KV now
                 safe = len(text) if finish else _hold_back(text, stops)
                 if safe > emitted or finish:
                     yield Delta(text[emitted:safe], finish, len(prompt_ids), generated, cached)
@@ -80,30 +77,53 @@ class Pipeline:
                     return
         finally:
             life.stamp("finished")
+            if not ended or cut is not None:  # a stop string, the client gone, a failure: free the KV now
+                for engine in engines:
+                    engine.abort.remote(rid)
             self.master.finished.remote(rid)
 
-    async def _streams(self, rid: str, decision, base: dict, life: Lifecycle):
-        """(engine handle, EngineOutput) pairs across the prefill and decode engines."""
+    async def _streams(self, rid: str, decision, base: dict, life: Lifecycle, engines: list):
+        """(engine handle, EngineOutput) pairs across the prefill and decode engines.
+        `engines` collects every engine the request was sent to (to abort on exit)."""
         if decision.mode == "mixed":
-            async for out in self._engine_stream(decision.decode_engine, EngineRequest(rid, **base)):
+            engines.append(decision.decode_engine)
+            async for out in _outputs(decision.decode_engine.generate.remote(EngineRequest(rid, **base))):
                 yield decision.decode_engine, out
             return
+        parallel = decision.mode == "parallel"
+        prefill_req = EngineRequest(rid, **base, prefill_only=True)
+        if parallel:  # both at once: decode parks the request until the prefill pushes the KV to it
+            engines.append(decision.decode_engine)
+            decode_outputs = decision.decode_engine.generate.remote(EngineRequest(rid, **base, kv_pending=True))
+            prefill_req.deliver_to = decision.decode_engine
+        engines.append(decision.prefill_engine)
         first = None
-        async for out in self._engine_stream(decision.prefill_engine, EngineRequest(rid, **base, prefill_only=True)):
+        async for out in _outputs(decision.prefill_engine.generate.remote(prefill_req)):
             first = out
         life.stamp("prefill_done")
         if first.finish_reason == "stop" or base["max_tokens"] <= len(first.token_ids):
+            if parallel:
+                decision.decode_engine.abort.remote(rid)  # the parked decode has nothing to do
             yield decision.prefill_engine, first
             return
-        first.finished, first.finish_reason = False, None
-        yield decision.prefill_engine, first
-        if decision.mode == "sequential":
+        life.stamp("kv_transferred")  # the prompt's KV is in the object store (and, parallel, pushed to decode)
+        if not parallel:
             decision = await self.master.schedule_decode.remote(rid)
-        life.stamp("kv_transferred")
+            life.route["decode"] = decision.decode
+            engines.append(decision.decode_engine)
+            decode_outputs = decision.decode_engine.generate.remote(
+                EngineRequest(rid, **base, output_ids=list(first.token_ids), kv_transfer=first.kv_transfer))
         life.stamp("decode_scheduled")
-        req = EngineRequest(rid, **base, output_ids=list(first.token_ids), kv_transfer=first.kv_transfer)
-        async for out in self._engine_stream(decision.decode_engine, req):
+        first.finished, first.finish_reason = False, None
+        yield decision.decode_engine, first
+        async for out in _outputs(decode_outputs):
             yield decision.decode_engine, out
+
+
+async def _outputs(stream):
+    """EngineOutputs of an engine's streaming generate call."""
+    async for ref in stream:
+        yield await ref
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:

@@ -19,7 +19,15 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from fastapi.exceptions import RequestValidationError
@@ -38,6 +46,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type = status, message, type
         self.param, self.code, self.headers = param, code, dict(headers or {})
+
+    def __reduce__(self):  # picklable across Ray workers (its __init__ takes more than the message)
+        return APIError, (self.status, self.message, self.type, self.param, self.code, self.headers)
 
 
 def error_body(exc: APIError) -> dict:

@@ -47,7 +47,7 @@ class Tokenizer:
         self.pad_token_id = self.hf.token_to_id("<|pad|>")
 
     @classmethod
-    def from_file(cls, path: str | None = None) -> "Tokenizer":
+    def from_file(cls, path: str | None = None) -> Tokenizer:
         """Load a ``tokenizer.json``; ``None`` loads the one shipped with the package.
 
         Errors name the path, since a bad path in a manifest is the usual cause.
@@ -90,6 +90,13 @@ class Tokenizer:
         ``<|role|>\\n{content}<|end|>\\n`` per message, then ``<|assistant|>\\n``.
         No BOS is added: prepending it is the caller's choice.
         """
+        return "".join(self.chat_segments(messages))
+
+    def chat_segments(self, messages: Sequence[dict]) -> list[str]:
+        """The chat template one message at a time. Every segment starts with a
+        special marker, where the tokenizer splits anyway, so encoding the segments
+        one by one gives exactly the ids of the whole prompt, and a chat history
+        re-sent each turn is tokenized once per message (TokenCache)."""
         parts = []
         for i, m in enumerate(messages):
             role = m.get("role") if isinstance(m, dict) else None
@@ -102,7 +109,7 @@ class Tokenizer:
                 raise ValueError(f"message {i} ({role}): content must be a string, got {type(content).__name__}")
             parts.append(f"{ROLE_MARKERS[role]}\n{content}{END_MARKER}\n")
         parts.append(f"{ROLE_MARKERS['assistant']}\n")
-        return "".join(parts)
+        return parts
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -208,6 +215,11 @@ class TokenCache:
             if len(self._lru) > self.capacity:
                 self._lru.popitem(last=False)
         return list(ids)
+
+    def encode_segments(self, segments: Sequence[str]) -> list[int]:
+        """Ids of "".join(segments), each segment looked up (or encoded) on its own;
+        segments must begin at a tokenizer split point (see Tokenizer.chat_segments)."""
+        return [i for seg in segments for i in self.encode(seg)]
 
     def stats(self) -> dict:
         return {"tokenizer_calls": self.calls, "tokenizer_cache_hits": self.hits, "tokenizer_s": self.encode_s}

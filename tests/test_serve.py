@@ -1,0 +1,415 @@
+"""The Omni Proxy end to end: a real `start_server` (instances, master, Serve
+HTTP), the `openai` client and raw HTTP against it, outputs checked against
+the single-process reference model. One server for the whole module; tests
+that switch a scheduling feature switch it back."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import ray
+from openai import OpenAI
+
+from actors.model.reference import build_reference, generate
+from cluster.config import MANIFEST_DIR, parse_manifest
+from cluster.proxy.lifecycle import STAGES
+from cluster.proxy.tokens import Tokenizer
+
+KEY = "sk-omniray-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PROMPTS = ["The experts of a mixture", "Ray actors hold the weights of one NPU each and"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, one_thread):
+    from cluster.server import start_server
+
+    manifest = parse_manifest({
+        "name": "serve-test", "model": "models/tiny-gqa-moge.yaml", "compute": "real",
+        "instances": [{"name": "prefill0", "role": "prefill", "ep": 1}, {"name": "prefill1", "role": "prefill", "ep": 1},
+                      {"name": "decode0", "role": "decode", "ep": 2}],
+        "proxy": {"api_keys": [KEY], "max_body_bytes": 65536},
+    }, MANIFEST_DIR)
+    srv = start_server(manifest, port=_free_port(), grpc_port=_free_port())
+    yield srv
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(server):
+    return build_reference(server.manifest.model), Tokenizer.from_file(server.manifest.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as c:
+        yield c
+
+
+def _expect(reference, ids: list[int], max_tokens: int) -> tuple[str, int, str]:
+    """The reference's greedy text, completion token count and finish reason."""
+    model, tok = reference
+    tokens = generate(model, [ids], max_tokens, stop_token_ids={tok.eos_token_id}).tokens[0]
+    finish = "stop" if tokens[-1] == tok.eos_token_id else "length"
+    return tok.decode(tokens), len(tokens), finish
+
+
+def _chat_ids(reference, messages) -> list[int]:
+    tok = reference[1]
+    return tok.encode(tok.apply_chat_template(messages))
+
+
+def _configure(server, **settings):
+    return ray.get(server.master.configure.remote(**settings))
+
+
+def _wait_queue(server, n: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while ray.get(server.master.snapshot.remote())["queue_length"] < n:
+        assert time.monotonic() < deadline, f"queue never reached {n}"
+        time.sleep(0.02)
+
+
+def _in_threads(fns):
+    results = [None] * len(fns)
+
+    def run(i, fn):
+        results[i] = fn()
+
+    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+# ---- outputs equal the reference ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_completion_equals_reference(client, reference, prompt):
+    text, n, finish = _expect(reference, reference[1].encode(prompt), 12)
+    r = client.completions.create(model="tiny-gqa-moge", prompt=prompt, max_tokens=12, temperature=0)
+    assert r.choices[0].text == text
+    assert r.choices[0].finish_reason == finish
+    assert r.usage.prompt_tokens == len(reference[1].encode(prompt)) and r.usage.completion_tokens == n
+
+
+def test_completion_stream_equals_reference(client, reference):
+    prompt = PROMPTS[1]
+    text, n, _ = _expect(reference, reference[1].encode(prompt), 10)
+    chunks = list(client.completions.create(model="tiny-gqa-moge", prompt=prompt, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == n and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] is not None
+
+
+def test_token_id_prompt(client, reference):
+    ids = reference[1].encode(PROMPTS[0])
+    text, _, _ = _expect(reference, ids, 6)
+    r = client.completions.create(model="tiny-gqa-moge", prompt=ids, max_tokens=6, temperature=0)
+    assert r.choices[0].text == text
+
+
+def test_chat_equals_reference_streaming_and_not(client, reference):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name an expert."}]
+    text, n, finish = _expect(reference, _chat_ids(reference, messages), 9)
+    r = client.chat.completions.create(model="tiny-gqa-moge", messages=messages, max_tokens=9, temperature=0)
+    assert r.choices[0].message.content == text and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == finish and r.usage.completion_tokens == n
+    chunks = list(client.chat.completions.create(model="tiny-gqa-moge", messages=messages, max_tokens=9,
+                                                 temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+
+
+def test_stop_string_cuts_the_text(client, reference):
+    prompt = PROMPTS[0]
+    text, _, _ = _expect(reference, reference[1].encode(prompt), 16)
+    stop = text[4:7]
+    assert stop and len(text) > 8
+    cut = text.find(stop)
+    r = client.completions.create(model="tiny-gqa-moge", prompt=prompt, max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].text == text[:cut] and r.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny-gqa-moge", prompt=prompt, max_tokens=16, temperature=0,
+                                         stop=[stop], stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text[:cut]
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kw = {"model": "tiny-gqa-moge", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0.9, "seed": 7}
+    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+# ---- the other endpoints -----------------------------------------------------------------------
+
+
+def test_models_health_and_cluster(http, client):
+    assert http.get("/health").json() == {"status": "ok"}
+    assert [m.id for m in client.models.list().data] == ["tiny-gqa-moge"]
+    client.completions.create(model="tiny-gqa-moge", prompt="warm", max_tokens=2)
+    time.sleep(0.6)  # one cache sync of the master
+    cluster = http.get("/v1/cluster").json()
+    names = {i["name"]: i for i in cluster["instances"]}
+    assert set(names) == {"prefill0", "prefill1", "decode0"}
+    assert [len(names[n]["npus"]) for n in ("prefill0", "prefill1", "decode0")] == [1, 1, 2]
+    npu = names["decode0"]["npus"][0]
+    assert npu["hbm"]["used"] > 0 and npu["experts"]  # HBM use and placement
+    assert cluster["kv_cache"]["blocks"] >= 0 and cluster["tokenizer"]["tokenizer_calls"] >= 1
+    assert cluster["queue_length"] == 0 and cluster["policy"] == "omni"
+
+
+def test_debug_stamps_all_ten_stages_in_order(http):
+    body = http.post("/v1/completions", json={"model": "tiny-gqa-moge", "prompt": PROMPTS[1], "max_tokens": 4,
+                                              "debug": True}).json()
+    stages = body["debug"]["stages"]
+    assert list(stages) == list(STAGES)  # P/D: every stage stamped, in canonical order
+    assert all(gap >= 0 for gap in body["debug"]["gaps"].values())
+    assert body["debug"]["route"]["prefill"] in ("prefill0", "prefill1") and body["debug"]["route"]["decode"] == "decode0"
+
+
+# ---- errors: OpenAI's error JSON with the right status -----------------------------------------
+
+
+def _error(resp, status: int, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["message"] and err["type"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+def test_missing_or_wrong_api_key_is_401(server):
+    body = {"model": "tiny-gqa-moge", "prompt": "x"}
+    _error(httpx.post(f"{server.url}/v1/completions", json=body), 401)
+    _error(httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"}), 401)
+    _error(httpx.get(f"{server.url}/v1/models"), 401)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "tiny-gqa-moge", "prompt": "x", "temperature": 5}, "temperature"),
+    ({"model": "tiny-gqa-moge", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "tiny-gqa-moge", "prompt": "x", "n": 3}, "n"),
+    ({"model": "tiny-gqa-moge", "prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"model": "tiny-gqa-moge"}, "prompt"),
+    ({"model": "tiny-gqa-moge", "prompt": [1, 10**9]}, "prompt"),
+])
+def test_bad_fields_are_400_naming_the_field(http, body, param):
+    _error(http.post("/v1/completions", json=body), 400, param)
+
+
+def test_bad_chat_messages_are_400(http):
+    _error(http.post("/v1/chat/completions", json={"model": "tiny-gqa-moge", "messages": []}), 400, "messages")
+    _error(http.post("/v1/chat/completions", json={"model": "tiny-gqa-moge",
+                                                   "messages": [{"role": "wizard", "content": "hi"}]}), 400)
+
+
+def test_malformed_json_is_400(http):
+    resp = http.post("/v1/completions", content=b'{"model": "tiny-gqa-moge", "prompt": ',
+                     headers={"Content-Type": "application/json"})
+    assert "JSON" in _error(resp, 400)["message"]
+
+
+def test_unknown_model_is_404(http):
+    assert _error(http.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}), 404, "model")["code"] \
+        == "model_not_found"
+
+
+def test_prompt_over_the_context_is_400(http, server):
+    limit = server.manifest.model.max_position_embeddings
+    err = _error(http.post("/v1/completions", json={"model": "tiny-gqa-moge", "prompt": [5] * limit,
+                                                    "max_tokens": 4}), 400)
+    assert err["code"] == "context_length_exceeded"
+
+
+def test_body_too_large_is_413_and_wrong_content_type_415(http):
+    _error(http.post("/v1/completions", json={"model": "tiny-gqa-moge", "prompt": "x" * 70_000}), 413)
+    _error(http.post("/v1/completions", content=b"prompt=x", headers={"Content-Type": "text/plain"}), 415)
+
+
+def test_over_capacity_is_429_and_queued_requests_still_finish(server, http, reference):
+    _configure(server, paused=True, max_queue=2)
+    body = {"model": "tiny-gqa-moge", "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0}
+    try:
+        threads, results = _in_threads([lambda: http.post("/v1/completions", json=body)] * 2)
+        _wait_queue(server, 2)
+        resp = http.post("/v1/completions", json=body)
+        _error(resp, 429)
+        assert resp.headers["Retry-After"] == "1"
+    finally:
+        _configure(server, paused=False, max_queue=server.manifest.proxy.max_queue)
+    for t in threads:
+        t.join(120)
+    text, _, _ = _expect(reference, reference[1].encode(PROMPTS[0]), 5)
+    assert [r.json()["choices"][0]["text"] for r in results] == [text, text]
+
+
+# ---- scheduling features ----------------------------------------------------------------------------
+
+
+def _dispatch_order(server, http, prompts: list[str]) -> list[int]:
+    """Queue the prompts while dispatch is paused (in this order), resume, and
+    return the prompt token counts in the order the master dispatched them."""
+    before = len(ray.get(server.master.snapshot.remote())["recent_dispatches"])
+    _configure(server, paused=True)
+    try:
+        threads = []
+        for i, p in enumerate(prompts):
+            t, _ = _in_threads([lambda p=p: http.post("/v1/completions", json={
+                "model": "tiny-gqa-moge", "prompt": p, "max_tokens": 1})])
+            threads += t
+            _wait_queue(server, i + 1)
+    finally:
+        _configure(server, paused=False)
+    for t in threads:
+        t.join(120)
+    log = ray.get(server.master.snapshot.remote())["recent_dispatches"]
+    return [d["prompt_tokens"] for d in log[before:]]
+
+
+def test_weighted_sorting_dispatches_short_prompts_first(server, http):
+    longs = [f"{i} " + "mixture of experts " * 12 for i in range(2)]
+    shorts = [f"hi {i}" for i in range(2)]
+    order = _dispatch_order(server, http, longs + shorts)
+    assert max(order[:2]) < min(order[2:])  # the shorts overtook the longs queued before them
+    _configure(server, weighted_sorting=False)
+    try:
+        fifo = _dispatch_order(server, http, longs + shorts)
+    finally:
+        _configure(server, weighted_sorting=True)
+    assert min(fifo[:2]) > max(fifo[2:])  # switched off: first come, first served
+
+
+def test_omni_routing_follows_the_cached_prefix(server, http):
+    prefix = "Omni placement balances the experts across every NPU of the instance. " * 2
+
+    def route(suffix: str) -> str:
+        body = http.post("/v1/completions", json={"model": "tiny-gqa-moge", "prompt": prefix + suffix,
+                                                  "max_tokens": 1, "debug": True}).json()
+        return body["debug"]["route"]["prefill"]
+
+    holder = route("first")
+    assert [route(f"again {i}") for i in range(4)] == [holder] * 4
+    _configure(server, policy="round_robin")
+    try:
+        assert len({route(f"rr {i}") for i in range(4)}) == 2  # the baseline ignores the prefix
+    finally:
+        _configure(server, policy="omni")
+
+
+def test_tokenizer_runs_once_per_distinct_text(http):
+    def stats():
+        return http.get("/v1/cluster").json()["tokenizer"]
+
+    before = stats()
+    for _ in range(3):
+        http.post("/v1/completions", json={"model": "tiny-gqa-moge", "prompt": "a text seen three times",
+                                           "max_tokens": 1})
+    after = stats()
+    assert after["tokenizer_calls"] - before["tokenizer_calls"] == 1
+    assert after["tokenizer_cache_hits"] - before["tokenizer_cache_hits"] == 2
+    turn1 = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first question"}]
+    http.post("/v1/chat/completions", json={"model": "tiny-gqa-moge", "messages": turn1, "max_tokens": 1})
+    mid = stats()
+    turn2 = turn1 + [{"role": "assistant", "content": "an answer"}, {"role": "user", "content": "second question"}]
+    http.post("/v1/chat/completions", json={"model": "tiny-gqa-moge", "messages": turn2, "max_tokens": 1})
+    end = stats()
+    assert end["tokenizer_calls"] - mid["tokenizer_calls"] == 2  # only the two new messages
+
+
+def test_parallel_pd_equals_sequential(server, client, reference):
+    def outputs():
+        return [client.completions.create(model="tiny-gqa-moge", prompt=p, max_tokens=8, temperature=0)
+                .choices[0].text for p in PROMPTS]
+
+    sequential = outputs()
+    _configure(server, pd_mode="parallel")
+    try:
+        parallel = outputs()
+    finally:
+        _configure(server, pd_mode="sequential")
+    assert parallel == sequential == [_expect(reference, reference[1].encode(p), 8)[0] for p in PROMPTS]
+
+
+def test_master_restart_keeps_serving(server, client, http, reference):
+    text, _, _ = _expect(reference, reference[1].encode(PROMPTS[1]), 24)
+    first = http.get("/v1/cluster").json()
+    stream = client.completions.create(model="tiny-gqa-moge", prompt=PROMPTS[1], max_tokens=24, temperature=0,
+                                       stream=True)
+    got = [next(stream).choices[0].text]  # in flight
+    ray.kill(server.master, no_restart=False)
+    got += [c.choices[0].text for c in stream]
+    assert "".join(got) == text  # the request in flight finished
+    r = client.completions.create(model="tiny-gqa-moge", prompt=PROMPTS[1], max_tokens=24, temperature=0)
+    assert r.choices[0].text == text  # a new one is scheduled by the new master
+    deadline = time.monotonic() + 30
+    while (now := http.get("/v1/cluster").json())["started"] == first["started"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    held = sum(i["cached_prefix_blocks"] for i in now["instances"])
+    assert held > 0  # the prefix view was rebuilt from the instances
+
+
+# ---- gRPC ingress (Ray Serve's gRPC proxy) ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grpc_stub(server):
+    import grpc
+
+    from cluster.proxy.omniray_pb2_grpc import OmniRayStub
+
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        yield OmniRayStub(channel)
+
+
+GRPC_AUTH = (("authorization", f"Bearer {KEY}"),)
+
+
+def test_grpc_generate_streams_the_reference_text(grpc_stub, reference):
+    from cluster.proxy import omniray_pb2 as pb
+
+    text, n, finish = _expect(reference, reference[1].encode(PROMPTS[0]), 10)
+    chunks = list(grpc_stub.Generate(pb.GenerateRequest(model="tiny-gqa-moge", prompt=PROMPTS[0], max_tokens=10,
+                                                        temperature=0), metadata=GRPC_AUTH))
+    assert "".join(c.text for c in chunks) == text
+    assert chunks[-1].finish_reason == finish and chunks[-1].completion_tokens == n
+    assert all(not c.finish_reason for c in chunks[:-1])
+    messages = [{"role": "user", "content": "Name an expert."}]
+    chat_text, _, _ = _expect(reference, _chat_ids(reference, messages), 6)
+    chat = grpc_stub.Generate(pb.GenerateRequest(model="tiny-gqa-moge", messages=[pb.ChatMessage(**messages[0])],
+                                                 max_tokens=6, temperature=0), metadata=GRPC_AUTH)
+    assert "".join(c.text for c in chat) == chat_text
+    assert list(grpc_stub.ListModels(pb.ListModelsRequest(), metadata=GRPC_AUTH).models) == ["tiny-gqa-moge"]
+
+
+@pytest.mark.parametrize(("fields", "auth", "code"), [
+    ({"model": "gpt-9", "prompt": "x"}, True, "NOT_FOUND"),
+    ({"model": "tiny-gqa-moge", "prompt": "x"}, False, "UNAUTHENTICATED"),
+    ({"model": "tiny-gqa-moge", "prompt": "x", "temperature": 7.0}, True, "INVALID_ARGUMENT"),
+    ({"model": "tiny-gqa-moge"}, True, "INVALID_ARGUMENT"),
+])
+def test_grpc_errors_have_status_codes(grpc_stub, fields, auth, code):
+    import grpc
+
+    from cluster.proxy import omniray_pb2 as pb
+
+    with pytest.raises(grpc.RpcError) as info:
+        list(grpc_stub.Generate(pb.GenerateRequest(**fields), metadata=GRPC_AUTH if auth else ()))
+    assert info.value.code().name == code and info.value.details(), info.value.details()
