@@ -131,6 +131,10 @@ class GlobalKVCache:
         self.misses += len(hashes) - n
         return {"num_blocks": n, "refs": refs}
 
+    def hashes(self) -> list[int]:
+        """Every indexed block hash (the master mirrors the index for routing)."""
+        return list(self._blocks)
+
     def contains(self, hashes: list[int]) -> list[bool]:
         """Presence of each hash; changes neither stats nor LRU order (a probe)."""
         return [h in self._blocks for h in hashes]

@@ -47,12 +47,29 @@ class EngineSettings(BaseModel):
     kv_cache_bytes: int = Field(1 << 30, gt=0)  # its capacity (LRU eviction past it)
 
 
+class SlaveAutoscaling(BaseModel):
+    """Ray Serve autoscaling of the slaves (ingress replicas) by ongoing requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(32.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "SlaveAutoscaling":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
 class ProxySettings(BaseModel):
     """The Omni Proxy: slaves (Serve ingress replicas) and the master's policies."""
 
     model_config = ConfigDict(extra="forbid")
 
-    num_slaves: int = Field(1, gt=0)  # Serve ingress replicas
+    num_slaves: int = Field(1, gt=0)  # Serve ingress replicas (fixed; see autoscaling)
+    autoscaling: SlaveAutoscaling | None = None  # set: the slave count follows the load instead
     policy: Literal["round_robin", "least_loaded", "cache_aware", "omni"] = "omni"
     pd_mode: Literal["sequential", "parallel"] = "sequential"  # when both prefill and decode instances exist
     weighted_sorting: bool = True

@@ -119,6 +119,25 @@ def test_omni_least_loaded_when_queue_outweighs_cache():
     assert Omni(alpha=0.2).choose(r, [holder, idle], BS).name == "holder"
 
 
+def test_omni_credits_global_cache_blocks_at_gamma():
+    hashes = [1, 2, 3, 4]
+    r = req(hashes)
+    r.global_depth = 4  # the whole prefix is in the global KV cache
+    partial = view("partial", cached={1}, queued_tokens=30)
+    idle = view("idle")
+    om = Omni()
+    # partial: (1 + 0.5 * 3) * 16 - 30 = 10; idle: 0.5 * 4 * 16 = 32
+    assert om.score(r, partial, BS) == 10 and om.score(r, idle, BS) == 32
+    assert om.choose(r, [partial, idle], BS).name == "idle"
+    holder = view("holder", cached={1, 2}, queued_tokens=20)
+    # without the global credit the holder wins (32 - 20 = 12 > 0); with it the idle
+    # instance, which loads all four blocks, wins ((2 + 0.5 * 2) * 16 - 20 = 28 < 32)
+    assert Omni(gamma=0.0).choose(r, [holder, idle], BS).name == "holder"
+    assert om.choose(r, [holder, idle], BS).name == "idle"
+    r.global_depth = 0
+    assert om.score(r, partial, BS) == 16 - 30
+
+
 def test_omni_ties_fewer_queued_then_name():
     om = Omni()
     # a: 32 cached - 32 queued = 0; b: 0; c: 0 -> b and c have fewer queued tokens, then name

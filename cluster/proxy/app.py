@@ -20,9 +20,10 @@ from pydantic import ValidationError
 from ray import serve
 
 from cluster.config import Manifest
+from cluster.metrics import ProxyMetrics
 from cluster.proxy import grpc_ingress, omniray_pb2
 from cluster.proxy.lifecycle import Lifecycle
-from cluster.proxy.master import MASTER_NAME
+from cluster.proxy.master import MASTER_NAME, NoInstanceAvailable
 from cluster.proxy.pipeline import Pipeline
 from cluster.proxy.protocol import (
     APIError,
@@ -71,10 +72,15 @@ class OmniProxySlave:
         self.tokenizer = Tokenizer.from_file(manifest.tokenizer)
         self.tokens = TokenCache(self.tokenizer, self.settings.tokenizer_cache_size, self.settings.tokenizer_reuse)
         self.master = ray.get_actor(MASTER_NAME, namespace=namespace)
-        self.pipeline = Pipeline(self.tokenizer, self.master, manifest.engine.block_size)
+        self.metrics = ProxyMetrics(self.model_name)
+        self.pipeline = Pipeline(self.tokenizer, self.master, manifest.engine.block_size, self._request_done)
         self.created = int(time.time())
         self.snapshot: dict | None = None  # the master's latest published state
         self._poller: asyncio.Task | None = None
+
+    def _request_done(self, life: Lifecycle, outcome: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.metrics.request_done(life, outcome, prompt_tokens, completion_tokens)
+        self.metrics.tokenizer(self.tokens.stats())
 
     # ---- the master's published state -------------------------------------------------
     def _ensure_poller(self) -> None:
@@ -160,6 +166,8 @@ class OmniProxySlave:
                 yield delta
         except OverflowError as err:  # the master's queue is full
             raise APIError(429, f"server overloaded: {err}", "rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+        except NoInstanceAvailable as err:
+            raise APIError(503, f"no capacity: {err}", "service_unavailable", headers={"Retry-After": "5"}) from None
 
     async def _start(self, req, life: Lifecycle):
         """Tokenize a validated request and start generating; errors up to the first
@@ -256,4 +264,6 @@ class OmniProxySlave:
 def build_app(manifest: Manifest, namespace: str):
     """The Serve application of the slaves; the master and instances must be up in
     Ray namespace `namespace` (Serve's replicas run in their own)."""
-    return OmniProxySlave.options(num_replicas=manifest.proxy.num_slaves).bind(manifest, namespace)
+    scaling = manifest.proxy.autoscaling
+    options = {"autoscaling_config": scaling.model_dump()} if scaling else {"num_replicas": manifest.proxy.num_slaves}
+    return OmniProxySlave.options(**options).bind(manifest, namespace)

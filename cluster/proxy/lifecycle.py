@@ -42,7 +42,7 @@ class Lifecycle:
         self.request_id = request_id
         self.clock = clock
         self._stamps: dict[str, float] = {}
-        self.route: dict[str, str | None] = {}  # where it ran: {"prefill": ..., "decode": ...}
+        self.route: dict = {}  # where it ran: prefill and decode instance, mode, cached blocks
 
     def stamp(self, stage: str, t: float | None = None) -> None:
         """Record ``stage`` at ``t`` (default: now). Unknown stage -> ValueError; the first stamp is kept."""

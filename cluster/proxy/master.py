@@ -33,6 +33,10 @@ DISPATCH_LOG_LEN = 256  # decisions kept for the cluster view
 CACHED_HASHES_PER_INSTANCE = 65_536  # bound on the master's prefix view of one instance
 
 
+class NoInstanceAvailable(RuntimeError):
+    """No healthy instance can take the request's role now (the slave answers 503)."""
+
+
 @dataclass
 class InstanceRef:
     """What the master knows of an instance: its engine and its load."""
@@ -73,6 +77,8 @@ class Decision:
     decode_engine: object | None
     mode: str  # "mixed" | "sequential" | "parallel"
     queued_s: float = 0.0
+    local_blocks: int = 0  # prompt blocks cached on the chosen instance (the master's view)
+    global_blocks: int = 0  # prompt blocks in the global KV cache
 
 
 class OmniMaster:
@@ -98,6 +104,7 @@ class OmniMaster:
         self.publish_period_s = publish_period_s
         self._published: ray.ObjectRef | None = None
         self.started = time.time()
+        self.global_index: set[int] = set()  # mirror of the global KV cache's block hashes
         self.paused = False  # dispatch held (maintenance, resizing); requests queue up meanwhile
         self.dispatch_log: deque[dict] = deque(maxlen=DISPATCH_LOG_LEN)  # the latest decisions, for /v1/cluster
 
@@ -113,6 +120,9 @@ class OmniMaster:
         if len(self.queue) >= self.max_queue:
             self.counters["rejected"] += 1
             raise OverflowError(f"queue full ({self.max_queue} waiting)")
+        if not self._candidates(self._dispatch_roles()):
+            self.counters["rejected"] += 1
+            raise NoInstanceAvailable(f"no healthy {'/'.join(self._dispatch_roles())} instance")
         req = QueuedRequest(request_id, prompt_tokens, max_tokens, time.monotonic(), list(block_hashes))
         fut = asyncio.get_running_loop().create_future()
         self.queue[request_id] = (req, fut)
@@ -205,8 +215,13 @@ class OmniMaster:
         while len(inst.cached) > CACHED_HASHES_PER_INSTANCE:
             inst.cached.pop(next(iter(inst.cached)))
 
+    def _dispatch_roles(self) -> tuple[str, ...]:
+        return ("prefill",) if self.has_pd else ("mixed", "prefill", "decode")
+
     def _pick_decode(self, request_id: str, tokens: int) -> InstanceRef:
         decodes = self._candidates(("decode",))
+        if not decodes:
+            raise NoInstanceAvailable("no healthy decode instance")
         req = QueuedRequest(request_id, tokens, 0, time.monotonic())
         view = self.policy.choose_decode(req, [d.refresh_view() for d in decodes]) if hasattr(self.policy, "choose_decode") \
             else min((d.refresh_view() for d in decodes), key=lambda v: (v.running, -v.free_blocks, v.name))
@@ -216,24 +231,35 @@ class OmniMaster:
         """Assign queued requests in weighted order while instances have room."""
         if self.paused:
             return False
-        roles = ("prefill",) if self.has_pd else ("mixed", "prefill", "decode")
+        roles = self._dispatch_roles()
         progressed = False
         for req in self.sorter.prefill_order([r for r, _ in self.queue.values()], time.monotonic()):
             room = [i for i in self._candidates(roles) if self._has_room(i)]
             if not room:
                 break
+            req.global_depth = self._global_depth(req.block_hashes)
             view = self.policy.choose(req, [i.refresh_view() for i in room], self.block_size)
             inst = self.instances[view.name]
+            local_depth = view.match_depth(req.block_hashes)
             _, fut = self.queue.pop(req.request_id)
             tokens = req.prompt_tokens + req.max_tokens
+            dec = None
+            if self.has_pd and self.pd_mode == "parallel":
+                try:
+                    dec = self._pick_decode(req.request_id, tokens)
+                except NoInstanceAvailable as err:  # answer it now rather than leave it waiting
+                    self.counters["rejected"] += 1
+                    if not fut.done():
+                        fut.set_exception(err)
+                    continue
+                self._take(dec, tokens)
             self._take(inst, tokens)
             self._remember(inst, req.block_hashes)
-            decision = Decision(inst.name, inst.engine, None, None, "mixed", time.monotonic() - req.arrival_s)
+            decision = Decision(inst.name, inst.engine, None, None, "mixed", time.monotonic() - req.arrival_s,
+                                local_depth, req.global_depth)
             if self.has_pd:
                 decision.mode = self.pd_mode
-                if self.pd_mode == "parallel":
-                    dec = self._pick_decode(req.request_id, tokens)
-                    self._take(dec, tokens)
+                if dec is not None:
                     decision.decode, decision.decode_engine = dec.name, dec.engine
             else:
                 decision.prefill, decision.prefill_engine = None, None
@@ -242,6 +268,7 @@ class OmniMaster:
             self.counters["dispatched"] += 1
             self.dispatch_log.append({"request_id": req.request_id, "prompt_tokens": req.prompt_tokens,
                                       "prefill": decision.prefill, "decode": decision.decode,
+                                      "local_blocks": local_depth, "global_blocks": req.global_depth,
                                       "queued_s": decision.queued_s})
             if not fut.done():
                 fut.set_result(decision)
@@ -297,6 +324,25 @@ class OmniMaster:
                         self._remember(inst, hashes)
 
         await asyncio.gather(*(one(i) for i in self.instances.values()))
+        if sync_cache:
+            await self._sync_global_index()
+
+    async def _sync_global_index(self) -> None:
+        from actors.kv_cache import KV_CACHE_NAME
+
+        try:
+            cache = ray.get_actor(KV_CACHE_NAME)
+            self.global_index = set(await asyncio.wait_for(cache.hashes.remote(), 2.0))
+        except (ValueError, asyncio.TimeoutError, ray.exceptions.RayError):  # no global cache, or restarting
+            self.global_index = set()
+
+    def _global_depth(self, hashes: list[int]) -> int:
+        depth = 0
+        for h in hashes:
+            if h not in self.global_index:
+                break
+            depth += 1
+        return depth
 
     async def published(self) -> list:
         """[ref] of the latest published snapshot (in a list so Ray hands over the ref):

@@ -32,8 +32,10 @@ class Delta:
 
 
 class Pipeline:
-    def __init__(self, tokenizer: Tokenizer, master, block_size: int):
+    def __init__(self, tokenizer: Tokenizer, master, block_size: int, on_done=None):
+        """`on_done(life, outcome, prompt_tokens, completion_tokens)` runs as each request ends (metrics)."""
         self.tokenizer, self.master, self.block_size = tokenizer, master, block_size
+        self.on_done = on_done
 
     async def run(self, prompt_ids: list[int], sampling: dict, stops: list[str], life: Lifecycle) -> AsyncIterator[Delta]:
         rid = f"req-{uuid.uuid4().hex[:16]}"
@@ -42,7 +44,8 @@ class Pipeline:
         life.stamp("queued")
         decision = await self.master.schedule.remote(rid, len(prompt_ids), sampling["max_tokens"], hashes)
         life.stamp("prefill_scheduled")
-        life.route.update(prefill=decision.prefill, decode=decision.decode, mode=decision.mode)
+        life.route.update(prefill=decision.prefill, decode=decision.decode, mode=decision.mode,
+                          local_blocks=decision.local_blocks, global_blocks=decision.global_blocks)
         params = SamplingParams(
             temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"], seed=sampling["seed"]
         )
@@ -81,6 +84,8 @@ class Pipeline:
                 for engine in engines:
                     engine.abort.remote(rid)
             self.master.finished.remote(rid)
+            if self.on_done is not None:
+                self.on_done(life, finish or "aborted", len(prompt_ids), generated)
 
     async def _streams(self, rid: str, decision, base: dict, life: Lifecycle, engines: list):
         """(engine handle, EngineOutput) pairs across the prefill and decode engines.

@@ -12,7 +12,11 @@ is that formula, with every term in tokens of prefill work:
 
     score = cached_tokens - alpha * queued_tokens - beta * running * block_size
 
-    cached_tokens = match_depth * block_size   prefix KV the instance would not recompute
+    cached_tokens = match_depth * block_size   prefix KV the instance holds, not recomputed
+                  + gamma * max(0, global_depth - match_depth) * block_size
+                                               further prefix blocks in the global KV cache:
+                                               loaded, not recomputed, but the load costs
+    gamma   (0.5) a block loaded from the object store counts half a held one
     alpha (1.0)   one queued token ahead of us costs one token of prefill
     beta  (0.5)   each running sequence slows every step of the batch we join by
                   about half a block of prefill (a stand-in for predicted batch time)
@@ -142,8 +146,8 @@ class Omni:
 
     name = "omni"
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.5):
-        self.alpha, self.beta = alpha, beta
+    def __init__(self, alpha: float = 1.0, beta: float = 0.5, gamma: float = 0.5):
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
 
     @staticmethod
     def blocks_needed(req: QueuedRequest, block_size: int) -> int:
@@ -151,7 +155,8 @@ class Omni:
 
     def score(self, req: QueuedRequest, v: InstanceView, block_size: int) -> float:
         """cached_tokens - alpha * queued_tokens - beta * running * block_size."""
-        cached_tokens = v.match_depth(req.block_hashes) * block_size
+        depth = v.match_depth(req.block_hashes)
+        cached_tokens = (depth + self.gamma * max(0, req.global_depth - depth)) * block_size
         return cached_tokens - self.alpha * v.queued_tokens - self.beta * v.running * block_size
 
     def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView:

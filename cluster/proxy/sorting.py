@@ -40,6 +40,7 @@ class QueuedRequest:
     arrival_s: float  # on the master's monotonic clock
     block_hashes: list[int] = field(default_factory=list)  # full-block prefix hash chain
     cached_tokens: int = 0
+    global_depth: int = 0  # leading prompt blocks found in the global KV cache (set by the master)
 
 
 @dataclass(frozen=True)
