@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import ray
 
-from cluster.proxy.routing import InstanceView, make_policy
+from cluster.proxy.routing import InstanceView, make_policy, prefix_depth
 from cluster.proxy.sorting import QueuedRequest, SortingConfig, WeightedSorter
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class OmniMaster:
             room = [i for i in self._candidates(roles) if self._has_room(i)]
             if not room:
                 break
-            req.global_depth = self._global_depth(req.block_hashes)
+            req.global_depth = prefix_depth(req.block_hashes, self.global_index)
             view = self.policy.choose(req, [i.refresh_view() for i in room], self.block_size)
             inst = self.instances[view.name]
             local_depth = view.match_depth(req.block_hashes)
@@ -335,14 +335,6 @@ class OmniMaster:
             self.global_index = set(await asyncio.wait_for(cache.hashes.remote(), 2.0))
         except (ValueError, asyncio.TimeoutError, ray.exceptions.RayError):  # no global cache, or restarting
             self.global_index = set()
-
-    def _global_depth(self, hashes: list[int]) -> int:
-        depth = 0
-        for h in hashes:
-            if h not in self.global_index:
-                break
-            depth += 1
-        return depth
 
     async def published(self) -> list:
         """[ref] of the latest published snapshot (in a list so Ray hands over the ref):

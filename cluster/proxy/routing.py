@@ -42,6 +42,16 @@ from typing import Protocol
 from cluster.proxy.sorting import QueuedRequest
 
 
+def prefix_depth(hashes: list[int], cached: Collection[int]) -> int:
+    """Leading hashes all present in ``cached``: a prefix chain, so the first miss ends it."""
+    depth = 0
+    for h in hashes:
+        if h not in cached:
+            break
+        depth += 1
+    return depth
+
+
 @dataclass
 class InstanceView:
     """The master's view of one instance at decision time."""
@@ -59,12 +69,7 @@ class InstanceView:
 
     def match_depth(self, hashes: list[int]) -> int:
         """Length of the longest prefix of ``hashes`` all in ``cached`` (a chain: a miss ends it)."""
-        depth = 0
-        for h in hashes:
-            if h not in self.cached:
-                break
-            depth += 1
-        return depth
+        return prefix_depth(hashes, self.cached)
 
     @property
     def load(self) -> int:
