@@ -417,3 +417,18 @@ def test_grpc_errors_have_status_codes(grpc_stub, fields, auth, code):
     with pytest.raises(grpc.RpcError) as info:
         list(grpc_stub.Generate(pb.GenerateRequest(**fields), metadata=GRPC_AUTH if auth else ()))
     assert info.value.code().name == code and info.value.details(), info.value.details()
+
+
+
+def test_no_healthy_decode_instance_is_503_last(server, http):
+    """Runs last in this module: it kills the decode engine."""
+    from cluster.launcher import engine_name
+
+    ray.kill(ray.get_actor(engine_name("decode0")))
+    deadline = time.monotonic() + 30
+    while any(i["healthy"] for i in ray.get(server.master.snapshot.remote())["instances"] if i["name"] == "decode0"):
+        assert time.monotonic() < deadline, "the master never noticed the dead engine"
+        time.sleep(0.1)
+    resp = http.post("/v1/completions", json={"model": "tiny-gqa-moge", "prompt": PROMPTS[0], "max_tokens": 4})
+    assert _error(resp, 503)["type"] == "service_unavailable"
+    assert int(resp.headers["Retry-After"]) > 0
