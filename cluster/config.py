@@ -153,6 +153,11 @@ def parse_manifest(data: dict, base: Path, source: str = "manifest") -> Manifest
         if not mpath.is_file():
             raise ManifestError(f"{source}: model: no such model file {model!r} (resolved to {mpath})")
         data["model"] = yaml.safe_load(mpath.read_text()) or {}
+    overrides = data.pop("model_overrides", None)  # e.g. {weight_dtype: int8} for a W8A8 deployment
+    if overrides is not None:
+        if not isinstance(overrides, dict) or not isinstance(data.get("model"), dict):
+            raise ManifestError(f"{source}: model_overrides: expected a mapping of model fields over a model mapping")
+        data["model"] = {**data["model"], **overrides}
     for key in ("checkpoint", "tokenizer"):
         if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
             data[key] = str((base / data[key]).resolve())

@@ -30,10 +30,15 @@ class Server:
         serve.delete(APP_NAME, _blocking=True)
         if stop_serve:
             serve.shutdown()
+        from actors.kv_cache import KV_CACHE_NAME
+
         ray.kill(self.master, no_restart=True)
+        caches = {id(i.kv_cache): i.kv_cache for i in self.instances if i.kv_cache is not None}
         for inst in self.instances:
             inst.shutdown()
-        _wait_names_free([MASTER_NAME] + [engine_name(i.name) for i in self.instances])
+        for cache in caches.values():  # the next server starts with a cold cache
+            ray.kill(cache, no_restart=True)
+        _wait_names_free([MASTER_NAME, KV_CACHE_NAME] + [engine_name(i.name) for i in self.instances])
 
 
 def _wait_names_free(names: list[str], timeout_s: float = 10.0) -> None:

@@ -1,0 +1,169 @@
+"""The load generator of `omniray bench serve`: sends a workload to any
+OpenAI-compatible /v1/completions endpoint (OmniRay, vLLM, SGLang) and times
+every request from the client's side.
+
+Each request streams (`stream: true`, usage in the last chunk) with a token-id
+prompt (or, with `detokenize`, its text, so that the server's tokenizer works), `ignore_eos` so that the output length is the workload's, and greedy
+decoding. Per request: TTFT (send -> first chunk with text), the gaps between
+later text chunks (ITL), TPOT ((e2e - TTFT) / (output tokens - 1)), end to end,
+token counts from the server's usage, and the error if any. Arrivals follow the
+workload's `arrival_s` (trace replay), a seeded Poisson process (`qps`), or as
+fast as `concurrency` allows; `concurrency` always caps requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from cluster.bench.workloads import WorkItem
+
+
+@dataclass
+class RequestResult:
+    index: int
+    group: str
+    start_s: float  # send time, from the run's start
+    prompt_tokens: int
+    output_tokens: int
+    ttft_s: float | None
+    tpot_s: float | None
+    e2e_s: float | None
+    itl_s: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+@dataclass
+class LoadConfig:
+    url: str  # base URL of the server, e.g. http://127.0.0.1:8000 (with or without /v1)
+    model: str | None = None  # None: the first model /v1/models lists
+    concurrency: int = 16
+    qps: float | None = None  # Poisson arrivals at this rate (ignored if the workload has arrival times)
+    seed: int = 0
+    api_key: str | None = None
+    timeout_s: float = 600.0
+    detokenize: Callable[[list[int]], str] | None = None  # set: prompts go as text (the server tokenizes)
+
+    @property
+    def base(self) -> str:
+        url = self.url.rstrip("/")
+        return url[:-3] if url.endswith("/v1") else url
+
+
+def _arrivals(items: list[WorkItem], qps: float | None, seed: int) -> list[float]:
+    if any(it.arrival_s > 0 for it in items):
+        return [it.arrival_s for it in items]
+    if not qps:
+        return [0.0] * len(items)
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in items:
+        out.append(t)
+        t += rng.expovariate(qps)
+    return out
+
+
+async def _one(client: httpx.AsyncClient, cfg: LoadConfig, model: str, index: int, item: WorkItem,
+               t0: float) -> RequestResult:
+    prompt = cfg.detokenize(item.prompt_ids) if cfg.detokenize else item.prompt_ids
+    body = {"model": model, "prompt": prompt, "max_tokens": item.max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    res = RequestResult(index, item.group, start - t0, len(item.prompt_ids), 0, None, None, None)
+    last = None
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode(errors="replace")
+                res.error = f"HTTP {resp.status_code}: {text[:200]}"
+                return res
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    res.prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    res.output_tokens = chunk["usage"]["completion_tokens"]
+                if any(c.get("text") for c in chunk.get("choices", [])):
+                    now = time.perf_counter()
+                    if last is None:
+                        res.ttft_s = now - start
+                    else:
+                        res.itl_s.append(now - last)
+                    last = now
+    except (httpx.HTTPError, json.JSONDecodeError) as err:
+        res.error = f"{type(err).__name__}: {err}"
+        return res
+    res.e2e_s = time.perf_counter() - start
+    if res.ttft_s is None:
+        res.error = "no tokens streamed"
+    elif res.output_tokens > 1:
+        res.tpot_s = (res.e2e_s - res.ttft_s) / (res.output_tokens - 1)
+    return res
+
+
+async def _resolve_model(client: httpx.AsyncClient, model: str | None) -> str:
+    if model:
+        return model
+    resp = await client.get("/v1/models")
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+async def run_load(items: list[WorkItem], cfg: LoadConfig,
+                   on_done: Callable[[RequestResult], None] | None = None) -> tuple[list[RequestResult], float]:
+    """Send every item; return the results in workload order and the run's wall time."""
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+    async with httpx.AsyncClient(base_url=cfg.base, headers=headers, timeout=cfg.timeout_s, limits=limits) as client:
+        model = await _resolve_model(client, cfg.model)
+        gate = asyncio.Semaphore(cfg.concurrency)
+        arrivals = _arrivals(items, cfg.qps, cfg.seed)
+        t0 = time.perf_counter()
+
+        async def send(i: int, item: WorkItem) -> RequestResult:
+            delay = arrivals[i] - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            async with gate:
+                res = await _one(client, cfg, model, i, item, t0)
+            if on_done is not None:
+                on_done(res)
+            return res
+
+        results = await asyncio.gather(*(send(i, it) for i, it in enumerate(items)))
+        return list(results), time.perf_counter() - t0
+
+
+async def cluster_stats(cfg: LoadConfig) -> dict | None:
+    """OmniRay's /v1/cluster (None from servers without it)."""
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    try:
+        async with httpx.AsyncClient(base_url=cfg.base, headers=headers, timeout=30) as client:
+            resp = await client.get("/v1/cluster")
+            return resp.json() if resp.status_code == 200 else None
+    except httpx.HTTPError:
+        return None
+
+
+def kv_hit_rate(before: dict | None, after: dict | None) -> float | None:
+    """Prompt tokens served from a KV cache / prompt tokens, over the run, from the
+    engines' counters (prefill or mixed instances: where prompts are computed)."""
+    if not before or not after:
+        return None
+
+    def totals(snap: dict) -> tuple[int, int]:
+        engines = [i["engine"] for i in snap["instances"] if i["role"] != "decode" and i.get("engine")]
+        return sum(e.get("cached_tokens", 0) for e in engines), sum(e.get("prompt_tokens", 0) for e in engines)
+
+    (c0, p0), (c1, p1) = totals(before), totals(after)
+    return (c1 - c0) / (p1 - p0) if p1 > p0 else None

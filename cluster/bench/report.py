@@ -1,0 +1,131 @@
+"""Results of a load run: the summary (percentiles, throughput, goodput under an
+SLO), the per-request table as parquet, and the plot. The summary is computed
+from the same table the parquet file holds, so the two always agree."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cluster.bench.loadgen import RequestResult
+
+
+@dataclass(frozen=True)
+class SLO:
+    """A request is good if it finished and met every bound given (None: no bound)."""
+
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    e2e_s: float | None = None
+
+    def met(self, row: dict) -> bool:
+        if row["error"]:
+            return False
+        return all(bound is None or (row[key] is not None and row[key] <= bound)
+                   for key, bound in (("ttft_s", self.ttft_s), ("tpot_s", self.tpot_s), ("e2e_s", self.e2e_s)))
+
+
+def to_table(results: list[RequestResult]) -> pa.Table:
+    return pa.table({
+        "index": [r.index for r in results],
+        "group": [r.group for r in results],
+        "start_s": [r.start_s for r in results],
+        "prompt_tokens": [r.prompt_tokens for r in results],
+        "output_tokens": [r.output_tokens for r in results],
+        "ttft_s": pa.array([r.ttft_s for r in results], pa.float64()),
+        "tpot_s": pa.array([r.tpot_s for r in results], pa.float64()),
+        "e2e_s": pa.array([r.e2e_s for r in results], pa.float64()),
+        "itl_s": pa.array([r.itl_s for r in results], pa.list_(pa.float64())),
+        "error": [r.error for r in results],
+    })
+
+
+def write_parquet(table: pa.Table, path: str) -> None:
+    pq.write_table(table, path)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def summarize(table: pa.Table, wall_s: float, slo: SLO | None = None, kv_hit_rate: float | None = None) -> dict:
+    """The summary of one run (keys documented in the README)."""
+    rows = table.to_pylist()
+    ok = [r for r in rows if not r["error"]]
+    out_tokens = sum(r["output_tokens"] for r in ok)
+    summary = {
+        "requests": len(rows),
+        "completed": len(ok),
+        "failed": len(rows) - len(ok),
+        "wall_s": wall_s,
+        "request_per_s": len(ok) / wall_s if wall_s > 0 else None,
+        "output_tok_per_s": out_tokens / wall_s if wall_s > 0 else None,
+        "input_tokens": sum(r["prompt_tokens"] for r in ok),
+        "output_tokens": out_tokens,
+        "kv_hit_rate": kv_hit_rate,
+    }
+    for metric in ("ttft_s", "tpot_s", "e2e_s"):
+        values = [r[metric] for r in ok if r[metric] is not None]
+        for q in (50, 90, 99):
+            summary[f"{metric[:-2]}_p{q}_s"] = _pct(values, q)
+    itl = [g for r in ok for g in r["itl_s"]]
+    summary["itl_p50_s"], summary["itl_p99_s"] = _pct(itl, 50), _pct(itl, 99)
+    if slo is not None:
+        good = sum(slo.met(r) for r in rows)
+        summary["goodput_req_per_s"] = good / wall_s if wall_s > 0 else None
+        summary["slo_attainment"] = good / len(rows) if rows else None
+    return summary
+
+
+def write_json(summary: dict, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+
+
+def print_summary(summary: dict, console, title: str = "bench serve") -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value * 1000:.1f} ms" if key.endswith("_s") and key != "wall_s" else f"{value:.3f}"
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def plot(table: pa.Table, path: str, title: str = "omniray bench serve") -> None:
+    """Latency CDFs (TTFT, TPOT, end to end) and output throughput over time, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table.to_pylist() if not r["error"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for metric in ("ttft_s", "tpot_s", "e2e_s"):
+        values = np.sort([r[metric] for r in rows if r[metric] is not None])
+        if len(values):
+            left.plot(values * 1000, np.arange(1, len(values) + 1) / len(values), label=metric[:-2])
+    left.set_xlabel("ms")
+    left.set_ylabel("fraction of requests")
+    left.set_title("latency CDF")
+    left.legend()
+    ends = [(r["start_s"] + r["e2e_s"], r["output_tokens"]) for r in rows if r["e2e_s"] is not None]
+    if ends:
+        horizon = max(t for t, _ in ends)
+        bins = np.linspace(0, horizon, min(50, max(2, len(ends))) + 1)
+        tokens, _ = np.histogram([t for t, _ in ends], bins=bins, weights=[n for _, n in ends])
+        right.step(bins[1:], tokens / np.diff(bins), where="post")
+    right.set_xlabel("time since start (s)")
+    right.set_ylabel("output tokens/s (by completion time)")
+    right.set_title("throughput over time")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

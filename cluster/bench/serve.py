@@ -1,0 +1,75 @@
+"""`omniray bench serve`: a workload against an OpenAI-compatible server —
+the one at `--url`, or an OmniRay server this command starts from a manifest
+(embedded local Ray) and tears down afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from cluster.bench.loadgen import LoadConfig, cluster_stats, kv_hit_rate, run_load
+from cluster.bench.report import SLO, plot, summarize, to_table, write_json, write_parquet
+from cluster.bench.workloads import WorkItem
+
+STATS_SETTLE_S = 1.0  # the master publishes engine counters every ~0.1 s; slaves poll every 0.2 s
+
+
+@dataclass
+class ServeBenchResult:
+    summary: dict
+    table: object  # pyarrow.Table, one row per request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def local_server(manifest, address: str | None = None):
+    """An OmniRay server of `manifest` on a free port, for the length of the block."""
+    from cluster.launcher import connect
+    from cluster.server import start_server
+
+    connect(address)
+    server = start_server(manifest, port=free_port())
+    try:
+        yield server
+    finally:
+        server.shutdown()
+
+
+def run_serve_bench(items: list[WorkItem], cfg: LoadConfig, slo: SLO | None = None, console=None,
+                    label: str = "requests") -> ServeBenchResult:
+    """Run the workload once; the summary is computed from the per-request table."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    before = asyncio.run(cluster_stats(cfg))
+    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                  transient=True, disable=console is None) as progress:
+        task = progress.add_task(label, total=len(items))
+        results, wall_s = asyncio.run(run_load(items, cfg, on_done=lambda _: progress.advance(task)))
+    after = None
+    if before is not None:
+        time.sleep(STATS_SETTLE_S)
+        after = asyncio.run(cluster_stats(cfg))
+    table = to_table(results)
+    summary = summarize(table, wall_s, slo, kv_hit_rate(before, after))
+    if after is not None:
+        summary["tokenizer_s"] = after["tokenizer"]["tokenizer_s"] - before["tokenizer"]["tokenizer_s"]
+        summary["tokenizer_calls"] = after["tokenizer"]["tokenizer_calls"] - before["tokenizer"]["tokenizer_calls"]
+    return ServeBenchResult(summary, table)
+
+
+def write_outputs(result: ServeBenchResult, out: str | None, plot_path: str | None, json_path: str | None,
+                  title: str = "omniray bench serve") -> None:
+    if out:
+        write_parquet(result.table, out)
+    if plot_path:
+        plot(result.table, plot_path, title)
+    if json_path:
+        write_json(result.summary, json_path)
