@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import ray
 import pyarrow.parquet as pq
 
 from cluster.cli import main
@@ -52,3 +53,31 @@ def test_simulate_refuses_real_compute(ray_session):
 
     with pytest.raises(ValueError, match="compute"):
         run_simulation(load_manifest("local"), 2, 8, 4)
+
+
+def test_trace_replay_hits_the_prefixes_the_hash_ids_imply(ray_session):
+    """One mixed instance with a pool big enough to evict nothing, one request at a
+    time: the engine reuses exactly the prefix blocks the trace's hash ids share
+    (less the last block when a repeat covers the whole prompt: its last token is
+    always recomputed to produce the next one)."""
+    from cluster.bench.loadgen import LoadConfig
+    from cluster.bench.serve import local_server, run_serve_bench
+    from cluster.bench.workloads import expected_prefix_hits, make_workload
+    from cluster.config import MANIFEST_DIR, parse_manifest
+
+    bs = 16
+    items = make_workload("trace:cluster/bench/traces/sample_mooncake.jsonl", block_tokens=bs, time_scale=1e6,
+                          max_requests=24, token_range=(16, 512))
+    implied = 0
+    for i, item in enumerate(items):
+        hits = expected_prefix_hits(items[: i + 1], bs) - expected_prefix_hits(items[:i], bs)
+        implied += min(hits, (len(item.prompt_ids) - 1) // bs)
+    assert implied > 20  # the sample trace shares prefixes
+    manifest = parse_manifest({"model": "models/tiny-gqa-moge.yaml", "instances": [{"role": "mixed", "ep": 1}],
+                               "engine": {"global_kv_cache": False, "kv_blocks": 2048}}, MANIFEST_DIR)
+    with local_server(manifest) as server:
+        result = run_serve_bench(items, LoadConfig(server.url, concurrency=1))
+        engine = ray.get(server.instances[0].engine.stats.remote())
+    assert result.summary["failed"] == 0
+    assert engine["cached_tokens"] == implied * bs
+    assert result.summary["kv_hit_rate"] == implied * bs / engine["prompt_tokens"]
