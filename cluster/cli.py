@@ -84,7 +84,8 @@ def _workload(args, vocab_size: int):
 
     return make_workload(args.workload, args.requests, seed=args.seed, token_range=(16, vocab_size),
                          input_len=args.input_len, output_len=args.output_len, block_tokens=args.block_tokens,
-                         time_scale=args.time_scale, max_requests=args.max_requests)
+                         time_scale=args.time_scale, max_requests=args.max_requests,
+                         num_prefixes=args.num_prefixes, prefix_len=args.prefix_len, turns=args.turns)
 
 
 def cmd_bench_serve(args) -> int:
@@ -172,10 +173,10 @@ def cmd_serve(args) -> int:
     console.print(f"[green]OmniRay serving {manifest.model.name}[/green] at {server.url}/v1{grpc} "
                   f"({len(server.instances)} instances, {manifest.compute} compute) — Ctrl-C to stop")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
+    # both set explicitly: a shell starts background jobs with SIGINT ignored, and Ctrl-C must still work
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):  # a timed wait lets the handler run promptly
         pass
     console.print("shutting down")
     server.shutdown()
@@ -279,6 +280,9 @@ def _workload_args(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--input-len", type=_positive, default=128, help="mean prompt tokens (synthetic workloads)")
     p.add_argument("--output-len", type=_positive, default=32, help="mean output tokens (synthetic workloads)")
+    p.add_argument("--num-prefixes", type=_positive, default=4, help="shared-prefix: distinct shared prefixes")
+    p.add_argument("--prefix-len", type=_positive, default=96, help="shared-prefix: tokens of each shared prefix")
+    p.add_argument("--turns", type=_positive, default=4, help="multi-turn: turns per conversation")
     p.add_argument("--block-tokens", type=_positive, default=16, help="trace: tokens per hash block after scaling")
     p.add_argument("--time-scale", type=float, default=1.0, help="trace: arrival times divided by this")
     p.add_argument("--max-requests", type=_positive, default=None, help="trace: replay at most this many lines")

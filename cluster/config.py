@@ -70,6 +70,9 @@ class ProxySettings(BaseModel):
 
     num_slaves: int = Field(1, gt=0)  # Serve ingress replicas (fixed; see autoscaling)
     autoscaling: SlaveAutoscaling | None = None  # set: the slave count follows the load instead
+    # requests one slave holds at once; Serve's default (5) would queue the rest in its HTTP
+    # proxy, invisible to the master's sorting (slaves only await, so this can be high)
+    max_ongoing_requests: int = Field(1024, gt=0)
     policy: Literal["round_robin", "least_loaded", "cache_aware", "omni"] = "omni"
     pd_mode: Literal["sequential", "parallel"] = "sequential"  # when both prefill and decode instances exist
     weighted_sorting: bool = True

@@ -52,14 +52,8 @@ def _wait_names_free(names: list[str], timeout_s: float = 10.0) -> None:
             time.sleep(0.05)
 
 
-def start_server(manifest: Manifest, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None) -> Server:
-    """Instances, master and slaves of `manifest`, ready to answer on http://host:port
-    (and gRPC on host:grpc_port when given)."""
-    from ray.serve.config import gRPCOptions
-
-    from cluster.proxy.app import build_app
-    from cluster.proxy.grpc_ingress import SERVICER
-
+def launch_backend(manifest: Manifest) -> tuple[list[Instance], object]:
+    """Everything behind the slaves: instances (NPU actors, engines, KV cache) and the master."""
     instances = launch_manifest(manifest)
     p = manifest.proxy
     sorting = SortingConfig(enabled=p.weighted_sorting, token_weight=p.token_weight, time_weight=p.time_weight,
@@ -68,12 +62,78 @@ def start_server(manifest: Manifest, host: str = "127.0.0.1", port: int = 8000, 
         master = start_master(instances, policy=p.policy, pd_mode=p.pd_mode, sorting=sorting,
                               block_size=manifest.engine.block_size, max_queue=p.max_queue,
                               max_num_seqs=manifest.engine.max_num_seqs)
+    except Exception:
+        for inst in instances:
+            inst.shutdown()
+        raise
+    return instances, master
+
+
+def start_server(manifest: Manifest, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None) -> Server:
+    """Instances, master and slaves of `manifest`, ready to answer on http://host:port
+    (and gRPC on host:grpc_port when given)."""
+    from ray.serve.config import gRPCOptions
+
+    from cluster.proxy.app import build_app
+    from cluster.proxy.grpc_ingress import SERVICER
+
+    instances, master = launch_backend(manifest)
+    try:
         grpc = gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER]) if grpc_port else None
         serve.start(http_options={"host": host, "port": port}, grpc_options=grpc)
         namespace = ray.get_runtime_context().namespace
         serve.run(build_app(manifest, namespace), name=APP_NAME, route_prefix="/")
     except Exception:
+        ray.kill(master, no_restart=True)
         for inst in instances:
             inst.shutdown()
         raise
     return Server(manifest, instances, master, f"http://{host}:{port}", f"{host}:{grpc_port}" if grpc_port else None)
+
+
+# ---- `serve run` / `serve deploy` / KubeRay RayService ------------------------------------------
+
+OWNER_NAMESPACE = "omniray"
+
+
+class BackendOwner:
+    """A detached actor that launches and holds a manifest's backend, for Serve
+    applications built from a config file: Serve runs the builder in a task whose
+    worker exits, and actors it created would die with it. Killing the owner tears
+    the backend down (its actors are owned by it)."""
+
+    def __init__(self, manifest: Manifest):
+        self.instances, self.master = launch_backend(manifest)
+
+    def namespace(self) -> str:
+        """Where the master and engines are named (the slaves look them up there)."""
+        return ray.get_runtime_context().namespace
+
+    def instance_names(self) -> list[str]:
+        return [i.name for i in self.instances]
+
+
+def owner_name(manifest: Manifest) -> str:
+    return f"omniray.owner.{manifest.name}"
+
+
+def app_from_args(args: dict):
+    """Serve application builder (`import_path: cluster.server:app_from_args`):
+    args `manifest` (a shipped name or a path; default `local`) and optional
+    `api_key`. The backend is started once, by a detached owner actor, and
+    reused by later deploys of the same manifest name."""
+    from cluster.config import load_manifest
+    from cluster.launcher import check_capacity
+    from cluster.proxy.app import build_app
+
+    unknown = set(args) - {"manifest", "api_key"}
+    if unknown:
+        raise ValueError(f"args: unknown keys {sorted(unknown)}; expected manifest, api_key")
+    manifest = load_manifest(args.get("manifest", "local"))
+    if args.get("api_key"):
+        manifest.proxy.api_keys = [str(args["api_key"])]
+    check_capacity(sum(s.ep for s in manifest.instances))
+    owner = ray.remote(BackendOwner).options(
+        name=owner_name(manifest), namespace=OWNER_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+    ).remote(manifest)
+    return build_app(manifest, ray.get(owner.namespace.remote()))

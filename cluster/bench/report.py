@@ -94,7 +94,8 @@ def print_summary(summary: dict, console, title: str = "bench serve") -> None:
     table.add_column("value", justify="right")
     for key, value in summary.items():
         if isinstance(value, float):
-            value = f"{value * 1000:.1f} ms" if key.endswith("_s") and key != "wall_s" else f"{value:.3f}"
+            seconds = key.endswith("_s") and not key.endswith("per_s") and key != "wall_s"
+            value = f"{value * 1000:.1f} ms" if seconds else f"{value:.3f}"
         table.add_row(key, str(value))
     console.print(table)
 

@@ -35,7 +35,7 @@ def local_server(manifest, address: str | None = None):
     from cluster.launcher import connect
     from cluster.server import start_server
 
-    connect(address)
+    connect(address, log_to_driver=False)  # the replicas' access logs would drown the progress bar
     server = start_server(manifest, port=free_port())
     try:
         yield server

@@ -266,4 +266,5 @@ def build_app(manifest: Manifest, namespace: str):
     Ray namespace `namespace` (Serve's replicas run in their own)."""
     scaling = manifest.proxy.autoscaling
     options = {"autoscaling_config": scaling.model_dump()} if scaling else {"num_replicas": manifest.proxy.num_slaves}
+    options["max_ongoing_requests"] = manifest.proxy.max_ongoing_requests
     return OmniProxySlave.options(**options).bind(manifest, namespace)
