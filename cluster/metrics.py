@@ -1,13 +1,43 @@
 """Every omniray_ metric, declared once. Exported through Ray's metrics agent
 (Prometheus format, the Ray dashboard, dashboards/ for Grafana).
 
-Metrics objects are made inside the actors that record them (a Serve replica,
-the master), never at import: `ProxyMetrics()` in each slave.
+Metrics objects are made inside the actors that record them, never at import:
+`ProxyMetrics` in each slave, `MasterMetrics` in the master. Ray's exporter
+adds its own `ray_` prefix on the Prometheus side (`ray_omniray_ttft_seconds`).
+
+| metric | kind | tags | recorded by |
+| --- | --- | --- | --- |
+| omniray_request_stage_seconds | histogram | model, gap | slave: each lifecycle gap |
+| omniray_ttft_seconds | histogram | model | slave |
+| omniray_tpot_seconds | histogram | model | slave: (finished - first token) / (tokens - 1) |
+| omniray_e2e_seconds | histogram | model | slave |
+| omniray_requests_total | counter | model, outcome | slave: stop, length, aborted, error_4xx/5xx |
+| omniray_tokens_total | counter | model, kind | slave: prompt, completion |
+| omniray_tokenizer_calls | gauge | model | slave: tokenizer runs so far |
+| omniray_tokenizer_cache_hits | gauge | model | slave: reused token ids so far |
+| omniray_queue_length | gauge | | master: requests waiting for dispatch |
+| omniray_instance_running | gauge | instance, role | master: the engine's running sequences |
+| omniray_instance_waiting | gauge | instance, role | master: the engine's waiting sequences |
+| omniray_instance_free_kv_blocks | gauge | instance, role | master: free KV blocks (the fullest NPU) |
+| omniray_instance_healthy | gauge | instance, role | master: 1 answering, 0 not |
+| omniray_npu_hbm_used_bytes | gauge | instance, npu | master: the NPU's HBM ledger |
+| omniray_npu_hbm_capacity_bytes | gauge | instance, npu | master |
+| omniray_expert_device_load | gauge | instance, layer, npu | master: tokens routed to the NPU's experts |
+| omniray_expert_imbalance | gauge | instance, layer | master: (max - min) / mean of the device loads |
+| omniray_kv_cache_hits | gauge | | master: global KV cache blocks hit so far |
+| omniray_kv_cache_misses | gauge | | master |
+| omniray_kv_cache_evictions | gauge | | master |
+| omniray_kv_cache_blocks | gauge | | master: blocks indexed now |
+| omniray_dispatched_total | counter | | master: requests dispatched |
+| omniray_rejected_total | counter | reason | master: queue_full, no_instance |
 """
 
 from __future__ import annotations
 
+import torch
 from ray.util.metrics import Counter, Gauge, Histogram
+
+from actors.model.router import imbalance_score
 
 # seconds: 1 ms .. 2 min, roughly x2.5 per bucket
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0]
@@ -23,6 +53,8 @@ class ProxyMetrics:
         self.stage = Histogram("omniray_request_stage_seconds", "time between consecutive lifecycle stages",
                                LATENCY_BUCKETS, tag_keys=(*tags, "gap"))
         self.ttft = Histogram("omniray_ttft_seconds", "received -> first token", LATENCY_BUCKETS, tag_keys=tags)
+        self.tpot = Histogram("omniray_tpot_seconds", "time per output token after the first", LATENCY_BUCKETS,
+                              tag_keys=tags)
         self.e2e = Histogram("omniray_e2e_seconds", "received -> finished", LATENCY_BUCKETS, tag_keys=tags)
         self.requests = Counter("omniray_requests_total", "requests by outcome", tag_keys=(*tags, "outcome"))
         self.tokens = Counter("omniray_tokens_total", "prompt and generated tokens", tag_keys=(*tags, "kind"))
@@ -37,6 +69,9 @@ class ProxyMetrics:
             self.ttft.observe(life.ttft_s, self.model)
         if life.e2e_s is not None:
             self.e2e.observe(life.e2e_s, self.model)
+        decode_s = life.between("first_token", "finished")
+        if decode_s is not None and completion_tokens > 1:
+            self.tpot.observe(decode_s / (completion_tokens - 1), self.model)
         self.requests.inc(1, {**self.model, "outcome": outcome})
         self.tokens.inc(prompt_tokens, {**self.model, "kind": "prompt"})
         if completion_tokens:
@@ -45,3 +80,72 @@ class ProxyMetrics:
     def tokenizer(self, stats: dict) -> None:
         self.tokenizer_calls.set(stats["tokenizer_calls"], self.model)
         self.tokenizer_hits.set(stats["tokenizer_cache_hits"], self.model)
+
+    def rejected(self, status: int) -> None:
+        """A request answered with an error status before or while generating."""
+        self.requests.inc(1, {**self.model, "outcome": f"error_{status}"})
+
+
+class MasterMetrics:
+    """What the master exports on each refresh: its queue, every instance's load,
+    every NPU's HBM and expert load, and the global KV cache."""
+
+    def __init__(self):
+        inst = ("instance", "role")
+        self.queue = Gauge("omniray_queue_length", "requests waiting for dispatch")
+        self.running = Gauge("omniray_instance_running", "running sequences", tag_keys=inst)
+        self.waiting = Gauge("omniray_instance_waiting", "waiting sequences", tag_keys=inst)
+        self.free_blocks = Gauge("omniray_instance_free_kv_blocks", "free KV blocks (fullest NPU)", tag_keys=inst)
+        self.healthy = Gauge("omniray_instance_healthy", "1 if the engine answers", tag_keys=inst)
+        self.hbm_used = Gauge("omniray_npu_hbm_used_bytes", "HBM charged", tag_keys=("instance", "npu"))
+        self.hbm_capacity = Gauge("omniray_npu_hbm_capacity_bytes", "HBM size", tag_keys=("instance", "npu"))
+        self.device_load = Gauge("omniray_expert_device_load", "tokens routed to the NPU's experts",
+                                 tag_keys=("instance", "layer", "npu"))
+        self.imbalance = Gauge("omniray_expert_imbalance", "(max - min) / mean of device loads",
+                               tag_keys=("instance", "layer"))
+        self.kv = {k: Gauge(f"omniray_kv_cache_{k}", f"global KV cache {k}") for k in
+                   ("hits", "misses", "evictions", "blocks")}
+        self.dispatched = Counter("omniray_dispatched_total", "requests dispatched")
+        self.rejected = Counter("omniray_rejected_total", "requests refused", tag_keys=("reason",))
+
+    def instances(self, queue_length: int, instances) -> None:
+        self.queue.set(queue_length)
+        for inst in instances:
+            tags = {"instance": inst.name, "role": inst.role}
+            v = inst.view
+            self.running.set(v.running, tags)
+            self.waiting.set(v.waiting, tags)
+            self.free_blocks.set(v.free_blocks, tags)
+            self.healthy.set(1 if v.healthy else 0, tags)
+            if inst.npus:
+                self.npus(inst.name, inst.npus)
+
+    def npus(self, instance: str, npus: list[dict]) -> None:
+        for npu in npus:
+            tags = {"instance": instance, "npu": str(npu.get("name"))}
+            self.hbm_used.set(npu["hbm"]["used"], tags)
+            self.hbm_capacity.set(npu["hbm"]["capacity"], tags)
+        for layer, loads in device_loads(npus).items():
+            for npu, load in zip(npus, loads):
+                self.device_load.set(load, {"instance": instance, "layer": str(layer), "npu": str(npu.get("name"))})
+            self.imbalance.set(imbalance_score(torch.tensor(loads)), {"instance": instance, "layer": str(layer)})
+
+    def kv_cache(self, stats: dict | None) -> None:
+        if stats:
+            for key, gauge in self.kv.items():
+                gauge.set(stats[key])
+
+
+def device_loads(npus: list[dict]) -> dict[int, list[int]]:
+    """Per MoE layer, the tokens routed to each NPU's experts, summed over every
+    NPU's routing (each NPU routes its own sequences over all experts)."""
+    totals: dict[int, list[int]] = {}
+    for npu in npus:
+        for layer, loads in npu.get("expert_load", {}).items():
+            acc = totals.setdefault(int(layer), [0] * len(loads))
+            totals[int(layer)] = [a + b for a, b in zip(acc, loads)]
+    out = {}
+    for layer, total in totals.items():
+        out[layer] = [sum(total[e] for e in npu.get("experts", {}).get(str(layer), [])) for npu in npus]
+    return out
+

@@ -420,6 +420,27 @@ def test_grpc_errors_have_status_codes(grpc_stub, fields, auth, code):
 
 
 
+def test_prometheus_endpoint_exports_omniray_metrics(server):
+    """After the requests above, Ray's metrics agent serves the omniray_ metrics
+    (Ray prefixes them with ray_) with non-zero values."""
+    import re
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    wanted = ("ray_omniray_requests_total", "ray_omniray_ttft_seconds_count", "ray_omniray_request_stage_seconds_count",
+              "ray_omniray_npu_hbm_used_bytes", "ray_omniray_dispatched_total", "ray_omniray_instance_free_kv_blocks")
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        values = {}
+        for name in wanted:
+            found = [float(v) for v in re.findall(rf"^{name}{{[^}}]*}} ([0-9.e+-]+)$", text, re.M)]
+            values[name] = max(found, default=0.0)
+        if all(v > 0 for v in values.values()):
+            return
+        time.sleep(2)
+    pytest.fail(f"not exported with a value > 0: {[n for n in wanted if values.get(n, 0) <= 0]}")
+
+
 def test_no_healthy_decode_instance_is_503_last(server, http):
     """Runs last in this module: it kills the decode engine."""
     from cluster.launcher import engine_name

@@ -183,8 +183,12 @@ class OmniProxySlave:
         (one JSON body, or server-sent events)."""
         life = Lifecycle(kind.id_prefix)
         life.stamp("received")
-        req = await self._parse(request, model_cls)
-        deltas = await self._start(req, life)
+        try:
+            req = await self._parse(request, model_cls)
+            deltas = await self._start(req, life)
+        except APIError as err:
+            self.metrics.rejected(err.status)
+            raise
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(stream(kind, self.model_name, deltas, include_usage),
@@ -219,6 +223,7 @@ class OmniProxySlave:
             async for d in deltas:
                 yield grpc_ingress.chunk(d)
         except APIError as err:
+            self.metrics.rejected(err.status)
             grpc_ingress.fail(grpc_context, err)
             raise  # Serve answers with the code set on the context
 

@@ -66,7 +66,8 @@ class Lifecycle:
             prev = stage
         return out
 
-    def _between(self, a: str, b: str) -> float | None:
+    def between(self, a: str, b: str) -> float | None:
+        """Seconds from stage a to stage b, or None unless both are stamped."""
         if a in self._stamps and b in self._stamps:
             return self._stamps[b] - self._stamps[a]
         return None
@@ -74,12 +75,12 @@ class Lifecycle:
     @property
     def ttft_s(self) -> float | None:
         """received -> first_token, or None until both are stamped."""
-        return self._between("received", "first_token")
+        return self.between("received", "first_token")
 
     @property
     def e2e_s(self) -> float | None:
         """received -> finished, or None until both are stamped."""
-        return self._between("received", "finished")
+        return self.between("received", "finished")
 
     def to_debug(self) -> dict:
         """For a response's ``debug`` field: stamps relative to ``received`` (or to the

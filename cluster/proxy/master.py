@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import ray
 
+from cluster.metrics import MasterMetrics
 from cluster.proxy.routing import InstanceView, make_policy, prefix_depth
 from cluster.proxy.sorting import QueuedRequest, SortingConfig, WeightedSorter
 
@@ -104,6 +105,7 @@ class OmniMaster:
         self.publish_period_s = publish_period_s
         self._published: ray.ObjectRef | None = None
         self.started = time.time()
+        self.metrics: MasterMetrics | None = None  # made in the actor, on start
         self.global_index: set[int] = set()  # mirror of the global KV cache's block hashes
         self.paused = False  # dispatch held (maintenance, resizing); requests queue up meanwhile
         self.dispatch_log: deque[dict] = deque(maxlen=DISPATCH_LOG_LEN)  # the latest decisions, for /v1/cluster
@@ -118,10 +120,10 @@ class OmniMaster:
         """Queue a request and return where it runs once the dispatcher picks it."""
         self._ensure_tasks()
         if len(self.queue) >= self.max_queue:
-            self.counters["rejected"] += 1
+            self._reject("queue_full")
             raise OverflowError(f"queue full ({self.max_queue} waiting)")
         if not self._candidates(self._dispatch_roles()):
-            self.counters["rejected"] += 1
+            self._reject("no_instance")
             raise NoInstanceAvailable(f"no healthy {'/'.join(self._dispatch_roles())} instance")
         req = QueuedRequest(request_id, prompt_tokens, max_tokens, time.monotonic(), list(block_hashes))
         fut = asyncio.get_running_loop().create_future()
@@ -150,6 +152,11 @@ class OmniMaster:
         entry = self.queue.pop(request_id, None)
         if entry and not entry[1].done():
             entry[1].cancel()
+
+    def _reject(self, reason: str) -> None:
+        self.counters["rejected"] += 1
+        if self.metrics is not None:
+            self.metrics.rejected.inc(1, {"reason": reason})
 
     # ---- operator-facing ------------------------------------------------------------------
     def configure(self, policy: str | None = None, pd_mode: str | None = None, weighted_sorting: bool | None = None,
@@ -181,6 +188,7 @@ class OmniMaster:
     # ---- dispatch -----------------------------------------------------------------------
     def _ensure_tasks(self) -> None:
         if not self._tasks:
+            self.metrics = MasterMetrics()
             self._wake = asyncio.Event()
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._dispatch_loop()), loop.create_task(self._refresh_loop())]
@@ -248,7 +256,7 @@ class OmniMaster:
                 try:
                     dec = self._pick_decode(req.request_id, tokens)
                 except NoInstanceAvailable as err:  # answer it now rather than leave it waiting
-                    self.counters["rejected"] += 1
+                    self._reject("no_instance")
                     if not fut.done():
                         fut.set_exception(err)
                     continue
@@ -266,6 +274,7 @@ class OmniMaster:
                 decision.decode, decision.decode_engine = inst.name, inst.engine
             self.assigned[req.request_id] = (inst.name, decision.decode, tokens, req.block_hashes)
             self.counters["dispatched"] += 1
+            self.metrics.dispatched.inc()
             self.dispatch_log.append({"request_id": req.request_id, "prompt_tokens": req.prompt_tokens,
                                       "prefill": decision.prefill, "decode": decision.decode,
                                       "local_blocks": local_depth, "global_blocks": req.global_depth,
@@ -294,6 +303,7 @@ class OmniMaster:
         n = 0
         while True:
             await self.refresh(sync_cache=n % cache_sync_every == 0)
+            self.metrics.instances(len(self.queue), self.instances.values())
             if n % max(1, round(self.publish_period_s / period_s)) == 0:
                 self._published = ray.put(self.snapshot())
             n += 1
@@ -333,6 +343,8 @@ class OmniMaster:
         try:
             cache = ray.get_actor(KV_CACHE_NAME)
             self.global_index = set(await asyncio.wait_for(cache.hashes.remote(), 2.0))
+            if self.metrics is not None:
+                self.metrics.kv_cache(await asyncio.wait_for(cache.stats.remote(), 2.0))
         except (ValueError, asyncio.TimeoutError, ray.exceptions.RayError):  # no global cache, or restarting
             self.global_index = set()
 
