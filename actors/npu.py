@@ -8,6 +8,8 @@ by real compute, so a 718B-shaped emulated instance starts in seconds.
 
 from __future__ import annotations
 
+import ray
+
 import os
 
 from actors.cost_model import CostModel
@@ -74,5 +76,6 @@ class NPUActor:
             "device_time_s": self.device_time_s,
             "hbm": self.ledger.report(),
             "expert_load": self.compute.expert_load() if self.compute else {},
+            "node": ray.get_runtime_context().get_node_id(),
             "experts": {str(layer): ids for layer, ids in self.spec.expert_map.held_by(self.spec.rank).items()},
         }

@@ -157,6 +157,25 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    from cluster.status import fetch_http, fetch_ray, watch
+
+    if args.url:
+        def fetch():
+            return fetch_http(args.url, args.api_key)
+    else:
+        def fetch():
+            return fetch_ray(args.address)
+    try:
+        watch(fetch, console, args.interval, args.once)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 2
+    return 0
+
+
 def cmd_serve(args) -> int:
     import signal
     import threading
@@ -213,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--address", default=None)
     sm.add_argument("--json", default=None, help="write the result here")
     sm.set_defaults(func=cmd_simulate)
+
+    st = sub.add_parser("status", help="live view of a running server: instances, NPUs and HBM, queue, KV cache")
+    st.add_argument("--address", default=None, help="Ray cluster to join (default: auto, the running one)")
+    st.add_argument("--url", default=None, help="read GET /v1/cluster of this server instead of joining Ray")
+    st.add_argument("--api-key", default=None)
+    st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    st.add_argument("--once", action="store_true", help="print one view and exit")
+    st.set_defaults(func=cmd_status)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     be = bench.add_parser("ep", help="per-step time of EP instances vs the single-process reference")

@@ -30,6 +30,9 @@ class InstanceSpec(BaseModel):
     name: str | None = None
     role: Literal["prefill", "decode", "mixed"] = "mixed"
     ep: int = Field(1, gt=0, le=1024)
+    # how its NPU actors are placed (a Ray placement group, one omni_npu bundle per NPU):
+    # STRICT_PACK one node; PACK as few nodes as possible; SPREAD across nodes
+    placement: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
 
 class EngineSettings(BaseModel):

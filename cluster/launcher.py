@@ -18,6 +18,7 @@ from actors.npu import NPU_RESOURCE, NPUActor
 from actors.protocol import ComputeMode, NPUSpec
 
 DEFAULT_LOCAL_NPUS = 64  # omni_npu slots the embedded local Ray offers
+NAMESPACE = "omniray"  # the Ray namespace of a server's named actors, so `omniray status` finds them
 
 
 def connect(address: str | None = None, num_npus: int = DEFAULT_LOCAL_NPUS, **init_kwargs) -> None:
@@ -25,6 +26,7 @@ def connect(address: str | None = None, num_npus: int = DEFAULT_LOCAL_NPUS, **in
     `num_npus` emulated NPU slots. A no-op when Ray is already up."""
     if ray.is_initialized():
         return
+    init_kwargs.setdefault("namespace", NAMESPACE)
     if address:
         ray.init(address=address, **init_kwargs)
     else:
@@ -53,6 +55,7 @@ class Instance:
     npus: list
     executor: InstanceExecutor
     memory: list[dict] = field(default_factory=list)  # HBM report per NPU after load
+    placement_group: object | None = None  # keeps the NPU actors together (or apart) as the manifest asks
     engine: object | None = None  # the InstanceEngine actor, once launched
     kv_cache: object | None = None  # the global KV cache actor it publishes to (held, so it lives as long)
 
@@ -68,6 +71,10 @@ class Instance:
             ray.kill(self.engine)
         for npu in self.npus:
             ray.kill(npu)
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement_group)
 
 
 def launch_instance(
@@ -85,9 +92,13 @@ def launch_instance(
     kv_blocks: int | None = None,
     kv_cache_name: str | None = None,
     mtp_acceptance_rate: float = 0.9,
+    placement: str | None = None,
+    placement_timeout_s: float = 60.0,
 ) -> Instance:
     """Start EP `ep` NPU actors, join them into a fresh collective group and load
-    their shards. Raises the NPU's HBMOutOfMemory if a shard does not fit."""
+    their shards. Raises the NPU's HBMOutOfMemory if a shard does not fit.
+    `placement` (STRICT_PACK, PACK, SPREAD, STRICT_SPREAD) places the NPUs with a
+    placement group of one omni_npu bundle each; None schedules them freely."""
     expert_map = expert_map or ExpertMap.contiguous(cfg.moe_layers, cfg.num_experts, ep)
     expert_map.validate(cfg.num_experts)
     group = f"{name}-{uuid.uuid4().hex[:8]}"
@@ -100,8 +111,10 @@ def launch_instance(
         for r in range(ep)
     ]
     actor_cls = ray.remote(NPUActor)
+    pg = _placement_group(name, ep, placement, placement_timeout_s) if placement else None
     npus = [
-        actor_cls.options(name=f"{group}.npu{s.rank}", num_cpus=0, resources={NPU_RESOURCE: 1}).remote(s)
+        actor_cls.options(name=f"{group}.npu{s.rank}", num_cpus=0, resources={NPU_RESOURCE: 1},
+                          scheduling_strategy=_bundle(pg, s.rank)).remote(s)
         for s in specs
     ]
     try:
@@ -109,8 +122,35 @@ def launch_instance(
     except Exception:
         for n in npus:
             ray.kill(n)
+        if pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(pg)
         raise
-    return Instance(name, role, specs, npus, InstanceExecutor(npus), memory)
+    return Instance(name, role, specs, npus, InstanceExecutor(npus), memory, placement_group=pg)
+
+
+def _placement_group(name: str, ep: int, strategy: str, timeout_s: float):
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group([{NPU_RESOURCE: 1}] * ep, strategy=strategy, name=f"{name}-npus")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise RuntimeError(
+            f"instance {name}: placement {strategy} of {ep} NPUs cannot be met by the cluster's nodes "
+            f"(each offers its own '{NPU_RESOURCE}' slots; STRICT_PACK needs {ep} on one node)"
+        ) from None
+    return pg
+
+
+def _bundle(pg, rank: int):
+    if pg is None:
+        return None
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=rank)
 
 
 def engine_name(instance: str) -> str:
@@ -165,6 +205,7 @@ def launch_manifest(manifest) -> list[Instance]:
                 spec.name, manifest.model, spec.ep, manifest.compute, manifest.device, refs, role=spec.role,
                 backend=manifest.collective_backend, time_scale=manifest.time_scale, block_size=eng.block_size,
                 kv_blocks=eng.kv_blocks, kv_cache_name=cache_name, mtp_acceptance_rate=eng.mtp_acceptance_rate,
+                placement=spec.placement,
             )
             inst.kv_cache = cache
             instances.append(inst)

@@ -80,7 +80,9 @@ def start_server(manifest: Manifest, host: str = "127.0.0.1", port: int = 8000, 
     instances, master = launch_backend(manifest)
     try:
         grpc = gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER]) if grpc_port else None
-        serve.start(http_options={"host": host, "port": port}, grpc_options=grpc)
+        # one HTTP proxy, on the head node: the simulated multi-node clusters of the tests
+        # share one machine (and one port); put a load balancer before EveryNode proxies instead
+        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port}, grpc_options=grpc)
         namespace = ray.get_runtime_context().namespace
         serve.run(build_app(manifest, namespace), name=APP_NAME, route_prefix="/")
     except Exception:

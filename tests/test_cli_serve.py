@@ -57,7 +57,12 @@ def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path):
         ref = generate(build_reference(manifest.model), [tok.encode(prompt)], 8, stop_token_ids={tok.eos_token_id})
         texts = [client.completions.create(model="tiny-gqa-moge", prompt=prompt, max_tokens=8, temperature=0)
                  .choices[0].text for _ in range(3)]
-        assert texts == [tok.decode(ref.tokens[0])] * 3  # round robin: both mixed instances give the reference's text
+        assert texts == [tok.decode(ref.tokens[0])] * 3  # round robin: both mixed instances give the reference
+        # `omniray status` joins the running cluster and reads the master's snapshot
+        status = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--once"], capture_output=True,
+                                text=True, timeout=120, env=env)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "mixed0" in status.stdout and "mixed1" in status.stdout and "HBM" in status.stdout
     finally:
         proc.send_signal(signal.SIGINT)
         try:

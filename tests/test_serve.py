@@ -420,6 +420,13 @@ def test_grpc_errors_have_status_codes(grpc_stub, fields, auth, code):
 
 
 
+def test_status_renders_the_cluster_view(server):
+    from cluster.cli import main
+
+    assert main(["status", "--url", server.url, "--api-key", KEY, "--once"]) == 0
+    assert main(["status", "--url", server.url, "--once"]) == 2  # 401 without the key: a clear error
+
+
 def test_prometheus_endpoint_exports_omniray_metrics(server):
     """After the requests above, Ray's metrics agent serves the omniray_ metrics
     (Ray prefixes them with ray_) with non-zero values."""

@@ -73,7 +73,11 @@ def print_compare(results: dict[str, ServeBenchResult], console, title: str) -> 
             value = res.summary.get(key)
             cells.append("-" if value is None else (f"{value * scale:.3g}" if isinstance(value, float) else str(value)))
         table.add_row(name, *cells)
-    console.print(table, width=max(console.width, 170))  # wide even when not a terminal
+    if not console.is_terminal:  # a pipe or file: rich would squeeze the table into 80 columns
+        from rich.console import Console
+
+        console = Console(file=console.file, width=200)
+    console.print(table)
 
 
 def plot_compare(results: dict[str, ServeBenchResult], path: str, title: str) -> None:
