@@ -105,7 +105,7 @@ def cmd_bench_serve(args) -> int:
         url = args.url or server.url
         console.print(f"{len(items)} requests of workload {args.workload} against {url}")
         cfg = LoadConfig(url, args.model, args.concurrency, args.qps, args.seed, args.api_key,
-                         detokenize=_detokenizer(manifest) if args.text else None)
+                         detokenize=_detokenizer(manifest) if args.text or args.chat else None, chat=args.chat)
         result = run_serve_bench(items, cfg, slo, console, label=args.workload)
     print_summary(result.summary, console, f"bench serve: {args.workload}")
     write_outputs(result, args.out, args.plot, args.json, f"omniray bench serve: {args.workload}")
@@ -130,7 +130,8 @@ def cmd_bench_compare(args) -> int:
     variants = parse_vary(args.vary or f"policy={args.policies}")
     items = _workload(args, manifest.model.vocab_size)
     base = LoadConfig("", None, args.concurrency, args.qps, args.seed, manifest.proxy.api_keys[0]
-                      if manifest.proxy.api_keys else None, detokenize=_detokenizer(manifest) if args.text else None)
+                      if manifest.proxy.api_keys else None,
+                      detokenize=_detokenizer(manifest) if args.text or args.chat else None, chat=args.chat)
     results = run_compare(manifest, variants, items, lambda url: replace(base, url=url), console, args.address)
     title = f"bench compare: {args.workload}, {len(items)} requests, manifest {manifest.name}"
     print_compare(results, console, title)
@@ -282,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--plot", default=None, help="latency CDFs and throughput over time (PNG)")
     bs.add_argument("--json", default=None, help="write the summary here")
     bs.add_argument("--text", action="store_true", help="send prompts as text (the server tokenizes them)")
+    bs.add_argument("--chat", action="store_true", help="multi-turn: send conversations as chat messages (text)")
     bs.set_defaults(func=cmd_bench_serve)
     bc = bench.add_parser("compare", help="one workload against a fresh server per variant of a proxy setting")
     bc.add_argument("--manifest", default="local-routing")
@@ -294,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--concurrency", type=_positive, default=16)
     bc.add_argument("--qps", type=float, default=None)
     bc.add_argument("--text", action="store_true", help="send prompts as text (needed to compare tokenizer reuse)")
+    bc.add_argument("--chat", action="store_true", help="multi-turn: send conversations as chat messages (text)")
     bc.add_argument("--plot", default=None, help="bar chart of the variants (PNG)")
     bc.add_argument("--json", default=None, help="write {variant: summary} here")
     bc.set_defaults(func=cmd_bench_compare)

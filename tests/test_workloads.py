@@ -214,3 +214,13 @@ def test_missing_trace_file(tmp_path):
 def test_expected_prefix_hits_matches_its_definition(prompts, bt):
     items = [WorkItem(0.0, p, 1) for p in prompts]
     assert expected_prefix_hits(items, bt) == brute_force_hits(items, bt)
+
+
+def test_multi_turn_messages_concatenate_to_the_prompt_and_alternate_roles():
+    items = make_workload("multi-turn", 12, seed=3, turns=3)
+    for item in items:
+        assert [i for _, ids in item.messages for i in ids] == item.prompt_ids
+        roles = [role for role, _ in item.messages]
+        assert roles[0] == "user" and roles[-1] == "user"
+        assert all(a != b for a, b in zip(roles, roles[1:]))
+    assert {len(i.messages) for i in items} == {1, 3, 5}

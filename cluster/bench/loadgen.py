@@ -53,6 +53,7 @@ class LoadConfig:
     api_key: str | None = None
     timeout_s: float = 600.0
     detokenize: Callable[[list[int]], str] | None = None  # set: prompts go as text (the server tokenizes)
+    chat: bool = False  # items with messages go to /v1/chat/completions as text messages (needs detokenize)
 
     @property
     def base(self) -> str:
@@ -74,14 +75,19 @@ def _arrivals(items: list[WorkItem], qps: float | None, seed: int) -> list[float
 
 async def _one(client: httpx.AsyncClient, cfg: LoadConfig, model: str, index: int, item: WorkItem,
                t0: float) -> RequestResult:
-    prompt = cfg.detokenize(item.prompt_ids) if cfg.detokenize else item.prompt_ids
-    body = {"model": model, "prompt": prompt, "max_tokens": item.max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {"model": model, "max_tokens": item.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    path = "/v1/completions"
+    if cfg.chat and item.messages and cfg.detokenize:
+        path = "/v1/chat/completions"
+        body["messages"] = [{"role": role, "content": cfg.detokenize(list(ids))} for role, ids in item.messages]
+    else:
+        body["prompt"] = cfg.detokenize(item.prompt_ids) if cfg.detokenize else item.prompt_ids
     start = time.perf_counter()
     res = RequestResult(index, item.group, start - t0, len(item.prompt_ids), 0, None, None, None)
     last = None
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as resp:
+        async with client.stream("POST", path, json=body) as resp:
             if resp.status_code != 200:
                 text = (await resp.aread()).decode(errors="replace")
                 res.error = f"HTTP {resp.status_code}: {text[:200]}"
@@ -93,7 +99,7 @@ async def _one(client: httpx.AsyncClient, cfg: LoadConfig, model: str, index: in
                 if chunk.get("usage"):
                     res.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     res.output_tokens = chunk["usage"]["completion_tokens"]
-                if any(c.get("text") for c in chunk.get("choices", [])):
+                if any(c.get("text") or (c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
                     now = time.perf_counter()
                     if last is None:
                         res.ttft_s = now - start

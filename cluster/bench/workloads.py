@@ -34,6 +34,9 @@ class WorkItem:
     prompt_ids: list[int]  # the prompt as token ids (sent as a token-id prompt to /v1/completions)
     max_tokens: int  # output length to request (the client sends ignore_eos so it is exact)
     group: str = ""  # what it shares with others: "prefix-3", "conv-7", "" for none
+    # multi-turn: the prompt as chat messages, ((role, ids), ...) alternating user/assistant, whose
+    # concatenation is prompt_ids; a chat-mode client sends these instead (empty: not a chat)
+    messages: tuple = ()
 
 
 def make_workload(spec: str, num_requests: int = 100, *, seed: int = 0, token_range: tuple[int, int] = (16, 512),
@@ -125,13 +128,17 @@ def _multi_turn(rng: random.Random, n: int, low: int, high: int, input_len: int,
     convs = []
     for _ in range(math.ceil(n / turns)):
         prompt = _tokens(rng, _around(rng, input_len), low, high)
-        history = [prompt]
+        messages = (("user", tuple(prompt)),)
+        history = [(prompt, messages)]
         for _ in range(1, turns):
             reply = _tokens(rng, output_len, low, high)
-            prompt = prompt + reply + _tokens(rng, _around(rng, max(1, input_len // 2)), low, high)
-            history.append(prompt)
+            user = _tokens(rng, _around(rng, max(1, input_len // 2)), low, high)
+            prompt = prompt + reply + user
+            messages = (*messages, ("assistant", tuple(reply)), ("user", tuple(user)))
+            history.append((prompt, messages))
         convs.append(history)
-    items = [WorkItem(0.0, convs[c][t], output_len, f"conv-{c}") for t in range(turns) for c in range(len(convs))]
+    items = [WorkItem(0.0, convs[c][t][0], output_len, f"conv-{c}", convs[c][t][1])
+             for t in range(turns) for c in range(len(convs))]
     return items[:n]
 
 
