@@ -55,6 +55,7 @@ class InstanceEngine:
             "drafted_tokens": 0, "accepted_tokens": 0,
         }
         self.device_time_s = 0.0
+        self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
 
     # ---- requests ------------------------------------------------------------------
     async def generate(self, request: EngineRequest):
@@ -173,6 +174,7 @@ class InstanceEngine:
             try:
                 out = InstanceExecutor.merge(await asyncio.gather(*refs))
             except Exception as err:  # an NPU failed: fail what ran, loudly, and keep serving the rest
+                self.healthy = False
                 for s in scheduled:
                     self._fail(s.seq, f"engine {self.config.name}: step failed on an NPU: {err}")
                 continue
@@ -304,6 +306,7 @@ class InstanceEngine:
         return {
             "name": self.config.name,
             "role": self.config.role,
+            "healthy": self.healthy,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting) + len(self.pending),
             "free_blocks": [m.num_free for m in self.managers],

@@ -147,6 +147,14 @@ class OmniMaster:
             self._release(prefill, tokens)
         self.counters["finished"] += 1
 
+    def report_failure(self, name: str) -> None:
+        """A slave saw the instance fail a request: stop routing to it now (its engine
+        reports itself unhealthy too; the next refresh keeps it so until rebuilt)."""
+        inst = self.instances.get(name)
+        if inst is not None:
+            inst.view.healthy = False
+            logger.warning("master: instance %s failed; routing around it", name)
+
     def cancel(self, request_id: str) -> None:
         """A slave gave up on a queued request (client gone, timeout)."""
         entry = self.queue.pop(request_id, None)
@@ -324,7 +332,7 @@ class OmniMaster:
                 inst.view.healthy = False
                 return
             v = inst.view
-            v.running, v.waiting, v.healthy = st["running"], st["waiting"], True
+            v.running, v.waiting, v.healthy = st["running"], st["waiting"], st.get("healthy", True)
             v.free_blocks, v.total_blocks = min(st["free_blocks"]), min(st["total_blocks"])
             inst.stats = st
             if held is not None:

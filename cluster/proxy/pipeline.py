@@ -12,14 +12,23 @@ parallel:   master picks both at dispatch; the decode request goes out the
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import ray
+
 from actors.kv_hash import block_hashes
 from actors.protocol import EngineRequest, SamplingParams
 from cluster.proxy.lifecycle import Lifecycle
+from cluster.proxy.master import NoInstanceAvailable
 from cluster.proxy.tokens import IncrementalDetokenizer, Tokenizer
+
+
+logger = logging.getLogger(__name__)
+
+MAX_RESUMES = 2  # instance failures one request survives
 
 
 @dataclass
@@ -38,75 +47,100 @@ class Pipeline:
         self.on_done = on_done
 
     async def run(self, prompt_ids: list[int], sampling: dict, stops: list[str], life: Lifecycle) -> AsyncIterator[Delta]:
+        """Text deltas of one request. If an instance fails under it, the request
+        is scheduled again elsewhere and resumes from the tokens it already has
+        (a greedy request ends with the same tokens), up to MAX_RESUMES times."""
         rid = f"req-{uuid.uuid4().hex[:16]}"
         hashes = block_hashes(prompt_ids, self.block_size)
         life.stamp("prefix_matched")
         life.stamp("queued")
-        decision = await self.master.schedule.remote(rid, len(prompt_ids), sampling["max_tokens"], hashes)
-        life.stamp("prefill_scheduled")
-        life.route.update(prefill=decision.prefill, decode=decision.decode, mode=decision.mode,
-                          local_blocks=decision.local_blocks, global_blocks=decision.global_blocks)
         params = SamplingParams(
             temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"], seed=sampling["seed"]
         )
-        base = dict(
-            prompt_ids=prompt_ids, params=params, max_tokens=sampling["max_tokens"],
-            stop_token_ids=frozenset(sampling["stop_token_ids"]), ignore_eos=sampling["ignore_eos"],
-            eos_token_id=self.tokenizer.eos_token_id, block_hashes=hashes,
-        )
+        base = {
+            "prompt_ids": prompt_ids, "params": params, "max_tokens": sampling["max_tokens"],
+            "stop_token_ids": frozenset(sampling["stop_token_ids"]), "ignore_eos": sampling["ignore_eos"],
+            "eos_token_id": self.tokenizer.eos_token_id, "block_hashes": hashes, "output_ids": [],
+        }
         detok = IncrementalDetokenizer(self.tokenizer)
-        text, emitted, generated, cached = "", 0, 0, 0
-        engines, finish, cut, ended = [], None, None, False
+        text, emitted, cached = "", 0, 0
+        out_ids: list[int] = []  # every token generated so far, across resumes
+        engines, finish, cut, ended, attempt = [], None, None, False, 0
         try:
-            async for engine, out in self._streams(rid, decision, base, life, engines):
-                if generated == 0 and out.token_ids:
-                    life.stamp("first_token")
-                cached = max(cached, out.num_cached_tokens)
-                generated += len(out.token_ids)
-                for t in out.token_ids:
-                    text += detok.add(t)
-                finish = ("length" if out.finish_reason == "length" else "stop") if out.finished else None
-                if out.finished:
-                    ended = True
-                    text += detok.flush()
-                cut = _find_stop(text, stops, emitted)
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
-                safe = len(text) if finish else _hold_back(text, stops)
-                if safe > emitted or finish:
-                    yield Delta(text[emitted:safe], finish, len(prompt_ids), generated, cached)
-                    emitted = safe
-                if finish:
+            while True:
+                attempt_id = rid if attempt == 0 else f"{rid}-resume{attempt}"
+                decision = await self.master.schedule.remote(attempt_id, len(prompt_ids) + len(out_ids),
+                                                             sampling["max_tokens"] - len(out_ids), hashes)
+                life.stamp("prefill_scheduled")
+                life.route.update(prefill=decision.prefill, decode=decision.decode, mode=decision.mode,
+                                  local_blocks=decision.local_blocks, global_blocks=decision.global_blocks)
+                base["output_ids"] = list(out_ids)
+                try:
+                    async for _, out in self._streams(attempt_id, decision, base, life, engines):
+                        if not out_ids and out.token_ids:
+                            life.stamp("first_token")
+                        cached = max(cached, out.num_cached_tokens)
+                        out_ids += out.token_ids
+                        for t in out.token_ids:
+                            text += detok.add(t)
+                        finish = ("length" if out.finish_reason == "length" else "stop") if out.finished else None
+                        if out.finished:
+                            ended = True
+                            text += detok.flush()
+                        cut = _find_stop(text, stops, emitted)
+                        if cut is not None:
+                            text, finish = text[:cut], "stop"
+                        safe = len(text) if finish else _hold_back(text, stops)
+                        if safe > emitted or finish:
+                            yield Delta(text[emitted:safe], finish, len(prompt_ids), len(out_ids), cached)
+                            emitted = safe
+                        if finish:
+                            return
                     return
+                except (RuntimeError, ray.exceptions.RayError) as err:
+                    if not _instance_failed(err) or attempt >= MAX_RESUMES:
+                        raise
+                    failed = [name for name, _ in engines[-1:]]  # the engine streaming when it broke
+                    logger.warning("request %s: %s failed (%s); resuming from %d tokens elsewhere", rid, failed,
+                                   err, len(out_ids))
+                    for name in failed:
+                        self.master.report_failure.remote(name)
+                    self.master.finished.remote(attempt_id)
+                    for _, engine in engines:
+                        engine.abort.remote(attempt_id)
+                    engines.clear()
+                    attempt += 1
         finally:
             life.stamp("finished")
+            last_id = rid if attempt == 0 else f"{rid}-resume{attempt}"
             if not ended or cut is not None:  # a stop string, the client gone, a failure: free the KV now
-                for engine in engines:
-                    engine.abort.remote(rid)
-            self.master.finished.remote(rid)
+                for _, engine in engines:
+                    engine.abort.remote(last_id)
+            self.master.finished.remote(last_id)
             if self.on_done is not None:
-                self.on_done(life, finish or "aborted", len(prompt_ids), generated)
+                self.on_done(life, finish or "aborted", len(prompt_ids), len(out_ids))
 
     async def _streams(self, rid: str, decision, base: dict, life: Lifecycle, engines: list):
         """(engine handle, EngineOutput) pairs across the prefill and decode engines.
         `engines` collects every engine the request was sent to (to abort on exit)."""
         if decision.mode == "mixed":
-            engines.append(decision.decode_engine)
+            engines.append((decision.decode, decision.decode_engine))
             async for out in _outputs(decision.decode_engine.generate.remote(EngineRequest(rid, **base))):
                 yield decision.decode_engine, out
             return
         parallel = decision.mode == "parallel"
         prefill_req = EngineRequest(rid, **base, prefill_only=True)
         if parallel:  # both at once: decode parks the request until the prefill pushes the KV to it
-            engines.append(decision.decode_engine)
+            engines.append((decision.decode, decision.decode_engine))
             decode_outputs = decision.decode_engine.generate.remote(EngineRequest(rid, **base, kv_pending=True))
             prefill_req.deliver_to = decision.decode_engine
-        engines.append(decision.prefill_engine)
+        engines.append((decision.prefill, decision.prefill_engine))
         first = None
         async for out in _outputs(decision.prefill_engine.generate.remote(prefill_req)):
             first = out
         life.stamp("prefill_done")
-        if first.finish_reason == "stop" or base["max_tokens"] <= len(first.token_ids):
+        so_far = base["output_ids"] + list(first.token_ids)
+        if first.finish_reason == "stop" or base["max_tokens"] <= len(so_far):
             if parallel:
                 decision.decode_engine.abort.remote(rid)  # the parked decode has nothing to do
             yield decision.prefill_engine, first
@@ -115,9 +149,9 @@ class Pipeline:
         if not parallel:
             decision = await self.master.schedule_decode.remote(rid)
             life.route["decode"] = decision.decode
-            engines.append(decision.decode_engine)
+            engines.append((decision.decode, decision.decode_engine))
             decode_outputs = decision.decode_engine.generate.remote(
-                EngineRequest(rid, **base, output_ids=list(first.token_ids), kv_transfer=first.kv_transfer))
+                EngineRequest(rid, **{**base, "output_ids": so_far}, kv_transfer=first.kv_transfer))
         life.stamp("decode_scheduled")
         first.finished, first.finish_reason = False, None
         yield decision.decode_engine, first
@@ -129,6 +163,13 @@ async def _outputs(stream):
     """EngineOutputs of an engine's streaming generate call."""
     async for ref in stream:
         yield await ref
+
+
+def _instance_failed(err: Exception) -> bool:
+    """An engine or its NPUs broke (not a bad request, not a full cluster)."""
+    if isinstance(err, NoInstanceAvailable):
+        return False
+    return isinstance(err, (ray.exceptions.RayActorError, RuntimeError))
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int | None:
