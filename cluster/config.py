@@ -76,6 +76,7 @@ class ProxySettings(BaseModel):
     # requests one slave holds at once; Serve's default (5) would queue the rest in its HTTP
     # proxy, invisible to the master's sorting (slaves only await, so this can be high)
     max_ongoing_requests: int = Field(1024, gt=0)
+    request_timeout_s: float | None = Field(None, gt=0)  # received -> finished; past it: 504, KV freed
     policy: Literal["round_robin", "least_loaded", "cache_aware", "omni"] = "omni"
     pd_mode: Literal["sequential", "parallel"] = "sequential"  # when both prefill and decode instances exist
     weighted_sorting: bool = True

@@ -171,6 +171,7 @@ def launch_engine(
     config = EngineConfig(instance.name, instance.role, scheduler, kv_cache_name, mtp)
     engine = ray.remote(InstanceEngine).options(name=engine_name(instance.name), num_cpus=0, max_concurrency=10_000)
     instance.engine = engine.remote(config, instance.npus, instance.memory)
+    ray.get(instance.engine.start.remote())
     return instance.engine
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import time
 from openai import OpenAI
 
 from actors.model.reference import build_reference, generate
+from cluster.bench.serve import free_port
 from cluster.config import MANIFEST_DIR, load_manifest
 from cluster.proxy.tokens import Tokenizer
 
@@ -28,16 +28,11 @@ proxy: {{policy: round_robin}}
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path):
     path = tmp_path / "mixed.yaml"
     path.write_text(MANIFEST)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "--manifest", str(path), "--port", str(port),
                              "--api-key", "k"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -5,7 +5,6 @@ that switch a scheduling feature switch it back."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -15,6 +14,7 @@ import ray
 from openai import OpenAI
 
 from actors.model.reference import build_reference, generate
+from cluster.bench.serve import free_port
 from cluster.config import MANIFEST_DIR, parse_manifest
 from cluster.proxy.lifecycle import STAGES
 from cluster.proxy.tokens import Tokenizer
@@ -23,11 +23,6 @@ KEY = "sk-omniray-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPTS = ["The experts of a mixture", "Ray actors hold the weights of one NPU each and"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +35,7 @@ def server(ray_session, one_thread):
                       {"name": "decode0", "role": "decode", "ep": 2}],
         "proxy": {"api_keys": [KEY], "max_body_bytes": 65536},
     }, MANIFEST_DIR)
-    srv = start_server(manifest, port=_free_port(), grpc_port=_free_port())
+    srv = start_server(manifest, port=free_port(), grpc_port=free_port())
     yield srv
     srv.shutdown()
 

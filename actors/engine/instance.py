@@ -145,6 +145,12 @@ class InstanceEngine:
         return True
 
     # ---- the loop ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the step loop outside any request: Ray cancels the tasks a cancelled
+        call submitted, so a loop begun inside a request's generate() would have its
+        NPU steps cancelled when that request's client goes away."""
+        self._ensure_loop()
+
     def _ensure_loop(self) -> None:
         if self._loop_task is None:
             self._wake = asyncio.Event()
@@ -174,7 +180,11 @@ class InstanceEngine:
             try:
                 out = InstanceExecutor.merge(await asyncio.gather(*refs))
             except Exception as err:  # an NPU failed: fail what ran, loudly, and keep serving the rest
-                self.healthy = False
+                logger.exception("engine %s: step failed", self.config.name)
+                import ray
+
+                if isinstance(err, ray.exceptions.RayActorError):  # an NPU is gone: the instance needs a rebuild
+                    self.healthy = False
                 for s in scheduled:
                     self._fail(s.seq, f"engine {self.config.name}: step failed on an NPU: {err}")
                 continue

@@ -161,9 +161,23 @@ class OmniProxySlave:
 
     async def _generate(self, ids, sampling, stops, life):
         self._ensure_poller()
+        limit = self.settings.request_timeout_s
+        deltas = self.pipeline.run(ids, sampling, stops, life)
+        deadline = asyncio.get_running_loop().time() + (limit or 0)
         try:
-            async for delta in self.pipeline.run(ids, sampling, stops, life):
+            while True:
+                try:
+                    if limit:  # cancelling the pipeline's step runs its cleanup: queue entry and KV freed
+                        left = max(0.0, deadline - asyncio.get_running_loop().time())
+                        delta = await asyncio.wait_for(deltas.__anext__(), left)
+                    else:
+                        delta = await deltas.__anext__()
+                except StopAsyncIteration:
+                    return
                 yield delta
+        except asyncio.TimeoutError:
+            raise APIError(504, f"request timed out after {limit} s (proxy.request_timeout_s)", "timeout",
+                           code="request_timeout") from None
         except OverflowError as err:  # the master's queue is full
             raise APIError(429, f"server overloaded: {err}", "rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         except NoInstanceAvailable as err:

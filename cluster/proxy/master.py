@@ -50,6 +50,7 @@ class InstanceRef:
     inflight: int = 0  # dispatched by the master, not yet finished
     inflight_tokens: int = 0
     cached: dict = field(default_factory=dict)  # hash -> None, insertion-ordered (LRU-ish)
+    failed: bool = False  # a slave saw it fail a request: out of routing until rebuilt
     stats: dict = field(default_factory=dict)  # the engine's last stats()
     npus: list = field(default_factory=list)  # its NPUs' last stats()
 
@@ -152,7 +153,7 @@ class OmniMaster:
         reports itself unhealthy too; the next refresh keeps it so until rebuilt)."""
         inst = self.instances.get(name)
         if inst is not None:
-            inst.view.healthy = False
+            inst.view.healthy, inst.failed = False, True
             logger.warning("master: instance %s failed; routing around it", name)
 
     def cancel(self, request_id: str) -> None:
@@ -332,7 +333,8 @@ class OmniMaster:
                 inst.view.healthy = False
                 return
             v = inst.view
-            v.running, v.waiting, v.healthy = st["running"], st["waiting"], st.get("healthy", True)
+            v.running, v.waiting = st["running"], st["waiting"]
+            v.healthy = st.get("healthy", True) and not inst.failed  # a reported failure sticks (until rebuilt)
             v.free_blocks, v.total_blocks = min(st["free_blocks"]), min(st["total_blocks"])
             inst.stats = st
             if held is not None:

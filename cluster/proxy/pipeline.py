@@ -12,6 +12,7 @@ parallel:   master picks both at dispatch; the decode request goes out the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -98,8 +99,9 @@ class Pipeline:
                             return
                     return
                 except (RuntimeError, ray.exceptions.RayError) as err:
-                    if not _instance_failed(err) or attempt >= MAX_RESUMES:
-                        raise
+                    task = asyncio.current_task()
+                    if not _instance_failed(err) or attempt >= MAX_RESUMES or (task and task.cancelling()):
+                        raise  # (a cancelled request, e.g. its client left, is not an instance failure)
                     failed = [name for name, _ in engines[-1:]]  # the engine streaming when it broke
                     logger.warning("request %s: %s failed (%s); resuming from %d tokens elsewhere", rid, failed,
                                    err, len(out_ids))
@@ -116,6 +118,7 @@ class Pipeline:
             if not ended or cut is not None:  # a stop string, the client gone, a failure: free the KV now
                 for _, engine in engines:
                     engine.abort.remote(last_id)
+                self.master.cancel.remote(last_id)  # still queued (timed out waiting): leave the queue
             self.master.finished.remote(last_id)
             if self.on_done is not None:
                 self.on_done(life, finish or "aborted", len(prompt_ids), len(out_ids))
