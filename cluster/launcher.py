@@ -110,13 +110,8 @@ def launch_instance(
         )
         for r in range(ep)
     ]
-    actor_cls = ray.remote(NPUActor)
     pg = _placement_group(name, ep, placement, placement_timeout_s) if placement else None
-    npus = [
-        actor_cls.options(name=f"{group}.npu{s.rank}", num_cpus=0, resources={NPU_RESOURCE: 1},
-                          scheduling_strategy=_bundle(pg, s.rank)).remote(s)
-        for s in specs
-    ]
+    npus = start_npu_actors(specs, pg)
     try:
         memory = ray.get([n.setup.remote(weight_refs) for n in npus])
     except Exception:
@@ -128,6 +123,15 @@ def launch_instance(
             remove_placement_group(pg)
         raise
     return Instance(name, role, specs, npus, InstanceExecutor(npus), memory, placement_group=pg)
+
+
+def start_npu_actors(specs: list[NPUSpec], pg=None) -> list:
+    """One NPU actor per spec, each taking one omni_npu slot (its bundle of `pg`, if any)."""
+    actor_cls = ray.remote(NPUActor)
+    return [
+        actor_cls.options(num_cpus=0, resources={NPU_RESOURCE: 1}, scheduling_strategy=_bundle(pg, s.rank)).remote(s)
+        for s in specs
+    ]
 
 
 def _placement_group(name: str, ep: int, strategy: str, timeout_s: float):

@@ -26,3 +26,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model(ray_session):
+    """The default manifest's model: (config, weight refs in the object store, reference model)."""
+    from actors.model.reference import build_reference
+    from cluster.config import load_manifest
+    from cluster.launcher import publish_weights
+
+    cfg = load_manifest("local").model
+    refs = publish_weights(cfg)
+    return cfg, refs, build_reference(cfg, {n: ray.get(r) for n, r in refs.items()})

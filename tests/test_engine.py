@@ -14,19 +14,12 @@ from actors.compute.emulated import standin_token
 from actors.engine.scheduler import SchedulerConfig
 from actors.kv_cache import get_or_create_kv_cache
 from actors.kv_hash import block_hashes
-from actors.model.reference import build_reference, generate
+from actors.model.reference import generate
 from actors.protocol import EngineRequest
 from cluster.config import load_manifest
-from cluster.launcher import launch_engine, launch_instance, publish_weights
+from cluster.launcher import launch_engine, launch_instance
 
 BS = 16
-
-
-@pytest.fixture(scope="module")
-def model(ray_session):
-    cfg = load_manifest("local").model
-    refs = publish_weights(cfg)
-    return cfg, refs, build_reference(cfg, {n: ray.get(r) for n, r in refs.items()})
 
 
 def _engine(cfg, refs, ep=2, role="mixed", kv_blocks=None, cache=None, compute="real", device="910B", sched=None):

@@ -47,9 +47,36 @@ class EmulatedCompute:
         cfg = self.spec.model
         per_param = DTYPE_BYTES[cfg.weight_dtype]
         self.ledger.charge("weights", "replicated", cfg.parameter_counts().replicated * per_param)
-        for layer, experts in self.held.items():
-            self.ledger.charge("weights", f"layer{layer}.experts", len(experts) * cfg.expert_params() * per_param)
+        self._charge_experts()
         self.num_blocks = reserve_pool(self.spec, self.ledger)
+
+    def _expert_bytes(self) -> int:
+        cfg = self.spec.model
+        return cfg.expert_params() * DTYPE_BYTES[cfg.weight_dtype]
+
+    def _charge_experts(self) -> None:
+        for layer, experts in self.held.items():
+            key = f"layer{layer}.experts"
+            if self.ledger.charged("weights", key) is not None:
+                self.ledger.release("weights", key)
+            self.ledger.charge("weights", key, len(experts) * self._expert_bytes())
+
+    # ---- expert remapping (Omni Placement, elastic EP) ------------------------------------
+    def prepare(self, spec: NPUSpec) -> int:
+        """Take the experts `spec` adds here from a peer NPU: sleeps the modelled
+        device-to-device copy (scaled by time_scale). Returns the bytes moved."""
+        want = spec.expert_map.held_by(spec.rank)
+        moved = sum(len(set(e) - set(self.held.get(layer, ()))) for layer, e in want.items()) * self._expert_bytes()
+        if moved:
+            time.sleep(self.cost.transfer_time(moved, intra_node=True) * self.spec.time_scale)
+        return moved
+
+    def remap(self, spec: NPUSpec, group=None) -> None:
+        self.spec, self.held = spec, spec.expert_map.held_by(spec.rank)
+        self._charge_experts()
+
+    def export_blocks(self, blocks: list[int]) -> list:
+        return [np.zeros(0, dtype=np.uint8) for _ in blocks]  # markers, as the blocks it publishes
 
     def step(self, batch: NPUBatch) -> NPUStepResult:
         t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from actors.hbm import HBMLedger
 from actors.model.batch import ForwardBatch
 from actors.model.kv_store import SequenceKVStore
 from actors.model.model import TORCH_DTYPES, MoEModel
+from actors.model.layers import SwiGLU
 from actors.model.moe import LocalExperts
 from actors.model.paged_kv import PagedKVStore
 from actors.model.sampler import sample
@@ -37,26 +38,69 @@ class RealCompute:
         self.paged: PagedKVStore | None = None  # the engine's paged cache
         self.publisher = BlockPublisher(spec)
         self.kv = KVCharges(ledger, cfg.kv_bytes_per_token())
-        self.experts = LocalExperts() if spec.ep_size == 1 else EPExperts(spec.expert_map, spec.rank, cfg.num_experts, group)
+        self.weight_refs: dict | None = None  # kept: experts moved here later load from the object store
+        self.staged: dict[str, torch.Tensor] = {}  # expert tensors fetched for the next map, not yet in use
+        self.experts = self._executor(group)
+
+    def _executor(self, group):
+        spec = self.spec
+        return LocalExperts() if spec.ep_size == 1 else EPExperts(spec.expert_map, spec.rank, spec.model.num_experts, group)
 
     def load_weights(self, weight_refs: dict | None) -> None:
         if not weight_refs:
             raise ValueError(f"NPU {self.spec.name}: real compute needs weights (got none)")
         cfg = self.spec.model
+        self.weight_refs = weight_refs
         names = shard_names(weight_refs.keys(), self.held)
         tensors = dict(zip(names, ray.get([weight_refs[n] for n in names])))
-        by_key: dict[str, int] = {}
-        for name, t in tensors.items():
-            owner = expert_of(name)
-            key = "replicated" if owner is None else f"layer{owner[0]}.experts"
-            by_key[key] = by_key.get(key, 0) + t.numel() * t.element_size()
-        for key, nbytes in by_key.items():
-            self.ledger.charge("weights", key, nbytes)
+        self.ledger.charge("weights", "replicated", sum(_nbytes(t) for n, t in tensors.items() if expert_of(n) is None))
         model = MoEModel(cfg, self.held).to(TORCH_DTYPES[cfg.dtype])
         model.load_state_dict(tensors, strict=True)
         self.model = model.eval()
+        self._charge_experts()
         self.num_blocks = reserve_pool(self.spec, self.ledger)
         self.paged = PagedKVStore(cfg, self.num_blocks, self.spec.block_size, TORCH_DTYPES[cfg.dtype])
+
+    def _charge_experts(self) -> None:
+        for moe in self.model.moe_layers():
+            key = f"layer{moe.layer}.experts"
+            if self.ledger.charged("weights", key) is not None:
+                self.ledger.release("weights", key)
+            self.ledger.charge("weights", key, sum(_nbytes(p) for p in moe.experts.parameters()))
+
+    # ---- expert remapping (Omni Placement, elastic EP) ------------------------------------
+    def prepare(self, spec: NPUSpec) -> int:
+        """Fetch, ahead of the switch, the expert tensors `spec` assigns here that this
+        NPU lacks (from the object store, while serving goes on). Returns bytes staged."""
+        want = spec.expert_map.held_by(spec.rank)
+        have = {m.layer: set(map(int, m.experts.keys())) for m in self.model.moe_layers()}
+        missing = {layer: [e for e in experts if e not in have.get(layer, set())] for layer, experts in want.items()}
+        names = [n for n in shard_names(self.weight_refs.keys(), missing) if expert_of(n) is not None]
+        self.staged = dict(zip(names, ray.get([self.weight_refs[n] for n in names])))
+        return sum(_nbytes(t) for t in self.staged.values())
+
+    def remap(self, spec: NPUSpec, group) -> None:
+        """Switch to `spec`'s expert map (between two steps): drop the experts no longer
+        held, install the staged ones, recharge the ledger, and route by the new map."""
+        dtype = TORCH_DTYPES[spec.model.dtype]
+        want = spec.expert_map.held_by(spec.rank)
+        for moe in self.model.moe_layers():
+            keep = set(want.get(moe.layer, ()))
+            for key in [k for k in moe.experts.keys() if int(k) not in keep]:
+                del moe.experts[key]
+            for e in sorted(keep - set(map(int, moe.experts.keys()))):
+                prefix = f"layers.{moe.layer}.mlp.experts.{e}."
+                module = SwiGLU(spec.model.hidden_size, spec.model.moe_intermediate_size).to(dtype)
+                module.load_state_dict({n[len(prefix):]: t for n, t in self.staged.items() if n.startswith(prefix)})
+                moe.experts[str(e)] = module
+        self.staged = {}
+        self.spec, self.held = spec, want
+        self._charge_experts()
+        self.experts = self._executor(group)
+
+    def export_blocks(self, blocks: list[int]) -> list:
+        """KV blocks as arrays, for a sequence that moves to another NPU."""
+        return [self.paged.export_block(b) for b in blocks]
 
     def _cache_for(self, batch: NPUBatch):
         """The paged store, bound to this step's block tables, or the scratch store."""
@@ -114,3 +158,7 @@ class RealCompute:
 
     def expert_load(self) -> dict[int, list[int]]:
         return {m.layer: m.load.tolist() for m in self.model.moe_layers()} if self.model else {}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

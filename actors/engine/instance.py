@@ -52,10 +52,12 @@ class InstanceEngine:
         self._loop_task: asyncio.Task | None = None
         self.counters = {
             "steps": 0, "prompt_tokens": 0, "computed_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
-            "drafted_tokens": 0, "accepted_tokens": 0,
+            "drafted_tokens": 0, "accepted_tokens": 0, "reconfigurations": 0, "migrated_seqs": 0,
         }
         self.device_time_s = 0.0
         self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
+        self._reconfig: tuple | None = None  # (npus, specs, future): a resize or expert remap to apply between steps
+        self._after_step: list[asyncio.Future] = []  # resolved when the next step completes
 
     # ---- requests ------------------------------------------------------------------
     async def generate(self, request: EngineRequest):
@@ -167,6 +169,9 @@ class InstanceEngine:
 
     async def _steps(self) -> None:
         while True:
+            if self._reconfig is not None:
+                await self._switch(*self._reconfig)
+                self._reconfig = None
             if not self.scheduler.has_work():
                 self._wake.clear()
                 await self._wake.wait()
@@ -191,6 +196,10 @@ class InstanceEngine:
             self.device_time_s += out.device_time_s
             self.counters["steps"] += 1
             self._update(scheduled, out)
+            for fut in self._after_step:
+                if not fut.done():
+                    fut.set_result(time.monotonic())
+            self._after_step = []
 
     def _work(self, s: Scheduled) -> SeqWork:
         seq, bs = s.seq, self.config.scheduler.block_size
@@ -301,6 +310,73 @@ class InstanceEngine:
         req, last = seq.request, seq.output_ids[-1] if seq.output_ids else None
         stopped = last in req.stop_token_ids or (not req.ignore_eos and last == req.eos_token_id)
         return not stopped and len(seq.output_ids) < req.max_tokens
+
+    # ---- elastic: new NPUs or a new expert map, switched between two steps -------------
+    async def reconfigure(self, npus: list, specs: list) -> dict:
+        """Serve on `npus` (one spec each) from the next step on: an EP resize
+        (ElasticMoE) or a new expert map (Omni Placement). NPUs kept from the current
+        set keep their KV in place; sequences on NPUs that leave export their KV
+        through the object store and resume on another NPU from where they were.
+        The caller staged the new experts (NPU.prepare) and releases the NPUs that
+        left once this returns. Returns when the first step on the new NPUs ran
+        (at once when there is no work)."""
+        self._ensure_loop()
+        if self._reconfig is not None:
+            raise RuntimeError(f"engine {self.config.name}: a reconfiguration is already in progress")
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        switched = loop.create_future()
+        self._reconfig = (npus, specs, switched)
+        self._wake.set()
+        info = await switched
+        if self.scheduler.has_work():
+            first = loop.create_future()
+            self._after_step.append(first)
+            info["first_step_s"] = await first - t0
+        return info
+
+    async def _switch(self, npus: list, specs: list, done: asyncio.Future) -> None:
+        import ray
+
+        t0 = time.monotonic()
+        try:
+            old = self.executor.npus
+            old_rank = {n._actor_id.hex(): r for r, n in enumerate(old)}
+            new_rank = {n._actor_id.hex(): r for r, n in enumerate(npus)}
+            bs = self.config.scheduler.block_size
+            moving = []
+            for seq in self.scheduler.running:
+                if seq.rank is not None and old[seq.rank]._actor_id.hex() not in new_rank:
+                    blocks = seq.block_table[: -(-seq.num_computed // bs)]
+                    refs = old[seq.rank].export_blocks.options(num_returns=len(blocks)).remote(blocks) if blocks else []
+                    moving.append((seq, [refs] if len(blocks) == 1 else list(refs), seq.num_computed))
+            refs = [r for _, rs, _ in moving for r in rs]
+            if refs:  # exported before the old NPUs go (the engine owns the copies)
+                await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), fetch_local=False)
+            memory = await asyncio.gather(*(n.commit.remote(s) for n, s in zip(npus, specs)))
+        except Exception as err:
+            logger.exception("engine %s: reconfiguration failed", self.config.name)
+            self.healthy = False
+            for seq in list(self.seqs.values()):
+                self._fail(seq, f"engine {self.config.name}: reconfiguration failed: {err}")
+            done.set_exception(err)
+            return
+        # no await from here on: the switch is atomic for the loop and for aborts
+        bs_managers = []
+        for r, npu in enumerate(npus):
+            kept = old_rank.get(npu._actor_id.hex())
+            bs_managers.append(self.managers[kept] if kept is not None else BlockManager(memory[r]["kv_blocks"], bs))
+        for seq in self.scheduler.running:
+            if seq.rank is not None and old[seq.rank]._actor_id.hex() in new_rank:
+                seq.rank = new_rank[old[seq.rank]._actor_id.hex()]
+        for seq, blocks, tokens in moving:
+            if not seq.finish_reason:
+                self.scheduler.migrate(seq, [[r] for r in blocks], tokens)
+        self.managers = self.scheduler.managers = bs_managers
+        self.executor = InstanceExecutor(npus)
+        self.counters["reconfigurations"] += 1
+        self.counters["migrated_seqs"] += len(moving)
+        done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "migrated": len(moving), "memory": memory})
 
     # ---- state for the master ---------------------------------------------------------
     async def npu_stats(self) -> list[dict]:

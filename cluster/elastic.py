@@ -1,0 +1,143 @@
+"""ElasticMoE: the scaling actions, carried out while the instance serves.
+
+- `resize`: an instance's EP size N -> M. The NPUs it keeps keep their weights
+  and their KV in place (ElasticMoE's zero-copy reuse); new NPUs (from the
+  standby pool when there is one, else started now) load their experts from the
+  object store, where the weights were put once at start-up; the kept NPUs stage
+  the experts the new map moves to them. Only then does the engine switch,
+  between two steps: every NPU joins the new collective group, sequences on
+  NPUs that leave export their KV through the object store and resume on a
+  kept NPU, and the next step runs on M NPUs. The released NPUs go last.
+- `remap`: the same switch with the same NPUs and a new expert map (Omni
+  Placement's rebalance).
+- `cold_start`: the baseline a resize is measured against — a new instance of
+  the same size from nothing (new actors, weights built from scratch).
+
+Decisions (when, how far) belong to cluster.autoscaler and the operator; this
+module only acts. Torch is not imported here.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import replace
+
+import ray
+
+from actors.executor import InstanceExecutor
+from actors.expert_map import ExpertMap
+from actors.protocol import NPUSpec
+from cluster.launcher import Instance, start_npu_actors
+
+
+def allowed_ep(num_experts: int, ep: int) -> bool:
+    """An EP size the contiguous expert layout supports."""
+    return ep >= 1 and num_experts % ep == 0
+
+
+def resized_specs(inst: Instance, ep: int, expert_map: ExpertMap | None = None) -> list[NPUSpec]:
+    """The specs of `inst` at EP `ep`: a fresh collective group, contiguous experts
+    unless a placement is given."""
+    cfg = inst.specs[0].model
+    if expert_map is None:
+        if not allowed_ep(cfg.num_experts, ep):
+            raise ValueError(f"npus: {ep} does not divide the model's {cfg.num_experts} experts")
+        expert_map = ExpertMap.contiguous(cfg.moe_layers, cfg.num_experts, ep)
+    if expert_map.ep_size != ep:
+        raise ValueError(f"expert_map: built for EP {expert_map.ep_size}, not {ep}")
+    expert_map.validate(cfg.num_experts)
+    group = f"{inst.name}-{uuid.uuid4().hex[:8]}"
+    base = inst.specs[0]
+    return [replace(base, name=f"{inst.name}.npu{r}", rank=r, expert_map=expert_map, group_name=group)
+            for r in range(ep)]
+
+
+class StandbyPool:
+    """Warm NPU actors (process started, compute code imported, no weights, no HBM
+    charged) that a scale-up adopts instead of starting actors then."""
+
+    def __init__(self, template: NPUSpec, size: int):
+        self.template = template
+        self.actors = start_npu_actors([replace(template, name=f"standby{i}", instance="standby", rank=0)
+                                        for i in range(size)]) if size else []
+        ray.get([a.warm.remote() for a in self.actors])
+
+    def take(self, n: int) -> list:
+        taken, self.actors = self.actors[:n], self.actors[n:]
+        return taken
+
+    def refill(self, n: int) -> None:
+        """Start n more in the background (after a scale-up used some)."""
+        fresh = start_npu_actors([replace(self.template, name=f"standby{i}", instance="standby", rank=0)
+                                  for i in range(n)])
+        for a in fresh:
+            a.warm.remote()
+        self.actors.extend(fresh)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: ExpertMap | None = None,
+           standby: StandbyPool | None = None) -> dict:
+    """Scale `inst` to `ep` NPUs while it serves; returns the timings:
+    prepare_s (new NPUs loaded, experts staged), pause_s (the switch between two
+    steps), first_step_s (command to the first step on the new size; None when
+    idle), total_s."""
+    t0 = time.perf_counter()
+    old_ep = inst.ep_size
+    specs = resized_specs(inst, ep, expert_map)
+    kept = inst.npus[: min(ep, old_ep)]
+    fresh_specs = specs[old_ep:]
+    fresh = standby.take(len(fresh_specs)) if standby is not None else []
+    fresh += start_npu_actors(fresh_specs[len(fresh):])
+    if standby is not None and fresh_specs:
+        standby.refill(len(fresh_specs))
+    try:
+        ray.get([n.setup.remote(weight_refs, False, s) for n, s in zip(fresh, fresh_specs)]
+                + [n.prepare.remote(s) for n, s in zip(kept, specs)])
+    except Exception:
+        for n in fresh:
+            ray.kill(n)
+        raise
+    prepared = time.perf_counter()
+    info = ray.get(inst.engine.reconfigure.remote(kept + fresh, specs))
+    for n in inst.npus[ep:]:
+        ray.kill(n)
+    inst.npus, inst.specs, inst.memory = kept + fresh, specs, info["memory"]
+    inst.executor = InstanceExecutor(inst.npus)
+    return {
+        "instance": inst.name, "from_ep": old_ep, "to_ep": ep, "prepare_s": prepared - t0,
+        "pause_s": info["pause_s"], "first_step_s": info.get("first_step_s"), "migrated": info["migrated"],
+        "total_s": time.perf_counter() - t0,
+    }
+
+
+def remap(inst: Instance, expert_map: ExpertMap) -> dict:
+    """Apply a new expert map to `inst`'s NPUs while it serves (the switch is
+    between two steps; each NPU stages the experts it gains beforehand)."""
+    t0 = time.perf_counter()
+    expert_map.validate(inst.specs[0].model.num_experts)
+    if expert_map.ep_size != inst.ep_size:
+        raise ValueError(f"expert_map: built for EP {expert_map.ep_size}, instance {inst.name} has {inst.ep_size}")
+    specs = [replace(s, expert_map=expert_map) for s in inst.specs]
+    staged = ray.get([n.prepare.remote(s) for n, s in zip(inst.npus, specs)])
+    info = ray.get(inst.engine.reconfigure.remote(inst.npus, specs))
+    inst.specs, inst.memory = specs, info["memory"]
+    return {"instance": inst.name, "staged_bytes": sum(staged), "pause_s": info["pause_s"],
+            "total_s": time.perf_counter() - t0}
+
+
+def measured_expert_load(inst: Instance) -> dict[int, list[int]]:
+    """Token-expert pairs routed per logical expert and layer, summed over the
+    instance's NPUs (each counts what its own tokens chose)."""
+    total: dict[int, list[int]] = {}
+    for npu in ray.get(inst.engine.npu_stats.remote()):
+        for layer, load in npu.get("expert_load", {}).items():
+            acc = total.setdefault(int(layer), [0] * len(load))
+            for e, n in enumerate(load):
+                acc[e] += n
+    return total

@@ -1,0 +1,138 @@
+"""ElasticMoE and Omni Placement on a real instance: EP resizes and expert
+rebalances while requests generate leave every token as the reference's."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import uuid
+
+import ray
+
+from actors.engine.scheduler import SchedulerConfig
+from actors.kv_hash import block_hashes
+from actors.model.reference import generate
+from actors.protocol import EngineRequest
+from cluster.config import load_manifest
+from cluster.elastic import StandbyPool, measured_expert_load, remap, resize
+from cluster.launcher import launch_engine, launch_instance
+from cluster.placement import imbalance, plan_placement
+
+BS = 16
+
+
+def _instance(cfg, refs, ep=2, compute="real"):
+    inst = launch_instance(f"el-{uuid.uuid4().hex[:6]}", cfg, ep, compute, "910B", refs, time_scale=0.0)
+    launch_engine(inst, SchedulerConfig(block_size=BS, max_num_batched_tokens=64))
+    return inst
+
+
+def _prompts(n, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(7, 512) for _ in range(rng.randrange(4, 40))] for _ in range(n)]
+
+
+def _generate_during(inst, prompts, max_tokens, action, after_tokens=3):
+    """Stream every prompt; once each has `after_tokens` tokens, run `action()` in a
+    thread while the streams go on. Returns (tokens per prompt, action's result)."""
+    result = {}
+    started = threading.Event()
+
+    async def one(i, prompt, progress):
+        req = EngineRequest(f"e{i}-{uuid.uuid4().hex[:4]}", prompt, max_tokens=max_tokens, ignore_eos=True,
+                            block_hashes=block_hashes(prompt, BS))
+        out = []
+        async for ref in inst.engine.generate.remote(req):
+            out += (await ref).token_ids
+            progress[i] = len(out)
+            if all(p >= after_tokens for p in progress) and not started.is_set():
+                started.set()
+                threading.Thread(target=lambda: result.setdefault("action", action())).start()
+        return out
+
+    async def main():
+        progress = [0] * len(prompts)
+        return await asyncio.gather(*(one(i, p, progress) for i, p in enumerate(prompts)))
+
+    tokens = asyncio.run(main())
+    for _ in range(600):
+        if "action" in result:
+            break
+        threading.Event().wait(0.05)
+    return tokens, result.get("action")
+
+
+def test_ep_2_to_4_to_2_during_generation_keeps_the_reference_tokens(model):
+    cfg, refs, reference = model
+    inst = _instance(cfg, refs)
+    prompts = _prompts(5)
+    try:
+        def scale_up_then_down():
+            up = resize(inst, 4, refs)
+            down = resize(inst, 2, refs)
+            return up, down
+
+        tokens, (up, down) = _generate_during(inst, prompts, 24, scale_up_then_down)
+        expected = [generate(reference, [p], 24).tokens[0] for p in prompts]
+        assert tokens == expected
+        assert (up["from_ep"], up["to_ep"], down["from_ep"], down["to_ep"]) == (2, 4, 4, 2)
+        stats = ray.get(inst.engine.stats.remote())
+        assert stats["reconfigurations"] == 2 and len(stats["free_blocks"]) == 2
+        assert len(inst.npus) == 2
+    finally:
+        inst.shutdown()
+
+
+def test_rebalance_with_redundant_experts_during_generation_keeps_the_tokens(model):
+    cfg, refs, reference = model
+    inst = _instance(cfg, refs)
+    prompts = _prompts(4, seed=1)
+    try:
+        def rebalance():
+            measured = measured_expert_load(inst)
+            assert measured and all(sum(v) > 0 for v in measured.values())  # the routers counted real traffic
+            # MoGE already balances the NPUs (one group each); skew the load so the plan replicates
+            load = {layer: [sum(v) * 4] + v[1:] for layer, v in measured.items()}
+            plan = plan_placement(load, ep_size=2, slots_per_npu=cfg.num_experts // 2 + 1)
+            return plan, load, remap(inst, plan)
+
+        tokens, (plan, load, info) = _generate_during(inst, prompts, 20, rebalance)
+        assert tokens == [generate(reference, [p], 20).tokens[0] for p in prompts]
+        for layer, ranks in plan.slots.items():  # the hot expert on both NPUs, its tokens split between them
+            assert [0 in r for r in ranks] == [True, True]
+            assert imbalance(ranks, load[layer]) <= imbalance([[0, 1, 2, 3], [4, 5, 6, 7]], load[layer]) + 1e-9
+        held = [s["experts"] for s in inst.stats()]
+        assert held == [{str(layer): ranks[r] for layer, ranks in plan.slots.items()} for r in range(2)]
+        assert info["staged_bytes"] > 0
+        # the ledger charges exactly the experts each NPU now holds
+        expert_bytes = [sum(v for k, v in s["hbm"]["by_category"].items() if k == "weights") for s in inst.stats()]
+        assert expert_bytes[0] > 0
+    finally:
+        inst.shutdown()
+
+
+def test_standby_pool_scale_up_and_emulated_resize(model):
+    cfg, refs, reference = model
+    inst = _instance(cfg, refs)
+    pool = StandbyPool(inst.specs[0], 2)
+    try:
+        info = resize(inst, 4, refs, standby=pool)
+        assert info["to_ep"] == 4 and len(pool.actors) == 2  # used two, refilled two
+        prompt = _prompts(1, seed=3)[0]
+        tokens, _ = _generate_during(inst, [prompt], 6, lambda: None)
+        assert tokens[0] == generate(reference, [prompt], 6).tokens[0]
+    finally:
+        pool.shutdown()
+        inst.shutdown()
+    big = load_manifest("pangu-pro-moe-800i-a2").model  # emulated 72B: ledgers follow the new expert maps
+    emu = _instance(big, None, ep=4, compute="emulated")
+    try:
+        before = [s["hbm"]["by_category"]["weights"] for s in emu.stats()]
+        resize(emu, 8, None)
+        after = [s["hbm"]["by_category"]["weights"] for s in emu.stats()]
+        assert len(after) == 8 and after[0] < before[0]  # half the experts per NPU
+        resize(emu, 4, None)
+        assert [s["hbm"]["by_category"]["weights"] for s in emu.stats()] == before
+    finally:
+        emu.shutdown()
