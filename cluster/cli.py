@@ -187,6 +187,8 @@ def cmd_serve(args) -> int:
     manifest = load_manifest(args.manifest)
     if args.api_key:
         manifest.proxy.api_keys = [args.api_key]
+    if args.admin_key:
+        manifest.proxy.admin_keys = [args.admin_key]
     connect(args.address, include_dashboard=args.dashboard)
     server = start_server(manifest, args.host, args.port, args.grpc_port)
     grpc = f", gRPC at {server.grpc_address}" if server.grpc_address else ""
@@ -201,6 +203,43 @@ def cmd_serve(args) -> int:
     console.print("shutting down")
     server.shutdown()
     return 0
+
+
+def _admin_post(url: str, path: str, body: dict, admin_key: str | None) -> int:
+    """POST an admin request to a running server and print its answer."""
+    import json
+    import os
+
+    import httpx
+
+    key = admin_key or os.environ.get("OMNIRAY_ADMIN_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        r = httpx.post(url.rstrip("/") + path, json=body, headers=headers, timeout=600)
+    except httpx.HTTPError as err:
+        console.print(f"[red]error:[/red] {url}: {err}")
+        return 2
+    data = r.json() if r.headers.get("content-type", "").startswith("application/json") else {"text": r.text}
+    if r.status_code != 200:
+        console.print(f"[red]error {r.status_code}:[/red] {data.get('error', {}).get('message', data)}")
+        return 2
+    console.print_json(json.dumps(data))
+    return 0
+
+
+def cmd_scale(args) -> int:
+    if sum(x is not None for x in (args.instance, args.add_instance, args.remove_instance)) != 1:
+        raise ValueError("give exactly one of --instance (with --npus), --add-instance ROLE, --remove-instance NAME")
+    if args.instance is not None and args.npus is None:
+        raise ValueError("--npus: required with --instance")
+    body = {k: v for k, v in {"instance": args.instance, "npus": args.npus, "add_instance": args.add_instance,
+                              "remove_instance": args.remove_instance}.items() if v is not None}
+    return _admin_post(args.url, "/v1/cluster/scale", body, args.admin_key)
+
+
+def cmd_rebalance(args) -> int:
+    return _admin_post(args.url, "/v1/cluster/rebalance", {"instance": args.instance} if args.instance else {},
+                       args.admin_key)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,8 +260,24 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=_positive, default=8000)
     sv.add_argument("--grpc-port", type=_positive, default=None, help="also serve gRPC (omniray.proto) on this port")
     sv.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY)")
+    sv.add_argument("--admin-key", default=None, help="enable /v1/cluster/scale and /rebalance with this key")
     sv.add_argument("--dashboard", action="store_true", help="start the Ray dashboard too")
     sv.set_defaults(func=cmd_serve)
+
+    sc = sub.add_parser("scale", help="resize an instance's EP, or add / remove an instance, while serving")
+    sc.add_argument("--url", default="http://127.0.0.1:8000", help="the running server")
+    sc.add_argument("--instance", default=None, help="the instance to resize (with --npus)")
+    sc.add_argument("--npus", type=_positive, default=None, help="its new EP size (or the added instance's)")
+    sc.add_argument("--add-instance", default=None, choices=["prefill", "decode", "mixed"], help="add one of this role")
+    sc.add_argument("--remove-instance", default=None, help="drain this instance, then remove it")
+    sc.add_argument("--admin-key", default=None, help="the server's admin key (or $OMNIRAY_ADMIN_KEY)")
+    sc.set_defaults(func=cmd_scale)
+
+    rb = sub.add_parser("rebalance", help="Omni Placement: recompute expert maps from the measured load")
+    rb.add_argument("--url", default="http://127.0.0.1:8000", help="the running server")
+    rb.add_argument("--instance", default=None, help="only this instance (default: all)")
+    rb.add_argument("--admin-key", default=None, help="the server's admin key (or $OMNIRAY_ADMIN_KEY)")
+    rb.set_defaults(func=cmd_rebalance)
 
     sm = sub.add_parser("simulate", help="an emulated model on the real scheduling path, timed by the cost model")
     sm.add_argument("--manifest", default="pangu-pro-moe-72b", help="an emulated manifest (default pangu-pro-moe-72b)")

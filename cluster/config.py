@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from actors.devices import get_device
 from actors.model.config import ModelConfig
+from cluster.autoscaler import AutoscalerConfig
 
 MANIFEST_DIR = Path(__file__).resolve().parent.parent / "manifests"
 
@@ -88,6 +89,17 @@ class ProxySettings(BaseModel):
     max_queue: int = Field(1024, gt=0)  # waiting requests past which new ones get 429
     max_body_bytes: int = Field(1 << 20, gt=0)  # larger bodies get 413 before parsing
     api_keys: list[str] = Field(default_factory=list)  # empty: no key needed
+    admin_keys: list[str] = Field(default_factory=list)  # for /v1/cluster/scale and /rebalance; empty: admin is off
+
+
+class ElasticSettings(BaseModel):
+    """ElasticMoE and Omni Placement while serving."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    standby_npus: int = Field(0, ge=0)  # warm NPU actors a scale-up adopts (0: start actors on demand)
+    redundant_experts: int = Field(1, ge=0)  # Omni Placement: extra expert slots per NPU for hot-expert copies
+    drain_timeout_s: float = Field(300.0, gt=0)  # a removed instance finishes its requests within this
 
 
 class Manifest(BaseModel):
@@ -104,6 +116,8 @@ class Manifest(BaseModel):
     instances: list[InstanceSpec] = Field(default_factory=lambda: [InstanceSpec()], min_length=1)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
+    elastic: ElasticSettings = Field(default_factory=ElasticSettings)
+    autoscaler: AutoscalerConfig = Field(default_factory=AutoscalerConfig)
 
     @field_validator("device")
     @classmethod

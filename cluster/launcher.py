@@ -74,7 +74,10 @@ class Instance:
         if self.placement_group is not None:
             from ray.util.placement_group import remove_placement_group
 
-            remove_placement_group(self.placement_group)
+            try:
+                remove_placement_group(self.placement_group)
+            except Exception:  # already removed (the controller and the driver both hold the instance)
+                pass
 
 
 def launch_instance(
@@ -190,9 +193,10 @@ def check_capacity(num_npus: int) -> None:
         )
 
 
-def launch_manifest(manifest) -> list[Instance]:
+def launch_manifest(manifest, weight_refs: dict | None = None) -> list[Instance]:
     """Everything a manifest describes: the global KV cache, the weights in the
-    object store, and each instance with its engine."""
+    object store (`weight_refs` if the caller put them already), and each
+    instance with its engine."""
     from actors.kv_cache import KV_CACHE_NAME, get_or_create_kv_cache
 
     check_capacity(sum(spec.ep for spec in manifest.instances))
@@ -201,7 +205,9 @@ def launch_manifest(manifest) -> list[Instance]:
     if eng.global_kv_cache:  # a named actor lives only while someone holds a handle: the instances do
         cache = get_or_create_kv_cache(eng.kv_cache_bytes)
         cache_name = KV_CACHE_NAME
-    refs = publish_weights(manifest.model, manifest.checkpoint) if manifest.compute == "real" else None
+    refs = weight_refs
+    if refs is None and manifest.compute == "real":
+        refs = publish_weights(manifest.model, manifest.checkpoint)
     sched = SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size)
     instances = []
     try:

@@ -30,6 +30,10 @@ adds its own `ray_` prefix on the Prometheus side (`ray_omniray_ttft_seconds`).
 | omniray_kv_cache_blocks | gauge | | master: blocks indexed now |
 | omniray_dispatched_total | counter | | master: requests dispatched |
 | omniray_rejected_total | counter | reason | master: queue_full, no_instance |
+| omniray_scaling_events_total | counter | action, role, trigger, outcome | controller: scale_ep, add_instance, remove_instance, rebalance; operator or autoscaler; ok or error |
+| omniray_scaling_seconds | histogram | action | controller: command to done (a resize: to the first step on the new size) |
+| omniray_instance_npus | gauge | instance, role | controller: the instance's EP size now |
+| omniray_standby_npus | gauge | | controller: warm NPU actors ready for a scale-up |
 """
 
 from __future__ import annotations
@@ -69,9 +73,9 @@ class ProxyMetrics:
             self.ttft.observe(life.ttft_s, self.model)
         if life.e2e_s is not None:
             self.e2e.observe(life.e2e_s, self.model)
-        decode_s = life.between("first_token", "finished")
-        if decode_s is not None and completion_tokens > 1:
-            self.tpot.observe(decode_s / (completion_tokens - 1), self.model)
+        tpot = life.tpot_s(completion_tokens)
+        if tpot is not None:
+            self.tpot.observe(tpot, self.model)
         self.requests.inc(1, {**self.model, "outcome": outcome})
         self.tokens.inc(prompt_tokens, {**self.model, "kind": "prompt"})
         if completion_tokens:
@@ -134,6 +138,28 @@ class MasterMetrics:
         if stats:
             for key, gauge in self.kv.items():
                 gauge.set(stats[key])
+
+
+class ScalingMetrics:
+    """What the cluster controller exports: each scaling action and the EP sizes."""
+
+    def __init__(self):
+        self.events = Counter("omniray_scaling_events_total", "scaling actions carried out",
+                              tag_keys=("action", "role", "trigger", "outcome"))
+        self.duration = Histogram("omniray_scaling_seconds", "scaling action: command to done",
+                                  LATENCY_BUCKETS, tag_keys=("action",))
+        self.npus = Gauge("omniray_instance_npus", "EP size of the instance", tag_keys=("instance", "role"))
+        self.standby = Gauge("omniray_standby_npus", "warm NPU actors ready for a scale-up")
+
+    def event(self, action: str, role: str, trigger: str, outcome: str, seconds: float) -> None:
+        self.events.inc(1, {"action": action, "role": role, "trigger": trigger, "outcome": outcome})
+        if outcome == "ok":
+            self.duration.observe(seconds, {"action": action})
+
+    def sizes(self, instances, standby: int) -> None:
+        for inst in instances:
+            self.npus.set(inst.ep_size, {"instance": inst.name, "role": inst.role})
+        self.standby.set(standby)
 
 
 def device_loads(npus: list[dict]) -> dict[int, list[int]]:

@@ -10,7 +10,8 @@ import ray
 from ray import serve
 
 from cluster.config import Manifest
-from cluster.launcher import Instance, engine_name, launch_manifest
+from cluster.controller import CONTROLLER_NAME, start_controller
+from cluster.launcher import Instance, engine_name, launch_manifest, publish_weights
 from cluster.proxy.master import MASTER_NAME, start_master
 from cluster.proxy.sorting import SortingConfig
 
@@ -24,6 +25,7 @@ class Server:
     master: object
     url: str
     grpc_address: str | None = None
+    controller: object | None = None  # owns the instances once serving (scaling adds and removes some)
 
     def shutdown(self, stop_serve: bool = True) -> None:
         """Tear everything down; named actors are gone (their names free) on return."""
@@ -34,11 +36,16 @@ class Server:
 
         ray.kill(self.master, no_restart=True)
         caches = {id(i.kv_cache): i.kv_cache for i in self.instances if i.kv_cache is not None}
+        names = [i.name for i in self.instances]
+        if self.controller is not None:
+            names += [i["name"] for i in ray.get(self.controller.describe.remote())["instances"]]
+            ray.get(self.controller.shutdown.remote())
+            ray.kill(self.controller, no_restart=True)
         for inst in self.instances:
             inst.shutdown()
         for cache in caches.values():  # the next server starts with a cold cache
             ray.kill(cache, no_restart=True)
-        _wait_names_free([MASTER_NAME, KV_CACHE_NAME] + [engine_name(i.name) for i in self.instances])
+        _wait_names_free([MASTER_NAME, KV_CACHE_NAME, CONTROLLER_NAME] + [engine_name(n) for n in set(names)])
 
 
 def _wait_names_free(names: list[str], timeout_s: float = 10.0) -> None:
@@ -52,9 +59,11 @@ def _wait_names_free(names: list[str], timeout_s: float = 10.0) -> None:
             time.sleep(0.05)
 
 
-def launch_backend(manifest: Manifest) -> tuple[list[Instance], object]:
-    """Everything behind the slaves: instances (NPU actors, engines, KV cache) and the master."""
-    instances = launch_manifest(manifest)
+def launch_backend(manifest: Manifest) -> tuple[list[Instance], object, object]:
+    """Everything behind the slaves: instances (NPU actors, engines, KV cache), the
+    master, and the cluster controller that scales them while serving."""
+    refs = publish_weights(manifest.model, manifest.checkpoint) if manifest.compute == "real" else None
+    instances = launch_manifest(manifest, refs)
     p = manifest.proxy
     sorting = SortingConfig(enabled=p.weighted_sorting, token_weight=p.token_weight, time_weight=p.time_weight,
                             starvation_ms=p.starvation_ms)
@@ -66,7 +75,14 @@ def launch_backend(manifest: Manifest) -> tuple[list[Instance], object]:
         for inst in instances:
             inst.shutdown()
         raise
-    return instances, master
+    try:
+        controller = start_controller(manifest, instances, refs, instances[0].kv_cache)
+    except Exception:
+        ray.kill(master, no_restart=True)
+        for inst in instances:
+            inst.shutdown()
+        raise
+    return instances, master, controller
 
 
 def start_server(manifest: Manifest, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None) -> Server:
@@ -77,7 +93,7 @@ def start_server(manifest: Manifest, host: str = "127.0.0.1", port: int = 8000, 
     from cluster.proxy.app import build_app
     from cluster.proxy.grpc_ingress import SERVICER
 
-    instances, master = launch_backend(manifest)
+    instances, master, controller = launch_backend(manifest)
     try:
         grpc = gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER]) if grpc_port else None
         # one HTTP proxy, on the head node: the simulated multi-node clusters of the tests
@@ -87,10 +103,13 @@ def start_server(manifest: Manifest, host: str = "127.0.0.1", port: int = 8000, 
         serve.run(build_app(manifest, namespace), name=APP_NAME, route_prefix="/")
     except Exception:
         ray.kill(master, no_restart=True)
+        ray.get(controller.shutdown.remote())
+        ray.kill(controller, no_restart=True)
         for inst in instances:
             inst.shutdown()
         raise
-    return Server(manifest, instances, master, f"http://{host}:{port}", f"{host}:{grpc_port}" if grpc_port else None)
+    return Server(manifest, instances, master, f"http://{host}:{port}", f"{host}:{grpc_port}" if grpc_port else None,
+                  controller)
 
 
 # ---- `serve run` / `serve deploy` / KubeRay RayService ------------------------------------------
@@ -105,7 +124,7 @@ class BackendOwner:
     the backend down (its actors are owned by it)."""
 
     def __init__(self, manifest: Manifest):
-        self.instances, self.master = launch_backend(manifest)
+        self.instances, self.master, self.controller = launch_backend(manifest)
 
     def namespace(self) -> str:
         """Where the master and engines are named (the slaves look them up there)."""

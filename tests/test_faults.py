@@ -11,10 +11,9 @@ import httpx
 import pytest
 import ray
 
-from actors.model.reference import build_reference, generate
 from cluster.bench.serve import free_port
 from cluster.config import MANIFEST_DIR, parse_manifest
-from cluster.proxy.tokens import Tokenizer
+from helpers import reference_text
 
 PROMPT = "An NPU dies in the middle of this answer"
 TIMEOUT_S = 15.0  # the test server's request timeout: far above any request here, short enough to wait out
@@ -37,13 +36,7 @@ def server(ray_session, one_thread):
 
 @pytest.fixture(scope="module")
 def expect(server):
-    model, tok = build_reference(server.manifest.model), Tokenizer.from_file()
-
-    def text(prompt: str, n: int, stop_at_eos: bool = True) -> str:
-        stop = {tok.eos_token_id} if stop_at_eos else set()
-        return tok.decode(generate(model, [tok.encode(prompt)], n, stop_token_ids=stop).tokens[0])
-
-    return text
+    return reference_text(server.manifest.model)
 
 
 def _stream(url: str, prompt: str, max_tokens: int, ignore_eos: bool = False):

@@ -31,6 +31,8 @@ from cluster.proxy.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    RebalanceRequest,
+    ScaleRequest,
     error_body,
     from_validation_error,
     to_sampling,
@@ -81,6 +83,8 @@ class OmniProxySlave:
     def _request_done(self, life: Lifecycle, outcome: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.metrics.request_done(life, outcome, prompt_tokens, completion_tokens)
         self.metrics.tokenizer(self.tokens.stats())
+        if life.ttft_s is not None:  # the autoscaler's SLO signal (fire and forget)
+            self.master.observe.remote(life.ttft_s, life.tpot_s(completion_tokens))
 
     # ---- the master's published state -------------------------------------------------
     def _ensure_poller(self) -> None:
@@ -113,8 +117,19 @@ class OmniProxySlave:
             raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error",
                            code="invalid_api_key")
 
-    async def _parse(self, request: Request, model_cls):
-        self._authorize(request.headers.get("authorization", ""))
+    def _authorize_admin(self, auth: str) -> None:
+        """Admin endpoints take only an admin key; with none configured they are off."""
+        keys = self.settings.admin_keys
+        if not keys:
+            raise APIError(403, "admin endpoints are off: start the server with --admin-key (or proxy.admin_keys)",
+                           "permission_error", code="admin_disabled")
+        given = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
+            raise APIError(401, "invalid or missing admin key (Authorization: Bearer <admin key>)",
+                           "authentication_error", code="invalid_api_key")
+
+    async def _parse(self, request: Request, model_cls, admin: bool = False):
+        (self._authorize_admin if admin else self._authorize)(request.headers.get("authorization", ""))
         ctype = request.headers.get("content-type", "")
         if "application/json" not in ctype:
             raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'}", "invalid_request_error")
@@ -136,7 +151,7 @@ class OmniProxySlave:
             req = model_cls.model_validate(data)
         except ValidationError as err:
             raise from_validation_error(err) from None
-        if req.model != self.model_name:
+        if getattr(req, "model", self.model_name) != self.model_name:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            "not_found_error", param="model", code="model_not_found")
         return req
@@ -278,6 +293,45 @@ class OmniProxySlave:
         snap["model"] = self.model_name
         snap["tokenizer"] = self.tokens.stats()
         return snap
+
+
+    # ---- admin: ElasticMoE and Omni Placement --------------------------------------------------
+    @api.post("/v1/cluster/scale")
+    async def scale(self, request: Request):
+        """Resize an instance's EP, add an instance of a role, or drain and remove one."""
+        req = await self._parse(request, ScaleRequest, admin=True)
+        ctl = self._controller()
+        if req.instance is not None:
+            call = ctl.scale.remote(req.instance, req.npus)
+        elif req.add_instance is not None:
+            call = ctl.add_instance.remote(req.add_instance, req.npus)
+        else:
+            call = ctl.remove_instance.remote(req.remove_instance)
+        return await self._admin_call(call)
+
+    @api.post("/v1/cluster/rebalance")
+    async def rebalance(self, request: Request):
+        """Omni Placement: new expert maps from the measured expert load."""
+        req = await self._parse(request, RebalanceRequest, admin=True)
+        return await self._admin_call(self._controller().rebalance.remote(req.instance))
+
+    def _controller(self):
+        from cluster.controller import CONTROLLER_NAME
+
+        try:
+            return ray.get_actor(CONTROLLER_NAME, namespace=self.namespace)
+        except ValueError:
+            raise APIError(503, "no cluster controller is running", "service_unavailable",
+                           headers={"Retry-After": "5"}) from None
+
+    @staticmethod
+    async def _admin_call(call):
+        try:
+            return await call
+        except ValueError as err:  # ScalingError: the message names the field
+            raise APIError(400, str(getattr(err, "cause", None) or err), "invalid_request_error") from None
+        except ray.exceptions.RayError as err:
+            raise APIError(500, f"scaling failed: {err}", "server_error") from None
 
 
 def build_app(manifest: Manifest, namespace: str):

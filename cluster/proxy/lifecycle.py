@@ -82,6 +82,11 @@ class Lifecycle:
         """received -> finished, or None until both are stamped."""
         return self.between("received", "finished")
 
+    def tpot_s(self, completion_tokens: int) -> float | None:
+        """(finished - first token) / (tokens - 1): time per output token after the first."""
+        decode_s = self.between("first_token", "finished")
+        return decode_s / (completion_tokens - 1) if decode_s is not None and completion_tokens > 1 else None
+
     def to_debug(self) -> dict:
         """For a response's ``debug`` field: stamps relative to ``received`` (or to the
         earliest stamp if received is missing), in seconds, and the gaps."""

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 MASTER_NAME = "omniray_master"
 DISPATCH_LOG_LEN = 256  # decisions kept for the cluster view
+LATENCY_WINDOW = 256  # recent requests' TTFT/TPOT kept for the autoscaler's SLO attainment
 CACHED_HASHES_PER_INSTANCE = 65_536  # bound on the master's prefix view of one instance
 
 
@@ -51,6 +52,7 @@ class InstanceRef:
     inflight_tokens: int = 0
     cached: dict = field(default_factory=dict)  # hash -> None, insertion-ordered (LRU-ish)
     failed: bool = False  # a slave saw it fail a request: out of routing until rebuilt
+    draining: bool = False  # being removed: no new requests, the running ones finish
     stats: dict = field(default_factory=dict)  # the engine's last stats()
     npus: list = field(default_factory=list)  # its NPUs' last stats()
 
@@ -90,7 +92,8 @@ class OmniMaster:
         from cluster.launcher import engine_name
 
         self.instances = {
-            name: InstanceRef(name, role, ray.get_actor(engine_name(name)), seqs) for name, role, seqs in instances
+            name: InstanceRef(name, role, ray.get_actor(engine_name(name)), seqs)
+            for name, role, seqs in _current_membership(instances)
         }
         self.policy = make_policy(policy)
         self.policy_name = policy
@@ -110,6 +113,7 @@ class OmniMaster:
         self.global_index: set[int] = set()  # mirror of the global KV cache's block hashes
         self.paused = False  # dispatch held (maintenance, resizing); requests queue up meanwhile
         self.dispatch_log: deque[dict] = deque(maxlen=DISPATCH_LOG_LEN)  # the latest decisions, for /v1/cluster
+        self.latencies: deque[tuple[float, float | None]] = deque(maxlen=LATENCY_WINDOW)  # (ttft, tpot) of recent requests
 
     @property
     def has_pd(self) -> bool:
@@ -156,6 +160,10 @@ class OmniMaster:
             inst.view.healthy, inst.failed = False, True
             logger.warning("master: instance %s failed; routing around it", name)
 
+    def observe(self, ttft_s: float, tpot_s: float | None) -> None:
+        """A slave's finished request: its TTFT and TPOT (the autoscaler's SLO signal)."""
+        self.latencies.append((ttft_s, tpot_s))
+
     def cancel(self, request_id: str) -> None:
         """A slave gave up on a queued request (client gone, timeout)."""
         entry = self.queue.pop(request_id, None)
@@ -194,6 +202,25 @@ class OmniMaster:
         return {"policy": self.policy_name, "pd_mode": self.pd_mode, "weighted_sorting": self.sorter.config.enabled,
                 "max_queue": self.max_queue, "paused": self.paused}
 
+    # ---- membership (ElasticMoE horizontal scaling) -----------------------------------------
+    async def add_instance(self, name: str, role: str, max_num_seqs: int) -> None:
+        """Route to a newly started instance (its engine is named after it)."""
+        from cluster.launcher import engine_name
+
+        self.instances[name] = InstanceRef(name, role, ray.get_actor(engine_name(name)), max_num_seqs)
+        await self.refresh(sync_cache=True)
+        if self._wake is not None:
+            self._wake.set()
+
+    def drain(self, name: str) -> dict:
+        """No new requests for `name`; returns what it still has in flight."""
+        inst = self.instances[name]
+        inst.draining = True
+        return {"inflight": inst.inflight, "running": inst.view.running, "waiting": inst.view.waiting}
+
+    def remove_instance(self, name: str) -> None:
+        self.instances.pop(name, None)
+
     # ---- dispatch -----------------------------------------------------------------------
     def _ensure_tasks(self) -> None:
         if not self._tasks:
@@ -210,7 +237,7 @@ class OmniMaster:
         self._ensure_tasks()
 
     def _candidates(self, roles: tuple[str, ...]) -> list[InstanceRef]:
-        return [i for i in self.instances.values() if i.role in roles and i.view.healthy]
+        return [i for i in self.instances.values() if i.role in roles and i.view.healthy and not i.draining]
 
     def _has_room(self, inst: InstanceRef) -> bool:
         return inst.load < inst.max_num_seqs * 2  # a little queue at the engine keeps its batches full
@@ -376,8 +403,9 @@ class OmniMaster:
             "started": self.started,
             "time": time.time(),
             "counters": dict(self.counters),
+            "latencies": list(self.latencies),
             "instances": [
-                {"name": i.name, "role": i.role, "healthy": i.view.healthy, "inflight": i.inflight,
+                {"name": i.name, "role": i.role, "healthy": i.view.healthy, "draining": i.draining, "inflight": i.inflight,
                  "cached_prefix_blocks": len(i.cached), "engine": i.stats, "npus": [_npu_summary(n) for n in i.npus]}
                 for i in self.instances.values()
             ],
@@ -390,6 +418,17 @@ def _npu_summary(npu: dict) -> dict:
     return {"name": npu.get("name"), "device": npu.get("device"), "compute": npu.get("compute"),
             "device_time_s": npu.get("device_time_s"), "hbm": hbm, "experts": npu.get("experts", {}),
             "expert_load": npu.get("expert_load", {})}
+
+
+def _current_membership(initial: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """The instances now: the cluster controller's list when there is one (instances
+    were added or removed since start), else what the master was started with."""
+    from cluster.controller import CONTROLLER_NAME
+
+    try:
+        return ray.get(ray.get_actor(CONTROLLER_NAME).membership.remote(), timeout=10)
+    except (ValueError, ray.exceptions.RayError):
+        return initial
 
 
 def start_master(instances, **kwargs):

@@ -360,3 +360,35 @@ def sse(data: BaseModel | dict) -> str:
     """One server-sent event; models are dumped with exclude_none (OpenAI's nulls are kept, see _Out)."""
     body = data.model_dump_json(exclude_none=True) if isinstance(data, BaseModel) else json.dumps(data)
     return f"data: {body}\n\n"
+
+
+# ---- admin: ElasticMoE and Omni Placement (need an admin key) -----------------------------
+
+
+class ScaleRequest(BaseModel):
+    """POST /v1/cluster/scale: exactly one of {instance + npus}, add_instance, remove_instance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instance: str | None = None
+    npus: int | None = Field(None, gt=0, le=1024)  # the instance's new EP size (or the added instance's)
+    add_instance: Literal["prefill", "decode", "mixed"] | None = None  # a role
+    remove_instance: str | None = None
+
+    @model_validator(mode="after")
+    def _one_action(self) -> "ScaleRequest":
+        resize = self.instance is not None
+        chosen = [resize, self.add_instance is not None, self.remove_instance is not None]
+        if sum(chosen) != 1:
+            raise ValueError("give exactly one of instance (with npus), add_instance, remove_instance")
+        if resize and self.npus is None:
+            raise ValueError("npus: required with instance")
+        return self
+
+
+class RebalanceRequest(BaseModel):
+    """POST /v1/cluster/rebalance: recompute the expert maps from the measured load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instance: str | None = None  # None: every instance

@@ -1,0 +1,279 @@
+"""ClusterController: the actor that owns the instances while the server runs and
+carries out every change to them — operator commands (`POST /v1/cluster/scale`,
+`/rebalance`, `omniray scale`) and the autoscaler's decisions.
+
+One action at a time (a lock): resize an instance's EP (cluster.elastic.resize),
+add an instance (launched, then announced to the master), remove one (the
+master stops routing to it, it finishes what it holds, then it goes), and
+rebalance experts (Omni Placement from the measured load). Every action is
+logged, kept in `events` and exported as `omniray_scaling_events_total`.
+The master asks it for the membership when the master restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import ray
+
+from cluster.autoscaler import AutoscalerPolicy, ClusterSignals, InstanceSignals, ScalingDecision
+from cluster.config import InstanceSpec, Manifest
+from cluster.elastic import StandbyPool, allowed_ep, measured_expert_load, remap, resize
+from cluster.launcher import Instance, launch_engine, launch_instance
+from cluster.placement import placement_report, plan_placement, slots_needed
+
+logger = logging.getLogger(__name__)
+
+CONTROLLER_NAME = "omniray.controller"
+EVENT_LOG_LEN = 128
+
+
+class ScalingError(ValueError):
+    """An action that cannot be done as asked; the message names the field."""
+
+
+class ClusterController:
+    def __init__(self, manifest: Manifest, instances: list[Instance], weight_refs: dict | None, kv_cache=None):
+        self.manifest = manifest
+        self.instances = {i.name: i for i in instances}
+        self.weight_refs = weight_refs  # the weights, put once at start-up: every new NPU loads from here
+        self.kv_cache = kv_cache
+        self.lock = threading.Lock()
+        self.events: deque[dict] = deque(maxlen=EVENT_LOG_LEN)
+        self.standby: StandbyPool | None = None
+        self.policy = AutoscalerPolicy(manifest.autoscaler, lambda n: allowed_ep(manifest.model.num_experts, n))
+        self._stop = threading.Event()
+        self.metrics = None
+
+    def start(self) -> dict:
+        """Warm the standby pool and start the autoscaler loop (if the manifest enables it)."""
+        from cluster.metrics import ScalingMetrics
+
+        self.metrics = ScalingMetrics()
+        if self.manifest.elastic.standby_npus and self.instances:
+            self.standby = StandbyPool(next(iter(self.instances.values())).specs[0], self.manifest.elastic.standby_npus)
+        if self.manifest.autoscaler.enabled:
+            threading.Thread(target=self._autoscale_loop, daemon=True, name="autoscaler").start()
+        self._export_sizes()
+        return self.describe()
+
+    # ---- state ---------------------------------------------------------------------------
+    def membership(self) -> list[tuple[str, str, int]]:
+        return [(i.name, i.role, self.manifest.engine.max_num_seqs) for i in self.instances.values()]
+
+    def describe(self) -> dict:
+        return {
+            "instances": [{"name": i.name, "role": i.role, "npus": i.ep_size,
+                           "experts": {str(k): v for k, v in i.specs[0].expert_map.slots.items()}}
+                          for i in self.instances.values()],
+            "standby_npus": len(self.standby.actors) if self.standby else 0,
+            "autoscaler": self.manifest.autoscaler.model_dump(),
+            "events": list(self.events),
+        }
+
+    # ---- actions -------------------------------------------------------------------------
+    def scale(self, instance: str, npus: int, trigger: str = "operator") -> dict:
+        """EP resize of `instance` to `npus` NPUs while it serves."""
+        inst = self._instance(instance)
+        if npus == inst.ep_size:
+            return {"instance": instance, "from_ep": npus, "to_ep": npus, "unchanged": True}
+        if not allowed_ep(self.manifest.model.num_experts, npus):
+            raise ScalingError(f"npus: {npus} does not divide the model's {self.manifest.model.num_experts} experts")
+        return self._act("scale_ep", inst.role, trigger,
+                         lambda: resize(inst, npus, self.weight_refs, standby=self.standby))
+
+    def add_instance(self, role: str, npus: int | None = None, trigger: str = "operator") -> dict:
+        if role not in ("prefill", "decode", "mixed"):
+            raise ScalingError(f"role: {role!r} is not one of prefill, decode, mixed")
+        same = [i for i in self.instances.values() if i.role == role]
+        npus = npus or (same[0].ep_size if same else self.manifest.instances[0].ep)
+        if not allowed_ep(self.manifest.model.num_experts, npus):
+            raise ScalingError(f"npus: {npus} does not divide the model's {self.manifest.model.num_experts} experts")
+        n = 0
+        while f"{role}{n}" in self.instances:
+            n += 1
+        name = f"{role}{n}"
+        return self._act("add_instance", role, trigger, lambda: self._launch(name, role, npus))
+
+    def remove_instance(self, instance: str, trigger: str = "operator") -> dict:
+        inst = self._instance(instance)
+        if sum(1 for i in self.instances.values() if i.role == inst.role) == 1:
+            raise ScalingError(f"instance: {instance} is the last {inst.role} instance; add another first")
+        return self._act("remove_instance", inst.role, trigger, lambda: self._drain_and_remove(inst))
+
+    def rebalance(self, instance: str | None = None, trigger: str = "operator") -> dict:
+        """Omni Placement: a new expert map per layer from the measured expert load,
+        with `elastic.redundant_experts` extra slots per NPU for copies of hot experts."""
+        targets = [self._instance(instance)] if instance else list(self.instances.values())
+        return self._act("rebalance", ",".join(sorted({t.role for t in targets})), trigger,
+                         lambda: {"instances": [self._rebalance_one(t) for t in targets]})
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        for inst in self.instances.values():
+            inst.shutdown()
+        if self.standby is not None:
+            self.standby.shutdown()
+
+    # ---- how ------------------------------------------------------------------------------
+    def _instance(self, name: str) -> Instance:
+        if name not in self.instances:
+            raise ScalingError(f"instance: no instance {name!r} (have {', '.join(sorted(self.instances))})")
+        return self.instances[name]
+
+    def _act(self, action: str, role: str, trigger: str, do) -> dict:
+        t0 = time.perf_counter()
+        with self.lock:
+            try:
+                result = do()
+            except Exception as err:
+                self._record(action, role, trigger, "error", time.perf_counter() - t0, {"error": str(err)})
+                raise
+        seconds = time.perf_counter() - t0
+        self._record(action, role, trigger, "ok", seconds, result)
+        return {"action": action, "seconds": seconds, **result}
+
+    def _record(self, action, role, trigger, outcome, seconds, detail) -> None:
+        event = {"time": time.time(), "action": action, "role": role, "trigger": trigger, "outcome": outcome,
+                 "seconds": seconds, **{k: v for k, v in detail.items() if k != "memory"}}
+        self.events.append(event)
+        logger.info("scaling: %s", event)
+        if self.metrics is not None:
+            self.metrics.event(action, role, trigger, outcome, seconds)
+        self._export_sizes()
+
+    def _export_sizes(self) -> None:
+        if self.metrics is not None:
+            self.metrics.sizes(self.instances.values(), len(self.standby.actors) if self.standby else 0)
+
+    def _master(self):
+        from cluster.proxy.master import MASTER_NAME
+
+        return ray.get_actor(MASTER_NAME)
+
+    def _launch(self, name: str, role: str, npus: int) -> dict:
+        m, eng = self.manifest, self.manifest.engine
+        from actors.engine.scheduler import SchedulerConfig
+        from actors.kv_cache import KV_CACHE_NAME
+
+        cache_name = KV_CACHE_NAME if eng.global_kv_cache else None
+        spec = InstanceSpec(name=name, role=role, ep=npus)
+        inst = launch_instance(
+            name, m.model, npus, m.compute, m.device, self.weight_refs, role=role, backend=m.collective_backend,
+            time_scale=m.time_scale, block_size=eng.block_size, kv_blocks=eng.kv_blocks, kv_cache_name=cache_name,
+            mtp_acceptance_rate=eng.mtp_acceptance_rate, placement=spec.placement,
+        )
+        inst.kv_cache = self.kv_cache
+        try:
+            launch_engine(inst, SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size),
+                          cache_name, eng.mtp)
+            ray.get(self._master().add_instance.remote(name, role, eng.max_num_seqs))
+        except Exception:
+            inst.shutdown()
+            raise
+        self.instances[name] = inst
+        return {"instance": name, "role": role, "npus": npus}
+
+    def _drain_and_remove(self, inst: Instance) -> dict:
+        master = self._master()
+        ray.get(master.drain.remote(inst.name))
+        deadline = time.monotonic() + self.manifest.elastic.drain_timeout_s
+        finished_at = None
+        while time.monotonic() < deadline:
+            st = ray.get(inst.engine.stats.remote())
+            load = ray.get(master.drain.remote(inst.name))
+            if st["running"] + st["waiting"] == 0 and load["inflight"] == 0:
+                finished_at = time.monotonic()
+                break
+            time.sleep(0.05)
+        if finished_at is None:
+            raise ScalingError(f"instance: {inst.name} did not drain within {self.manifest.elastic.drain_timeout_s} s; "
+                               f"it stays, out of routing")
+        ray.get(master.remove_instance.remote(inst.name))
+        del self.instances[inst.name]
+        inst.shutdown()
+        return {"instance": inst.name, "role": inst.role, "npus": inst.ep_size}
+
+    def _rebalance_one(self, inst: Instance) -> dict:
+        load = measured_expert_load(inst)
+        if not load or not any(sum(v) for v in load.values()):
+            return {"instance": inst.name, "skipped": "no measured expert load yet"}
+        cfg = inst.specs[0].model
+        slots = slots_needed(cfg.num_experts, inst.ep_size, self.manifest.elastic.redundant_experts)
+        current = inst.specs[0].expert_map
+        plan = plan_placement(load, inst.ep_size, slots)
+        before, after = placement_report(current, load), placement_report(plan, load)
+        result = {"instance": inst.name, "imbalance_before": before["max_imbalance"],
+                  "imbalance_after": after["max_imbalance"]}
+        if after["max_imbalance"] >= before["max_imbalance"] - 1e-9:
+            return result | {"skipped": "the current map is already as balanced"}
+        return result | remap(inst, plan)
+
+    # ---- the autoscaler loop ----------------------------------------------------------------
+    def signals(self) -> ClusterSignals | None:
+        """What the policy decides from: the master's published snapshot."""
+        try:
+            refs = ray.get(self._master().published.remote(), timeout=5)
+            snap = ray.get(refs[0], timeout=5) if refs else None
+        except (ValueError, ray.exceptions.RayError):
+            return None
+        if snap is None:
+            return None
+        cfg = self.manifest.autoscaler
+        instances = []
+        for row in snap["instances"]:
+            inst, eng = self.instances.get(row["name"]), row.get("engine") or {}
+            if inst is None:
+                continue
+            total, free = eng.get("total_blocks") or [1], eng.get("free_blocks") or [1]
+            usage = max(1 - f / t for f, t in zip(free, total)) if total else 0.0
+            instances.append(InstanceSignals(inst.name, inst.role, inst.ep_size, row["healthy"], row.get("draining", False),
+                                             eng.get("running", 0), eng.get("waiting", 0), usage))
+        lat = snap.get("latencies", [])
+
+        def attainment(values, slo):
+            values = [v for v in values if v is not None]
+            return None if slo is None or not values else sum(v <= slo for v in values) / len(values)
+
+        return ClusterSignals(snap["queue_length"], instances, attainment([t for t, _ in lat], cfg.ttft_slo_s),
+                              attainment([p for _, p in lat], cfg.tpot_slo_s))
+
+    def autoscale_once(self) -> list[dict]:
+        """One round of the policy: decide, carry out, record. Returns what was done."""
+        signals = self.signals()
+        if signals is None:
+            return []
+        done = []
+        for d in self.policy.decide(signals, time.monotonic()):
+            try:
+                done.append(self._carry_out(d))
+            except Exception as err:  # logged and counted by _act; the loop goes on
+                logger.warning("autoscaler: %s failed: %s", d.as_dict(), err)
+            self.policy.record(d, time.monotonic())
+        return done
+
+    def _carry_out(self, d: ScalingDecision) -> dict:
+        if d.action == "scale_ep":
+            return self.scale(d.instance, d.npus, trigger="autoscaler") | {"reason": d.reason}
+        if d.action == "add_instance":
+            return self.add_instance(d.role, d.npus, trigger="autoscaler") | {"reason": d.reason}
+        return self.remove_instance(d.instance, trigger="autoscaler") | {"reason": d.reason}
+
+    def _autoscale_loop(self) -> None:
+        while not self._stop.wait(self.manifest.autoscaler.interval_s):
+            try:
+                self.autoscale_once()
+            except Exception:
+                logger.exception("autoscaler round failed")
+
+
+def start_controller(manifest: Manifest, instances: list[Instance], weight_refs: dict | None, kv_cache=None):
+    """The named controller actor (threaded: an action may run while state is read)."""
+    ctl = ray.remote(ClusterController).options(name=CONTROLLER_NAME, num_cpus=0, max_concurrency=16).remote(
+        manifest, instances, weight_refs, kv_cache)
+    ray.get(ctl.start.remote())
+    return ctl
+

@@ -1,0 +1,142 @@
+"""ElasticMoE through a real server: `POST /v1/cluster/scale` and `/rebalance`
+(admin key), an EP resize under a stream that keeps its tokens, an instance
+added then another drained and removed without losing its request, and the
+scaling events the controller records and exports."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import ray
+
+from cluster.bench.serve import free_port
+from cluster.cli import main as cli_main
+from cluster.config import MANIFEST_DIR, parse_manifest
+from helpers import reference_text
+
+ADMIN = "admin-secret"
+MODEL = "tiny-gqa-moge"
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, one_thread):
+    from cluster.server import start_server
+
+    manifest = parse_manifest({
+        "model": "models/tiny-gqa-moge.yaml", "compute": "real",
+        "instances": [{"name": "prefill0", "role": "prefill", "ep": 1}, {"name": "decode0", "role": "decode", "ep": 2}],
+        "proxy": {"admin_keys": [ADMIN]},
+        "elastic": {"drain_timeout_s": 60},
+    }, MANIFEST_DIR)
+    srv = start_server(manifest, port=free_port())
+    yield srv
+    srv.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expect(server):
+    return reference_text(server.manifest.model)
+
+
+def _admin(url, path, body, key=ADMIN):
+    return httpx.post(f"{url}{path}", json=body, timeout=300, headers={"Authorization": f"Bearer {key}"} if key else {})
+
+
+def _stream_in_thread(url: str, prompt: str, n: int, progress: threading.Event, out: dict):
+    """Stream a greedy completion; set `progress` after the first few chunks."""
+    def run():
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True}
+        chunks = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as r:
+            out["status"] = r.status_code
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunks.append("".join(c["text"] for c in json.loads(line[6:])["choices"]))
+                    if len(chunks) >= 3:
+                        progress.set()
+        out["text"] = "".join(chunks)
+        progress.set()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def _describe(server):
+    return ray.get(server.controller.describe.remote())
+
+
+def test_admin_endpoints_need_the_admin_key_and_name_bad_fields(server):
+    body = {"instance": "decode0", "npus": 4}
+    assert _admin(server.url, "/v1/cluster/scale", body, key=None).status_code == 401
+    assert _admin(server.url, "/v1/cluster/scale", body, key="wrong").status_code == 401
+    r = _admin(server.url, "/v1/cluster/scale", {"instance": "decode0", "npus": 3})
+    assert r.status_code == 400 and "npus: 3 does not divide" in r.json()["error"]["message"]
+    r = _admin(server.url, "/v1/cluster/scale", {"instance": "nope", "npus": 2})
+    assert r.status_code == 400 and "instance: no instance 'nope'" in r.json()["error"]["message"]
+    r = _admin(server.url, "/v1/cluster/scale", {"instance": "decode0", "add_instance": "decode"})
+    assert r.status_code in (400, 422) and "exactly one" in r.json()["error"]["message"]
+    r = _admin(server.url, "/v1/cluster/scale", {"remove_instance": "prefill0"})
+    assert r.status_code == 400 and "last prefill instance" in r.json()["error"]["message"]
+    assert [i["npus"] for i in _describe(server)["instances"]] == [1, 2]  # nothing changed
+
+
+def test_stream_across_ep_resizes_keeps_its_tokens(server, expect):
+    prompt = "A stream that crosses two scale events"
+    progress, out = threading.Event(), {}
+    t = _stream_in_thread(server.url, prompt, 40, progress, out)
+    assert progress.wait(120)
+    up = _admin(server.url, "/v1/cluster/scale", {"instance": "decode0", "npus": 4})
+    assert up.status_code == 200, up.text
+    assert up.json()["from_ep"] == 2 and up.json()["to_ep"] == 4
+    down = _admin(server.url, "/v1/cluster/scale", {"instance": "decode0", "npus": 2})
+    assert down.status_code == 200, down.text
+    t.join(300)
+    assert out["status"] == 200 and out["text"] == expect(prompt, 40)
+    snap = httpx.get(f"{server.url}/v1/cluster", timeout=30).json()
+    decode = next(i for i in snap["instances"] if i["name"] == "decode0")
+    assert decode["engine"]["reconfigurations"] >= 2
+    events = [e for e in _describe(server)["events"] if e["action"] == "scale_ep"]
+    assert [(e["from_ep"], e["to_ep"], e["outcome"]) for e in events[-2:]] == [(2, 4, "ok"), (4, 2, "ok")]
+
+
+def test_add_then_remove_an_instance_drains_without_losing_its_request(server, expect):
+    assert cli_main(["scale", "--url", server.url, "--add-instance", "decode", "--npus", "1",
+                     "--admin-key", ADMIN]) == 0
+    assert [i["name"] for i in _describe(server)["instances"]] == ["prefill0", "decode0", "decode1"]
+    assert expect("served after the add", 6) == httpx.post(
+        f"{server.url}/v1/completions", timeout=120,
+        json={"model": MODEL, "prompt": "served after the add", "max_tokens": 6, "temperature": 0}).json()["choices"][0]["text"]
+    # a long stream is running somewhere; remove decode0: it finishes what it holds first
+    prompt = "This request is running while its instance is removed"
+    progress, out = threading.Event(), {}
+    t = _stream_in_thread(server.url, prompt, 48, progress, out)
+    assert progress.wait(120)
+    r = _admin(server.url, "/v1/cluster/scale", {"remove_instance": "decode0"})
+    assert r.status_code == 200, r.text
+    t.join(300)
+    assert out["status"] == 200 and out["text"] == expect(prompt, 48)
+    assert [i["name"] for i in _describe(server)["instances"]] == ["prefill0", "decode1"]
+    deadline = time.monotonic() + 10  # the master's view follows
+    while {i["name"] for i in ray.get(server.master.snapshot.remote())["instances"]} != {"prefill0", "decode1"}:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    text = httpx.post(f"{server.url}/v1/completions", timeout=120,
+                      json={"model": MODEL, "prompt": "after the removal", "max_tokens": 5, "temperature": 0})
+    assert text.status_code == 200 and text.json()["choices"][0]["text"] == expect("after the removal", 5)
+
+
+def test_rebalance_endpoint_reports_the_imbalance(server):
+    assert cli_main(["rebalance", "--url", server.url, "--admin-key", ADMIN]) == 0
+    r = _admin(server.url, "/v1/cluster/rebalance", {"instance": "decode1"})
+    assert r.status_code == 200, r.text
+    (one,) = r.json()["instances"]
+    assert one["instance"] == "decode1"
+    if "imbalance_after" in one:
+        assert one["imbalance_after"] <= one["imbalance_before"]
+    actions = [e["action"] for e in _describe(server)["events"]]
+    assert actions.count("rebalance") == 2 and "add_instance" in actions and "remove_instance" in actions
