@@ -142,6 +142,34 @@ def cmd_bench_compare(args) -> int:
     return 0 if all(r.summary["failed"] == 0 for r in results.values()) else 1
 
 
+def cmd_bench_elastic(args) -> int:
+    from cluster.bench.elastic import ElasticBenchConfig, print_elastic, run_elastic_bench
+    from cluster.bench.report import write_json
+
+    manifest = load_manifest(args.manifest)
+    cfg = ElasticBenchConfig(args.instance, args.to_ep, args.concurrency, args.phase_s, args.input_len,
+                             args.output_len, args.standby, args.seed)
+    summary = run_elastic_bench(manifest, cfg, args.address, console)
+    print_elastic(summary, console)
+    if args.json:
+        write_json(summary, args.json)
+    return 0 if summary["failed"] == 0 else 1
+
+
+def cmd_bench_placement(args) -> int:
+    from cluster.bench.placement import print_placement, run_placement_bench
+    from cluster.bench.report import write_json
+    from cluster.launcher import connect
+
+    manifest = load_manifest(args.manifest)
+    connect(args.address, log_to_driver=False)
+    summary = run_placement_bench(manifest, args.ep, args.requests, args.max_tokens, args.redundant, args.seed)
+    print_placement(summary, console)
+    if args.json:
+        write_json(summary, args.json)
+    return 0 if summary["tokens_unchanged"] else 1
+
+
 def cmd_simulate(args) -> int:
     import json
 
@@ -355,6 +383,29 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--plot", default=None, help="bar chart of the variants (PNG)")
     bc.add_argument("--json", default=None, help="write {variant: summary} here")
     bc.set_defaults(func=cmd_bench_compare)
+    bl = bench.add_parser("elastic", help="ElasticMoE: scale an instance up and down under load vs a cold start")
+    bl.add_argument("--manifest", default="local")
+    bl.add_argument("--address", default=None)
+    bl.add_argument("--instance", default=None, help="the instance to scale (default: the first decode, else mixed)")
+    bl.add_argument("--to-ep", type=_positive, default=None, help="EP size to scale up to (default: twice its own)")
+    bl.add_argument("--concurrency", type=_positive, default=8, help="requests in flight throughout")
+    bl.add_argument("--phase-s", type=float, default=6.0, help="steady seconds before, between and after the events")
+    bl.add_argument("--input-len", type=_positive, default=32)
+    bl.add_argument("--output-len", type=_positive, default=64)
+    bl.add_argument("--standby", type=int, default=None, help="warm NPU actors (default: as many as the scale-up adds)")
+    bl.add_argument("--seed", type=int, default=0)
+    bl.add_argument("--json", default=None, help="write the summary here")
+    bl.set_defaults(func=cmd_bench_elastic)
+    bp = bench.add_parser("placement", help="Omni Placement: expert-load imbalance before/after, on measured load")
+    bp.add_argument("--manifest", default="tiny-mla", help="a real-compute manifest (default tiny-mla: top-k routing)")
+    bp.add_argument("--ep", type=_positive, default=4)
+    bp.add_argument("--requests", type=_positive, default=32)
+    bp.add_argument("--max-tokens", type=_positive, default=16)
+    bp.add_argument("--redundant", type=_ep_list, default=[1, 2], help="redundant slots per NPU to plan with")
+    bp.add_argument("--seed", type=int, default=0)
+    bp.add_argument("--address", default=None)
+    bp.add_argument("--json", default=None, help="write the summary here")
+    bp.set_defaults(func=cmd_bench_placement)
     return parser
 
 

@@ -94,8 +94,6 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     fresh_specs = specs[old_ep:]
     fresh = standby.take(len(fresh_specs)) if standby is not None else []
     fresh += start_npu_actors(fresh_specs[len(fresh):])
-    if standby is not None and fresh_specs:
-        standby.refill(len(fresh_specs))
     try:
         ray.get([n.setup.remote(weight_refs, False, s) for n, s in zip(fresh, fresh_specs)]
                 + [n.prepare.remote(s) for n, s in zip(kept, specs)])
@@ -109,6 +107,8 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
         ray.kill(n)
     inst.npus, inst.specs, inst.memory = kept + fresh, specs, info["memory"]
     inst.executor = InstanceExecutor(inst.npus)
+    if standby is not None and fresh_specs:  # off the critical path: processes starting compete for CPU
+        standby.refill(len(fresh_specs))
     return {
         "instance": inst.name, "from_ep": old_ep, "to_ep": ep, "prepare_s": prepared - t0,
         "pause_s": info["pause_s"], "first_step_s": info.get("first_step_s"), "migrated": info["migrated"],

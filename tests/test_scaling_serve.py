@@ -140,3 +140,37 @@ def test_rebalance_endpoint_reports_the_imbalance(server):
         assert one["imbalance_after"] <= one["imbalance_before"]
     actions = [e["action"] for e in _describe(server)["events"]]
     assert actions.count("rebalance") == 2 and "add_instance" in actions and "remove_instance" in actions
+
+
+def test_autoscaler_round_grows_the_dispatch_role_under_a_queue(server, expect):
+    ray.get(server.master.configure.remote(paused=True))  # requests pile up in the master's queue
+    results = {}
+
+    def send(i):
+        r = httpx.post(f"{server.url}/v1/completions", timeout=300,
+                       json={"model": MODEL, "prompt": f"queued request {i}", "max_tokens": 4, "temperature": 0})
+        results[i] = r
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while True:  # the policy reads the master's published snapshot
+            refs = ray.get(server.master.published.remote())
+            if refs and ray.get(refs[0])["queue_length"] >= 6:
+                break
+            assert time.monotonic() < deadline, "the requests never queued"
+            time.sleep(0.1)
+        done = ray.get(server.controller.autoscale_once.remote())
+    finally:
+        ray.get(server.master.configure.remote(paused=False))
+        for t in threads:
+            t.join(300)
+    assert [(d["action"], d["instance"], d["from_ep"], d["to_ep"]) for d in done] == [("scale_ep", "prefill0", 1, 2)]
+    assert "prefill queue" in done[0]["reason"]
+    assert all(results[i].status_code == 200 for i in range(6))
+    assert [r.json()["choices"][0]["text"] for r in (results[i] for i in range(6))] == \
+        [expect(f"queued request {i}", 4) for i in range(6)]
+    event = _describe(server)["events"][-1]
+    assert (event["action"], event["trigger"], event["outcome"]) == ("scale_ep", "autoscaler", "ok")

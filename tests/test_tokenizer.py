@@ -166,3 +166,13 @@ def test_incremental_detokenizer_window_path(tmp_path):
     deltas, all_deltas = _stream(tok, ids)
     assert "".join(all_deltas) == tok.decode(ids)
     assert "你好" in tok.decode(ids) and not any("\ufffd" in d for d in deltas)
+
+
+def test_ids_beyond_the_vocabulary_show_as_unk_in_both_decoders():
+    tok = Tokenizer.from_file()
+    ids = tok.encode("an emulated model") + [tok.vocab_size + 7, 150_000] + tok.encode(" says")
+    text = tok.decode(ids)
+    assert text == tok.decode(tok.encode("an emulated model")) + f"<unk:{tok.vocab_size + 7}><unk:150000>" \
+        + tok.decode(tok.encode(" says"))
+    stream = IncrementalDetokenizer(tok)
+    assert "".join(stream.add(i) for i in ids) + stream.flush() == text

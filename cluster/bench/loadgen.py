@@ -150,6 +150,42 @@ async def run_load(items: list[WorkItem], cfg: LoadConfig,
         return list(results), time.perf_counter() - t0
 
 
+async def run_closed_loop(items: list[WorkItem], cfg: LoadConfig, stop: Callable[[], bool],
+                          started: Callable[[float], None] | None = None) -> list[RequestResult]:
+    """Keep `concurrency` requests in flight, cycling through `items`, until stop()
+    says so; then let the ones in flight finish. `started(t0)` gets the run's clock
+    origin (time.perf_counter()), to which every result's start_s is relative."""
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+    async with httpx.AsyncClient(base_url=cfg.base, headers=headers, timeout=cfg.timeout_s, limits=limits) as client:
+        model = await _resolve_model(client, cfg.model)
+        t0 = time.perf_counter()
+        if started is not None:
+            started(t0)
+        results: list[RequestResult] = []
+        counter = iter(range(1 << 62))
+
+        async def worker() -> None:
+            while not stop():
+                i = next(counter)
+                results.append(await _one(client, cfg, model, i, items[i % len(items)], t0))
+
+        await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
+        return sorted(results, key=lambda r: r.index)
+
+
+def token_times(res: RequestResult) -> list[float]:
+    """When each output token reached the client, from the run's start: the
+    streamed chunks' times, a chunk's tokens spread evenly over it."""
+    if res.ttft_s is None:
+        return []
+    chunks = [res.start_s + res.ttft_s]
+    for gap in res.itl_s:
+        chunks.append(chunks[-1] + gap)
+    per = res.output_tokens / len(chunks) if res.output_tokens else 1.0
+    return [t for t in chunks for _ in range(max(1, round(per)))]
+
+
 async def cluster_stats(cfg: LoadConfig) -> dict | None:
     """OmniRay's /v1/cluster (None from servers without it)."""
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}

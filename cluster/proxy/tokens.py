@@ -82,7 +82,22 @@ class Tokenizer:
         return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`; an id the tokenizer does not know (an emulated model's
+        vocabulary is larger than the shipped tokenizer's) shows as <unk:ID>."""
+        ids, n = list(ids), self.vocab_size
+        if all(0 <= i < n for i in ids):
+            return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        parts, run = [], []
+        for i in ids + [-1]:
+            if 0 <= i < n:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self.hf.decode(run, skip_special_tokens=skip_special_tokens))
+                run = []
+            if i != -1:
+                parts.append(unknown_id_text(i))
+        return "".join(parts)
 
     def apply_chat_template(self, messages: Sequence[dict]) -> str:
         """Render OpenAI-style messages, ending with the assistant marker as generation prompt.
@@ -110,6 +125,10 @@ class Tokenizer:
             parts.append(f"{ROLE_MARKERS[role]}\n{content}{END_MARKER}\n")
         parts.append(f"{ROLE_MARKERS['assistant']}\n")
         return parts
+
+
+def unknown_id_text(token_id: int) -> str:
+    return f"<unk:{token_id}>"
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -168,9 +187,9 @@ class IncrementalDetokenizer:
     def _token_bytes(self, token_id: int) -> bytes:
         if self.skip_special_tokens and token_id in self._special:
             return b""
-        token = self.tokenizer.hf.id_to_token(token_id)
-        if token is None:  # decode() silently drops unknown ids too
-            return b""
+        token = self.tokenizer.hf.id_to_token(token_id) if token_id >= 0 else None
+        if token is None:  # as decode(): visible, so an emulated model's tokens still stream as text
+            return unknown_id_text(token_id).encode()
         try:
             return bytes(_BYTE_DECODER[c] for c in token)
         except KeyError:  # like the Rust ByteLevel decoder: unmapped token -> its UTF-8
