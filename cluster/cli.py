@@ -170,6 +170,20 @@ def cmd_bench_placement(args) -> int:
     return 0 if summary["tokens_unchanged"] else 1
 
 
+def cmd_bench_chaos(args) -> int:
+    from cluster.bench.chaos import print_chaos, run_chaos_bench
+    from cluster.bench.report import write_json
+
+    manifest = load_manifest(args.manifest)
+    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    summary = run_chaos_bench(manifest, faults, args.concurrency, args.phase_s, args.output_len, args.seed,
+                              args.address, console)
+    print_chaos(summary, console)
+    if args.json:
+        write_json(summary, args.json)
+    return 0 if summary["failed"] == 0 else 1
+
+
 def cmd_simulate(args) -> int:
     import json
 
@@ -406,6 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--address", default=None)
     bp.add_argument("--json", default=None, help="write the summary here")
     bp.set_defaults(func=cmd_bench_placement)
+    bx = bench.add_parser("chaos", help="kill an NPU, the KV cache actor and the master under load; count losses")
+    bx.add_argument("--manifest", default="local-mixed", help="default local-mixed: three mixed instances")
+    bx.add_argument("--faults", default="npu,kv_cache,master", help="what to kill, in order")
+    bx.add_argument("--concurrency", type=_positive, default=8)
+    bx.add_argument("--phase-s", type=float, default=5.0, help="seconds before each fault and after the last")
+    bx.add_argument("--output-len", type=_positive, default=48)
+    bx.add_argument("--seed", type=int, default=0)
+    bx.add_argument("--address", default=None)
+    bx.add_argument("--json", default=None, help="write the summary here")
+    bx.set_defaults(func=cmd_bench_chaos)
     return parser
 
 

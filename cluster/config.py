@@ -100,6 +100,8 @@ class ElasticSettings(BaseModel):
     standby_npus: int = Field(0, ge=0)  # warm NPU actors a scale-up adopts (0: start actors on demand)
     redundant_experts: int = Field(1, ge=0)  # Omni Placement: extra expert slots per NPU for hot-expert copies
     drain_timeout_s: float = Field(300.0, gt=0)  # a removed instance finishes its requests within this
+    auto_rebuild: bool = True  # an instance that lost an NPU gets new NPUs (the controller's health check)
+    health_check_s: float = Field(1.0, gt=0)  # how often the controller looks for such instances
 
 
 class Manifest(BaseModel):

@@ -21,7 +21,7 @@ import ray
 
 from cluster.autoscaler import AutoscalerPolicy, ClusterSignals, InstanceSignals, ScalingDecision
 from cluster.config import InstanceSpec, Manifest
-from cluster.elastic import StandbyPool, allowed_ep, measured_expert_load, remap, resize
+from cluster.elastic import StandbyPool, allowed_ep, measured_expert_load, rebuild, remap, resize
 from cluster.launcher import Instance, launch_engine, launch_instance
 from cluster.placement import placement_report, plan_placement, slots_needed
 
@@ -57,6 +57,8 @@ class ClusterController:
             self.standby = StandbyPool(next(iter(self.instances.values())).specs[0], self.manifest.elastic.standby_npus)
         if self.manifest.autoscaler.enabled:
             threading.Thread(target=self._autoscale_loop, daemon=True, name="autoscaler").start()
+        if self.manifest.elastic.auto_rebuild:
+            threading.Thread(target=self._health_loop, daemon=True, name="health").start()
         self._export_sizes()
         return self.describe()
 
@@ -73,6 +75,10 @@ class ClusterController:
             "autoscaler": self.manifest.autoscaler.model_dump(),
             "events": list(self.events),
         }
+
+    def npu_handles(self, instance: str) -> list:
+        """The instance's NPU actors now (fault injection: `omniray bench chaos`)."""
+        return list(self._instance(instance).npus)
 
     # ---- actions -------------------------------------------------------------------------
     def scale(self, instance: str, npus: int, trigger: str = "operator") -> dict:
@@ -110,6 +116,17 @@ class ClusterController:
         targets = [self._instance(instance)] if instance else list(self.instances.values())
         return self._act("rebalance", ",".join(sorted({t.role for t in targets})), trigger,
                          lambda: {"instances": [self._rebalance_one(t) for t in targets]})
+
+    def rebuild(self, instance: str, trigger: str = "operator") -> dict:
+        """New NPUs for an instance that lost one; the master routes to it again after."""
+        inst = self._instance(instance)
+
+        def do():
+            result = rebuild(inst, self.weight_refs, self.standby)
+            ray.get(self._master().mark_rebuilt.remote(inst.name))
+            return result
+
+        return self._act("rebuild", inst.role, trigger, do)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -261,6 +278,28 @@ class ClusterController:
         if d.action == "add_instance":
             return self.add_instance(d.role, d.npus, trigger="autoscaler") | {"reason": d.reason}
         return self.remove_instance(d.instance, trigger="autoscaler") | {"reason": d.reason}
+
+    def check_health(self) -> list[dict]:
+        """Rebuild every instance whose engine says an NPU of it died."""
+        done = []
+        for name, inst in list(self.instances.items()):
+            try:
+                healthy = ray.get(inst.engine.stats.remote(), timeout=10)["healthy"]
+            except (ray.exceptions.RayError, KeyError):
+                continue  # an engine that does not answer: nothing this controller can rebuild
+            if not healthy:
+                try:
+                    done.append(self.rebuild(name, trigger="health"))
+                except Exception as err:
+                    logger.warning("health: rebuilding %s failed: %s", name, err)
+        return done
+
+    def _health_loop(self) -> None:
+        while not self._stop.wait(self.manifest.elastic.health_check_s):
+            try:
+                self.check_health()
+            except Exception:
+                logger.exception("health check failed")
 
     def _autoscale_loop(self) -> None:
         while not self._stop.wait(self.manifest.autoscaler.interval_s):

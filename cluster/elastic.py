@@ -116,6 +116,31 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     }
 
 
+def rebuild(inst: Instance, weight_refs: dict | None, standby: StandbyPool | None = None) -> dict:
+    """A new set of NPUs for an instance that lost one (its collective group is
+    broken with it): same EP size and expert map, every NPU new (standby first),
+    the engine kept. Sequences it still holds recompute their KV on the new NPUs."""
+    t0 = time.perf_counter()
+    specs = resized_specs(inst, inst.ep_size, inst.specs[0].expert_map)
+    fresh = standby.take(len(specs)) if standby is not None else []
+    fresh += start_npu_actors(specs[len(fresh):])
+    try:
+        ray.get([n.setup.remote(weight_refs, False, s) for n, s in zip(fresh, specs)])
+        info = ray.get(inst.engine.reconfigure.remote(fresh, specs, True))
+    except Exception:
+        for n in fresh:
+            ray.kill(n)
+        raise
+    for n in inst.npus:
+        ray.kill(n)
+    inst.npus, inst.specs, inst.memory = fresh, specs, info["memory"]
+    inst.executor = InstanceExecutor(inst.npus)
+    if standby is not None:
+        standby.refill(len(specs))
+    return {"instance": inst.name, "npus": len(specs), "recomputed": info["migrated"],
+            "total_s": time.perf_counter() - t0}
+
+
 def remap(inst: Instance, expert_map: ExpertMap) -> dict:
     """Apply a new expert map to `inst`'s NPUs while it serves (the switch is
     between two steps; each NPU stages the experts it gains beforehand)."""

@@ -312,21 +312,23 @@ class InstanceEngine:
         return not stopped and len(seq.output_ids) < req.max_tokens
 
     # ---- elastic: new NPUs or a new expert map, switched between two steps -------------
-    async def reconfigure(self, npus: list, specs: list) -> dict:
+    async def reconfigure(self, npus: list, specs: list, recompute: bool = False) -> dict:
         """Serve on `npus` (one spec each) from the next step on: an EP resize
         (ElasticMoE) or a new expert map (Omni Placement). NPUs kept from the current
         set keep their KV in place; sequences on NPUs that leave export their KV
         through the object store and resume on another NPU from where they were.
         The caller staged the new experts (NPU.prepare) and releases the NPUs that
-        left once this returns. Returns when the first step on the new NPUs ran
-        (at once when there is no work)."""
+        left once this returns. `recompute` (a rebuild after an NPU died): the
+        leaving NPUs cannot be read, so their sequences recompute their KV from
+        their tokens. Returns when the first step on the new NPUs ran (at once
+        when there is no work); the instance is healthy again."""
         self._ensure_loop()
         if self._reconfig is not None:
             raise RuntimeError(f"engine {self.config.name}: a reconfiguration is already in progress")
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         switched = loop.create_future()
-        self._reconfig = (npus, specs, switched)
+        self._reconfig = (npus, specs, switched, recompute)
         self._wake.set()
         info = await switched
         if self.scheduler.has_work():
@@ -335,7 +337,7 @@ class InstanceEngine:
             info["first_step_s"] = await first - t0
         return info
 
-    async def _switch(self, npus: list, specs: list, done: asyncio.Future) -> None:
+    async def _switch(self, npus: list, specs: list, done: asyncio.Future, recompute: bool) -> None:
         import ray
 
         t0 = time.monotonic()
@@ -347,6 +349,9 @@ class InstanceEngine:
             moving = []
             for seq in self.scheduler.running:
                 if seq.rank is not None and old[seq.rank]._actor_id.hex() not in new_rank:
+                    if recompute:
+                        moving.append((seq, [], 0))
+                        continue
                     blocks = seq.block_table[: -(-seq.num_computed // bs)]
                     refs = old[seq.rank].export_blocks.options(num_returns=len(blocks)).remote(blocks) if blocks else []
                     moving.append((seq, [refs] if len(blocks) == 1 else list(refs), seq.num_computed))
@@ -375,6 +380,7 @@ class InstanceEngine:
         self.managers = self.scheduler.managers = bs_managers
         self.executor = InstanceExecutor(npus)
         self.counters["reconfigurations"] += 1
+        self.healthy = True
         self.counters["migrated_seqs"] += len(moving)
         done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "migrated": len(moving), "memory": memory})
 

@@ -164,6 +164,13 @@ class OmniMaster:
         """A slave's finished request: its TTFT and TPOT (the autoscaler's SLO signal)."""
         self.latencies.append((ttft_s, tpot_s))
 
+    def mark_rebuilt(self, name: str) -> None:
+        """The instance was rebuilt on new NPUs: route to it again."""
+        inst = self.instances.get(name)
+        if inst is not None:
+            inst.failed, inst.view.healthy = False, True
+            logger.info("master: instance %s rebuilt; routing to it again", name)
+
     def cancel(self, request_id: str) -> None:
         """A slave gave up on a queued request (client gone, timeout)."""
         entry = self.queue.pop(request_id, None)

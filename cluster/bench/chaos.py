@@ -1,0 +1,115 @@
+"""`omniray bench chaos`: faults under load lose no accepted request.
+
+A closed loop of streaming requests runs through the real server while, one
+after another with `phase_s` seconds between them, an NPU actor of an instance,
+the global KV cache actor and the master are killed. Every request is sorted
+into: rejected (429/503 before it was accepted), failed (accepted but not
+completed with all its tokens) and completed. Requests that were in flight when
+a fault struck give the fault-time p99 latency, those finished before the first
+fault the steady p99. The controller's health check rebuilds the broken
+instance; the KV cache actor and the master restart by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import ray
+
+from cluster.bench.loadgen import LoadConfig, RequestResult, run_closed_loop
+from cluster.bench.report import _pct
+from cluster.bench.serve import local_server
+from cluster.bench.workloads import make_workload
+
+FAULTS = ("npu", "kv_cache", "master")
+
+
+def _kill(server, fault: str) -> str:
+    """Kill one actor of the running server; returns what was killed."""
+    from actors.kv_cache import KV_CACHE_NAME
+    from cluster.launcher import NAMESPACE
+
+    if fault == "npu":
+        inst = ray.get(server.controller.describe.remote())["instances"][0]["name"]
+        npus = ray.get(server.controller.npu_handles.remote(inst))
+        ray.kill(npus[0])  # no restart: the instance is rebuilt on new NPUs
+        return f"{inst}.npu0"
+    if fault == "kv_cache":
+        ray.kill(ray.get_actor(KV_CACHE_NAME, namespace=NAMESPACE), no_restart=False)
+        return KV_CACHE_NAME
+    if fault == "master":
+        ray.kill(server.master, no_restart=False)
+        return "master"
+    raise ValueError(f"faults: unknown fault {fault!r}; expected one of {', '.join(FAULTS)}")
+
+
+def _rejected(r: RequestResult) -> bool:
+    return r.error.startswith("HTTP 429") or r.error.startswith("HTTP 503")
+
+
+def run_chaos_bench(manifest, faults: list[str], concurrency: int = 8, phase_s: float = 5.0, output_len: int = 48,
+                    seed: int = 0, address: str | None = None, console=None) -> dict:
+    for f in faults:
+        if f not in FAULTS:
+            raise ValueError(f"faults: unknown fault {f!r}; expected one of {', '.join(FAULTS)}")
+    if "kv_cache" in faults and not manifest.engine.global_kv_cache:
+        raise ValueError(f"faults: kv_cache needs a global KV cache; manifest {manifest.name} has "
+                         f"engine.global_kv_cache: false")
+    items = make_workload("random", 256, seed=seed, token_range=(16, min(manifest.model.vocab_size, 512)),
+                          input_len=32, output_len=output_len)
+    say = console.print if console is not None else (lambda *_: None)
+    with local_server(manifest, address) as server:
+        load = LoadConfig(server.url, concurrency=concurrency, seed=seed)
+        stop, clock, out = threading.Event(), {}, {}
+        runner = threading.Thread(target=lambda: out.setdefault("results", asyncio.run(
+            run_closed_loop(items, load, stop.is_set, lambda t0: clock.setdefault("t0", t0)))))
+        runner.start()
+        record = []
+        try:
+            while "t0" not in clock:
+                time.sleep(0.01)
+            for fault in faults:
+                time.sleep(phase_s)
+                at = time.perf_counter() - clock["t0"]
+                what = _kill(server, fault)
+                say(f"{at:6.1f} s: killed {what}")
+                record.append({"fault": fault, "killed": what, "at_s": at})
+            time.sleep(phase_s)
+        finally:
+            stop.set()
+            runner.join()
+        events = ray.get(server.controller.describe.remote())["events"]
+
+    results: list[RequestResult] = out["results"]
+    want = {i: items[i % len(items)].max_tokens for i in range(len(results) + concurrency)}
+    rejected = [r for r in results if _rejected(r)]
+    accepted = [r for r in results if not _rejected(r)]
+    completed = [r for r in accepted if r.ok and r.output_tokens == want[r.index]]
+    first = min((f["at_s"] for f in record), default=float("inf"))
+    steady = [r.e2e_s for r in completed if r.start_s + r.e2e_s < first]
+    hit = [r.e2e_s for r in completed if any(r.start_s <= f["at_s"] <= r.start_s + r.e2e_s for f in record)]
+    return {
+        "manifest": manifest.name, "sent": len(results), "accepted": len(accepted), "completed": len(completed),
+        "failed": len(accepted) - len(completed), "rejected": len(rejected), "faults": record,
+        "p99_latency_s_steady": _pct(steady, 99), "p99_latency_s_fault": _pct(hit, 99),
+        "requests_hit_by_a_fault": len(hit),
+        "rebuilds": [e for e in events if e["action"] == "rebuild"],
+        "errors": sorted({r.error[:160] for r in accepted if r not in completed})[:5],
+    }
+
+
+def print_chaos(summary: dict, console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"bench chaos: {summary['manifest']}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key in ("sent", "accepted", "completed", "failed", "rejected", "requests_hit_by_a_fault",
+                "p99_latency_s_steady", "p99_latency_s_fault"):
+        v = summary[key]
+        t.add_row(key, "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+    for f in summary["faults"]:
+        t.add_row(f"killed at {f['at_s']:.1f} s", f["killed"])
+    console.print(t)
