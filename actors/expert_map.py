@@ -5,7 +5,16 @@ routes tokens by it. Torch-free, so emulated NPUs never import torch."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+
+def imbalance_score(loads: Iterable) -> float:
+    """(max - min) / mean of per-device loads (any numbers, a 1-D tensor too); 0 is
+    perfectly balanced. Torch-free, so the master and the slaves never import torch."""
+    values = [float(x) for x in loads]
+    mean = sum(values) / len(values) if values else 0.0
+    return 0.0 if mean == 0 else (max(values) - min(values)) / mean
 
 
 @dataclass(frozen=True)

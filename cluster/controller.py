@@ -57,8 +57,7 @@ class ClusterController:
             self.standby = StandbyPool(next(iter(self.instances.values())).specs[0], self.manifest.elastic.standby_npus)
         if self.manifest.autoscaler.enabled:
             threading.Thread(target=self._autoscale_loop, daemon=True, name="autoscaler").start()
-        if self.manifest.elastic.auto_rebuild:
-            threading.Thread(target=self._health_loop, daemon=True, name="health").start()
+        threading.Thread(target=self._monitor_loop, daemon=True, name="monitor").start()
         self._export_sizes()
         return self.describe()
 
@@ -294,10 +293,13 @@ class ClusterController:
                     logger.warning("health: rebuilding %s failed: %s", name, err)
         return done
 
-    def _health_loop(self) -> None:
+    def _monitor_loop(self) -> None:
+        """Re-export the sizes (gauges) and, with elastic.auto_rebuild, rebuild broken instances."""
         while not self._stop.wait(self.manifest.elastic.health_check_s):
             try:
-                self.check_health()
+                self._export_sizes()
+                if self.manifest.elastic.auto_rebuild:
+                    self.check_health()
             except Exception:
                 logger.exception("health check failed")
 

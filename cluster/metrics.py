@@ -38,10 +38,9 @@ adds its own `ray_` prefix on the Prometheus side (`ray_omniray_ttft_seconds`).
 
 from __future__ import annotations
 
-import torch
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from actors.model.router import imbalance_score
+from actors.expert_map import imbalance_score
 
 # seconds: 1 ms .. 2 min, roughly x2.5 per bucket
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0]
@@ -132,7 +131,7 @@ class MasterMetrics:
         for layer, loads in device_loads(npus).items():
             for npu, load in zip(npus, loads):
                 self.device_load.set(load, {"instance": instance, "layer": str(layer), "npu": str(npu.get("name"))})
-            self.imbalance.set(imbalance_score(torch.tensor(loads)), {"instance": instance, "layer": str(layer)})
+            self.imbalance.set(imbalance_score(loads), {"instance": instance, "layer": str(layer)})
 
     def kv_cache(self, stats: dict | None) -> None:
         if stats:

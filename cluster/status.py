@@ -13,6 +13,7 @@ from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
+from actors.expert_map import imbalance_score
 from cluster.metrics import device_loads
 
 
@@ -68,7 +69,7 @@ def render(snap: dict):
         free = e.get("free_blocks") or []
         total = e.get("total_blocks") or []
         loads = device_loads(i.get("npus", []))
-        imb = " ".join(f"{_imbalance(v):.2f}" for _, v in sorted(loads.items())) or "-"
+        imb = " ".join(f"{imbalance_score(v):.2f}" for _, v in sorted(loads.items())) or "-"
         inst.add_row(i["name"], i["role"], "yes" if i["healthy"] else "[red]no[/red]", str(e.get("running", "-")),
                      str(e.get("waiting", "-")), str(i.get("inflight", 0)),
                      f"{min(free)}/{min(total)}" if free and total else "-", str(i.get("cached_prefix_blocks", 0)), imb)
@@ -85,12 +86,6 @@ def render(snap: dict):
     return Panel(Group(head, inst, npus, kv_line), title=f"OmniRay {snap.get('model', '')}")
 
 
-def _imbalance(loads: list[int]) -> float:
-    import torch
-
-    from actors.model.router import imbalance_score
-
-    return imbalance_score(torch.tensor(loads)) if loads else 0.0
 
 
 def watch(fetch, console, interval_s: float = 1.0, once: bool = False) -> None:

@@ -63,7 +63,10 @@ POSITIONS = {
     "chunked": (50, 13, 37),
     "chunked_mid": (40, 7, 20),
 }
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+# float32 rounding depends on the CPU's vector kernels (summation order differs between
+# machines: 7e-6 abs on scores up to 120 was seen on an AMD EPYC); an algorithmic error
+# would be O(1). float64 keeps the exactness check.
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

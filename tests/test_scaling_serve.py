@@ -174,3 +174,19 @@ def test_autoscaler_round_grows_the_dispatch_role_under_a_queue(server, expect):
         [expect(f"queued request {i}", 4) for i in range(6)]
     event = _describe(server)["events"][-1]
     assert (event["action"], event["trigger"], event["outcome"]) == ("scale_ep", "autoscaler", "ok")
+
+
+def test_scaling_events_reach_prometheus(server):
+    """The controller's counters are scraped from Ray's metrics agent (ray_ prefix)."""
+    import re
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline, seen = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        seen = {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'^ray_omniray_scaling_events_total{[^}]*action="(\w+)"[^}]*} ([0-9.e+-]+)$', text, re.M)}
+        if {"scale_ep", "add_instance", "remove_instance", "rebalance"} <= {a for a, v in seen.items() if v > 0}:
+            return
+        time.sleep(2)
+    pytest.fail(f"scaling events exported: {seen}")

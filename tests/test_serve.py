@@ -429,7 +429,8 @@ def test_prometheus_endpoint_exports_omniray_metrics(server):
 
     port = ray._private.worker.global_worker.node.metrics_export_port
     wanted = ("ray_omniray_requests_total", "ray_omniray_ttft_seconds_count", "ray_omniray_request_stage_seconds_count",
-              "ray_omniray_npu_hbm_used_bytes", "ray_omniray_dispatched_total", "ray_omniray_instance_free_kv_blocks")
+              "ray_omniray_npu_hbm_used_bytes", "ray_omniray_dispatched_total", "ray_omniray_instance_free_kv_blocks",
+              "ray_omniray_instance_npus")
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from actors.expert_map import imbalance_score  # noqa: F401  (re-exported: the imbalance of group loads)
 from actors.model.config import ModelConfig
 
 
@@ -31,13 +32,6 @@ def expert_load(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
 def group_load(load: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Load per group of E/G consecutive experts [G] (a group = one device's experts)."""
     return load.view(num_groups, -1).sum(dim=1)
-
-
-def imbalance_score(loads: torch.Tensor) -> float:
-    """(max - min) / mean of the loads; 0 is perfectly balanced."""
-    loads = loads.to(torch.float64)
-    mean = loads.mean().item()
-    return 0.0 if mean == 0 else (loads.max().item() - loads.min().item()) / mean
 
 
 class Router(nn.Module):
