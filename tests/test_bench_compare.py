@@ -8,7 +8,7 @@ import pytest
 
 from cluster.bench.compare import parse_vary, variant_manifest
 from cluster.cli import main
-from cluster.config import load_manifest
+from cluster.config import MANIFEST_DIR, load_manifest
 
 
 def test_parse_vary_names_variants_and_rejects_unknown_settings():
@@ -30,8 +30,12 @@ def test_variant_manifest_validates_the_value():
 
 
 def test_compare_two_policies_in_one_invocation(ray_session, tmp_path):
-    js = tmp_path / "c.json"
-    assert main(["bench", "compare", "--policies", "round_robin,omni", "--workload", "shared-prefix",
+    js, manifest = tmp_path / "c.json", tmp_path / "two.yaml"
+    manifest.write_text(  # two instances are enough to route between, and start faster than three
+        "name: two\nmodel: " + str(MANIFEST_DIR / "models" / "tiny-gqa-moge.yaml") + "\ncompute: real\n"
+        "instances:\n  - {role: mixed, ep: 1}\n  - {role: mixed, ep: 1}\nengine: {kv_blocks: 128}\n")
+    assert main(["bench", "compare", "--manifest", str(manifest), "--policies", "round_robin,omni",
+                 "--workload", "shared-prefix",
                  "--requests", "12", "--concurrency", "4", "--output-len", "4", "--json", str(js)]) == 0
     out = json.loads(js.read_text())
     assert list(out) == ["round_robin", "omni"]
