@@ -22,7 +22,7 @@ import ray
 from cluster.autoscaler import AutoscalerPolicy, ClusterSignals, InstanceSignals, ScalingDecision
 from cluster.config import InstanceSpec, Manifest
 from cluster.elastic import StandbyPool, allowed_ep, measured_expert_load, rebuild, remap, resize
-from cluster.launcher import Instance, launch_engine, launch_instance
+from cluster.launcher import Instance, launch_manifest_instance
 from cluster.placement import placement_report, plan_placement, slots_needed
 
 logger = logging.getLogger(__name__)
@@ -171,22 +171,10 @@ class ClusterController:
         return ray.get_actor(MASTER_NAME)
 
     def _launch(self, name: str, role: str, npus: int) -> dict:
-        m, eng = self.manifest, self.manifest.engine
-        from actors.engine.scheduler import SchedulerConfig
-        from actors.kv_cache import KV_CACHE_NAME
-
-        cache_name = KV_CACHE_NAME if eng.global_kv_cache else None
-        spec = InstanceSpec(name=name, role=role, ep=npus)
-        inst = launch_instance(
-            name, m.model, npus, m.compute, m.device, self.weight_refs, role=role, backend=m.collective_backend,
-            time_scale=m.time_scale, block_size=eng.block_size, kv_blocks=eng.kv_blocks, kv_cache_name=cache_name,
-            mtp_acceptance_rate=eng.mtp_acceptance_rate, placement=spec.placement,
-        )
-        inst.kv_cache = self.kv_cache
+        inst = launch_manifest_instance(self.manifest, InstanceSpec(name=name, role=role, ep=npus),
+                                        self.weight_refs, self.kv_cache)
         try:
-            launch_engine(inst, SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size),
-                          cache_name, eng.mtp)
-            ray.get(self._master().add_instance.remote(name, role, eng.max_num_seqs))
+            ray.get(self._master().add_instance.remote(name, role, self.manifest.engine.max_num_seqs))
         except Exception:
             inst.shutdown()
             raise

@@ -59,26 +59,51 @@ class StandbyPool:
 
     def __init__(self, template: NPUSpec, size: int):
         self.template = template
-        self.actors = start_npu_actors([replace(template, name=f"standby{i}", instance="standby", rank=0)
-                                        for i in range(size)]) if size else []
-        ray.get([a.warm.remote() for a in self.actors])
+        self.actors = []
+        ray.get(self.refill(size))
 
     def take(self, n: int) -> list:
         taken, self.actors = self.actors[:n], self.actors[n:]
         return taken
 
-    def refill(self, n: int) -> None:
-        """Start n more in the background (after a scale-up used some)."""
+    def refill(self, n: int) -> list:
+        """Start n more; returns their warm-up refs (a caller may go on without waiting)."""
         fresh = start_npu_actors([replace(self.template, name=f"standby{i}", instance="standby", rank=0)
-                                  for i in range(n)])
-        for a in fresh:
-            a.warm.remote()
+                                  for i in range(n)]) if n else []
         self.actors.extend(fresh)
+        return [a.warm.remote() for a in fresh]
 
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+def _new_npus(specs: list[NPUSpec], weight_refs: dict | None, standby: StandbyPool | None, staging: list) -> list:
+    """NPU actors for `specs` (standby first, the rest started now), loaded from the
+    object store but outside any collective group, while `staging` (other NPUs'
+    prepare calls) completes; on failure the new actors go."""
+    fresh = standby.take(len(specs)) if standby is not None else []
+    fresh += start_npu_actors(specs[len(fresh):])
+    try:
+        ray.get([n.setup.remote(weight_refs, False, s) for n, s in zip(fresh, specs)] + staging)
+    except Exception:
+        for n in fresh:
+            ray.kill(n)
+        raise
+    return fresh
+
+
+def _switch(inst: Instance, npus: list, specs: list[NPUSpec], recompute: bool = False) -> dict:
+    """The engine serves on `npus` from its next step; the NPUs it no longer uses go."""
+    info = ray.get(inst.engine.reconfigure.remote(npus, specs, recompute))
+    using = {n._actor_id.hex() for n in npus}
+    for n in inst.npus:
+        if n._actor_id.hex() not in using:
+            ray.kill(n)
+    inst.npus, inst.specs, inst.memory = list(npus), specs, info["memory"]
+    inst.executor = InstanceExecutor(inst.npus)
+    return info
 
 
 def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: ExpertMap | None = None,
@@ -91,24 +116,11 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     old_ep = inst.ep_size
     specs = resized_specs(inst, ep, expert_map)
     kept = inst.npus[: min(ep, old_ep)]
-    fresh_specs = specs[old_ep:]
-    fresh = standby.take(len(fresh_specs)) if standby is not None else []
-    fresh += start_npu_actors(fresh_specs[len(fresh):])
-    try:
-        ray.get([n.setup.remote(weight_refs, False, s) for n, s in zip(fresh, fresh_specs)]
-                + [n.prepare.remote(s) for n, s in zip(kept, specs)])
-    except Exception:
-        for n in fresh:
-            ray.kill(n)
-        raise
+    fresh = _new_npus(specs[old_ep:], weight_refs, standby, [n.prepare.remote(s) for n, s in zip(kept, specs)])
     prepared = time.perf_counter()
-    info = ray.get(inst.engine.reconfigure.remote(kept + fresh, specs))
-    for n in inst.npus[ep:]:
-        ray.kill(n)
-    inst.npus, inst.specs, inst.memory = kept + fresh, specs, info["memory"]
-    inst.executor = InstanceExecutor(inst.npus)
-    if standby is not None and fresh_specs:  # off the critical path: processes starting compete for CPU
-        standby.refill(len(fresh_specs))
+    info = _switch(inst, kept + fresh, specs)
+    if standby is not None:  # off the critical path: processes starting compete for CPU
+        standby.refill(len(fresh))
     return {
         "instance": inst.name, "from_ep": old_ep, "to_ep": ep, "prepare_s": prepared - t0,
         "pause_s": info["pause_s"], "first_step_s": info.get("first_step_s"), "migrated": info["migrated"],
@@ -122,19 +134,13 @@ def rebuild(inst: Instance, weight_refs: dict | None, standby: StandbyPool | Non
     the engine kept. Sequences it still holds recompute their KV on the new NPUs."""
     t0 = time.perf_counter()
     specs = resized_specs(inst, inst.ep_size, inst.specs[0].expert_map)
-    fresh = standby.take(len(specs)) if standby is not None else []
-    fresh += start_npu_actors(specs[len(fresh):])
+    fresh = _new_npus(specs, weight_refs, standby, [])
     try:
-        ray.get([n.setup.remote(weight_refs, False, s) for n, s in zip(fresh, specs)])
-        info = ray.get(inst.engine.reconfigure.remote(fresh, specs, True))
+        info = _switch(inst, fresh, specs, recompute=True)
     except Exception:
         for n in fresh:
             ray.kill(n)
         raise
-    for n in inst.npus:
-        ray.kill(n)
-    inst.npus, inst.specs, inst.memory = fresh, specs, info["memory"]
-    inst.executor = InstanceExecutor(inst.npus)
     if standby is not None:
         standby.refill(len(specs))
     return {"instance": inst.name, "npus": len(specs), "recomputed": info["migrated"],
@@ -150,8 +156,7 @@ def remap(inst: Instance, expert_map: ExpertMap) -> dict:
         raise ValueError(f"expert_map: built for EP {expert_map.ep_size}, instance {inst.name} has {inst.ep_size}")
     specs = [replace(s, expert_map=expert_map) for s in inst.specs]
     staged = ray.get([n.prepare.remote(s) for n, s in zip(inst.npus, specs)])
-    info = ray.get(inst.engine.reconfigure.remote(inst.npus, specs))
-    inst.specs, inst.memory = specs, info["memory"]
+    info = _switch(inst, inst.npus, specs)
     return {"instance": inst.name, "staged_bytes": sum(staged), "pause_s": info["pause_s"],
             "total_s": time.perf_counter() - t0}
 
@@ -159,10 +164,6 @@ def remap(inst: Instance, expert_map: ExpertMap) -> dict:
 def measured_expert_load(inst: Instance) -> dict[int, list[int]]:
     """Token-expert pairs routed per logical expert and layer, summed over the
     instance's NPUs (each counts what its own tokens chose)."""
-    total: dict[int, list[int]] = {}
-    for npu in ray.get(inst.engine.npu_stats.remote()):
-        for layer, load in npu.get("expert_load", {}).items():
-            acc = total.setdefault(int(layer), [0] * len(load))
-            for e, n in enumerate(load):
-                acc[e] += n
-    return total
+    from cluster.metrics import total_expert_load
+
+    return total_expert_load(ray.get(inst.engine.npu_stats.remote()))

@@ -197,32 +197,45 @@ def launch_manifest(manifest, weight_refs: dict | None = None) -> list[Instance]
     """Everything a manifest describes: the global KV cache, the weights in the
     object store (`weight_refs` if the caller put them already), and each
     instance with its engine."""
-    from actors.kv_cache import KV_CACHE_NAME, get_or_create_kv_cache
+    from actors.kv_cache import get_or_create_kv_cache
 
     check_capacity(sum(spec.ep for spec in manifest.instances))
     eng = manifest.engine
-    cache_name, cache = None, None
-    if eng.global_kv_cache:  # a named actor lives only while someone holds a handle: the instances do
-        cache = get_or_create_kv_cache(eng.kv_cache_bytes)
-        cache_name = KV_CACHE_NAME
+    # a named actor lives only while someone holds a handle: the instances do
+    cache = get_or_create_kv_cache(eng.kv_cache_bytes) if eng.global_kv_cache else None
     refs = weight_refs
     if refs is None and manifest.compute == "real":
         refs = publish_weights(manifest.model, manifest.checkpoint)
-    sched = SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size)
     instances = []
     try:
         for spec in manifest.instances:
-            inst = launch_instance(
-                spec.name, manifest.model, spec.ep, manifest.compute, manifest.device, refs, role=spec.role,
-                backend=manifest.collective_backend, time_scale=manifest.time_scale, block_size=eng.block_size,
-                kv_blocks=eng.kv_blocks, kv_cache_name=cache_name, mtp_acceptance_rate=eng.mtp_acceptance_rate,
-                placement=spec.placement,
-            )
-            inst.kv_cache = cache
-            instances.append(inst)
-            launch_engine(inst, sched, cache_name, eng.mtp)
+            instances.append(launch_manifest_instance(manifest, spec, refs, cache))
     except Exception:
         for inst in instances:
             inst.shutdown()
         raise
     return instances
+
+
+def launch_manifest_instance(manifest, spec, weight_refs: dict | None, kv_cache=None) -> Instance:
+    """One instance of a manifest (InstanceSpec `spec`) with its engine, publishing
+    to `kv_cache` (the global KV cache actor) if given; at start-up and when the
+    cluster controller adds one while serving."""
+    from actors.kv_cache import KV_CACHE_NAME
+
+    eng = manifest.engine
+    cache_name = KV_CACHE_NAME if kv_cache is not None else None
+    inst = launch_instance(
+        spec.name, manifest.model, spec.ep, manifest.compute, manifest.device, weight_refs, role=spec.role,
+        backend=manifest.collective_backend, time_scale=manifest.time_scale, block_size=eng.block_size,
+        kv_blocks=eng.kv_blocks, kv_cache_name=cache_name, mtp_acceptance_rate=eng.mtp_acceptance_rate,
+        placement=spec.placement,
+    )
+    inst.kv_cache = kv_cache
+    try:
+        launch_engine(inst, SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size),
+                      cache_name, eng.mtp)
+    except Exception:
+        inst.shutdown()
+        raise
+    return inst

@@ -161,16 +161,19 @@ class ScalingMetrics:
         self.standby.set(standby)
 
 
-def device_loads(npus: list[dict]) -> dict[int, list[int]]:
-    """Per MoE layer, the tokens routed to each NPU's experts, summed over every
-    NPU's routing (each NPU routes its own sequences over all experts)."""
+def total_expert_load(npus: list[dict]) -> dict[int, list[int]]:
+    """Per MoE layer, the token-expert pairs routed to each logical expert, summed
+    over every NPU's routing (each NPU routes its own sequences over all experts)."""
     totals: dict[int, list[int]] = {}
     for npu in npus:
         for layer, loads in npu.get("expert_load", {}).items():
             acc = totals.setdefault(int(layer), [0] * len(loads))
             totals[int(layer)] = [a + b for a, b in zip(acc, loads)]
-    out = {}
-    for layer, total in totals.items():
-        out[layer] = [sum(total[e] for e in npu.get("experts", {}).get(str(layer), [])) for npu in npus]
-    return out
+    return totals
 
+
+def device_loads(npus: list[dict]) -> dict[int, list[int]]:
+    """Per MoE layer, the tokens routed to each NPU's experts (total_expert_load
+    over the experts each NPU holds)."""
+    return {layer: [sum(total[e] for e in npu.get("experts", {}).get(str(layer), [])) for npu in npus]
+            for layer, total in total_expert_load(npus).items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -31,3 +32,18 @@ def reference_text(cfg: ModelConfig):
         return tok.decode(generate(model, [tok.encode(prompt)], n, stop_token_ids=stop).tokens[0])
 
     return text
+
+
+@contextmanager
+def serving(manifest: dict):
+    """An OmniRay server of a manifest mapping (paths relative to manifests/) on a
+    free port, shut down when the block ends."""
+    from cluster.bench.serve import free_port
+    from cluster.config import MANIFEST_DIR, parse_manifest
+    from cluster.server import start_server
+
+    srv = start_server(parse_manifest(manifest, MANIFEST_DIR), port=free_port())
+    try:
+        yield srv
+    finally:
+        srv.shutdown()

@@ -11,9 +11,7 @@ import httpx
 import pytest
 import ray
 
-from cluster.bench.serve import free_port
-from cluster.config import MANIFEST_DIR, parse_manifest
-from helpers import reference_text
+from helpers import reference_text, serving
 
 PROMPT = "An NPU dies in the middle of this answer"
 TIMEOUT_S = 15.0  # the test server's request timeout: far above any request here, short enough to wait out
@@ -22,16 +20,12 @@ TIMEOUT_S = 15.0  # the test server's request timeout: far above any request her
 
 @pytest.fixture(scope="module")
 def server(ray_session, one_thread):
-    from cluster.server import start_server
-
-    manifest = parse_manifest({
+    with serving({
         "model": "models/tiny-gqa-moge.yaml", "compute": "real",
         "instances": [{"name": "mixed0", "role": "mixed", "ep": 1}, {"name": "mixed1", "role": "mixed", "ep": 1}],
         "proxy": {"policy": "round_robin", "request_timeout_s": TIMEOUT_S},
-    }, MANIFEST_DIR)
-    srv = start_server(manifest, port=free_port())
-    yield srv
-    srv.shutdown()
+    }) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

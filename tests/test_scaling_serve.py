@@ -13,10 +13,8 @@ import httpx
 import pytest
 import ray
 
-from cluster.bench.serve import free_port
 from cluster.cli import main as cli_main
-from cluster.config import MANIFEST_DIR, parse_manifest
-from helpers import reference_text
+from helpers import reference_text, serving
 
 ADMIN = "admin-secret"
 MODEL = "tiny-gqa-moge"
@@ -24,17 +22,13 @@ MODEL = "tiny-gqa-moge"
 
 @pytest.fixture(scope="module")
 def server(ray_session, one_thread):
-    from cluster.server import start_server
-
-    manifest = parse_manifest({
+    with serving({
         "model": "models/tiny-gqa-moge.yaml", "compute": "real",
         "instances": [{"name": "prefill0", "role": "prefill", "ep": 1}, {"name": "decode0", "role": "decode", "ep": 2}],
         "proxy": {"admin_keys": [ADMIN]},
         "elastic": {"drain_timeout_s": 60},
-    }, MANIFEST_DIR)
-    srv = start_server(manifest, port=free_port())
-    yield srv
-    srv.shutdown()
+    }) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
