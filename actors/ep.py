@@ -10,29 +10,19 @@ in lock step, with however many tokens it has, zero included):
   -> combine: send the outputs back the same way reversed -> un-permute into
   [T, k, hidden]. The MoE layer then weights and sums them, as in the reference.
 
-The group is a `ray.util.collective` group (gloo on CPU, nccl on GPUs); Ray's
-collective API has no all-to-all, so the group's torch process group is used
-with `torch.distributed.all_to_all_single`.
+The group is a `ray.util.collective` group of the OMNI_GLOO backend
+(actors.collective: gloo, one torch process group per group, so the next EP
+size's group can form while this one serves); Ray's collective API has no
+all-to-all, so the group's own `all_to_all_single` carries the dispatch.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from actors.expert_map import ExpertMap
 from actors.model.moe import MoELayer, apply_grouped
 from actors.model.router import RouterOutput
-
-
-def join_ep_group(world: int, rank: int, backend: str, group_name: str):
-    """Join the instance's ray.util.collective group and return its torch
-    process group (the handle all_to_all_single needs)."""
-    from ray.util import collective
-    from ray.util.collective.collective import _group_mgr
-
-    collective.init_collective_group(world, rank, backend, group_name)
-    return _group_mgr.get_group_by_name(group_name)._pg
 
 
 class _LayerRoutes:
@@ -61,8 +51,7 @@ class EPExperts:
         self.routes = {layer: _LayerRoutes(ranks, num_experts) for layer, ranks in expert_map.slots.items()}
 
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits=None, in_splits=None) -> torch.Tensor:
-        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
-        return out
+        return self.group.all_to_all_single(out, inp, out_splits, in_splits)
 
     def run(self, moe: MoELayer, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         t, k = route.expert_ids.shape

@@ -2,15 +2,18 @@
 
 It owns an HBM ledger of its device's capacity, a cost model of its chip, and
 a compute (real torch math on its shard, or emulated timing). An instance's
-NPUs form one collective group for the EP all-to-all. Torch is imported only
+NPUs form one collective group for the EP all-to-all (two while a resize forms the
+next one beside the current: control calls run in their own thread). Torch is imported only
 by real compute, so a 718B-shaped emulated instance starts in seconds.
 """
 
 from __future__ import annotations
 
-import ray
-
 import os
+import sys
+import threading
+
+import ray
 
 from actors.cost_model import CostModel
 from actors.devices import get_device
@@ -18,6 +21,38 @@ from actors.hbm import HBMLedger
 from actors.protocol import NPUBatch, NPUSpec, NPUStepResult
 
 NPU_RESOURCE = "omni_npu"  # never "NPU": Ray reserves that for real Ascend devices
+LOADING_NICE = 10  # niceness of the thread that loads a new NPU's weights
+
+
+def _below_serving(fn, *args):
+    """Run fn in a short-lived thread below normal priority: a new NPU loading its
+    weights shares its host's cores with the NPUs that serve, and must not slow
+    their steps. Only for an NPU not serving yet: in one that serves, a
+    low-priority thread holding the GIL would stall its own steps. Linux nices
+    per thread; elsewhere, or when not allowed, the thread keeps its priority."""
+    out: dict = {}
+
+    def run():
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADING_NICE)
+        except (AttributeError, OSError):
+            pass
+        try:
+            out["value"] = fn(*args)
+        except BaseException as err:  # re-raised in the caller's thread
+            out["error"] = err
+
+    t = threading.Thread(target=run, name="npu-load")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def _import_real_compute() -> None:
+    import actors.collective  # noqa: F401  (torch.distributed)
+    import actors.compute.real  # noqa: F401  (torch and the model code)
 
 
 class NPUActor:
@@ -30,7 +65,7 @@ class NPUActor:
         self.ledger = HBMLedger(spec.name, self.device.hbm_bytes)
         self.cost = CostModel(self.device)
         self.compute = None
-        self.group_joined: str | None = None  # the collective group this process is in
+        self.groups: dict = {}  # collective groups this process is in, by name (two during a resize)
         self.device_time_s = 0.0
         self.steps = 0
 
@@ -41,13 +76,14 @@ class NPUActor:
         """A standby NPU: import what real compute needs now, so that joining an
         instance later costs only loading weights."""
         if self.spec.compute == "real":
-            import actors.compute.real  # noqa: F401  (torch and the model code)
+            _below_serving(_import_real_compute)
         return self.spec.name
 
+    @ray.method(concurrency_group="control")
     def setup(self, weight_refs: dict | None, join_group: bool = True, spec: NPUSpec | None = None) -> dict:
         """Load this NPU's weights and (real compute, EP > 1) join the EP group.
         `spec` gives a standby NPU its place; `join_group=False` leaves the group
-        to `commit`, when a resized instance forms its new group."""
+        to `form_group`, when a resized instance forms its new group."""
         if spec is not None:
             self._adopt(spec)
         if self.spec.compute == "real":
@@ -61,47 +97,56 @@ class NPUActor:
             from actors.compute.emulated import EmulatedCompute
 
             self.compute = EmulatedCompute(self.spec, self.ledger, self.cost)
-        self.compute.load_weights(weight_refs)
+        _below_serving(self.compute.load_weights, weight_refs)
         if join_group:
-            self.compute.remap(self.spec, self._join(self.spec))
+            self.compute.remap(self.spec, self._group(self.spec))
         return self._report()
 
     def _report(self) -> dict:
         return self.ledger.report() | {"kv_blocks": self.compute.num_blocks, "block_size": self.spec.block_size}
 
-    def _join(self, spec: NPUSpec):
-        """Leave the current collective group and join spec's (real compute, EP > 1);
-        returns its torch process group. One default torch process group per
-        process: it goes with the old group, and the new one brings its own."""
-        if spec.compute != "real":
+    def _group(self, spec: NPUSpec):
+        """spec's collective group (real compute, EP > 1), joined with the
+        instance's other NPUs if this process is not in it yet."""
+        if spec.compute != "real" or spec.ep_size == 1:
             return None
-        if self.group_joined == spec.group_name:
-            return self.compute.experts.group
-        if self.group_joined is not None:
-            import torch.distributed as dist
-            from ray.util import collective
+        if spec.group_name not in self.groups:
+            from actors import collective
 
-            collective.destroy_collective_group(self.group_joined)
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            self.group_joined = None
-        if spec.ep_size == 1:
-            return None
-        from actors.ep import join_ep_group
+            self.groups[spec.group_name] = collective.join(spec.ep_size, spec.rank, spec.group_name)
+        return self.groups[spec.group_name]
 
-        group = join_ep_group(spec.ep_size, spec.rank, spec.backend, spec.group_name)
-        self.group_joined = spec.group_name
-        return group
+    @ray.method(concurrency_group="control")
+    def leave_groups_but(self, keep: str | None) -> None:
+        """Leave every collective group but `keep` (after a switch, off its pause)."""
+        leaving = [n for n in self.groups if n != keep]
+        if not leaving:  # (emulated NPUs never import torch)
+            return
+        from actors import collective
+
+        for name in leaving:
+            collective.leave(name)
+            del self.groups[name]
 
     # ---- elastic: a new expert map or EP size, applied between two steps ------------------
+    # prepare and form_group run in the "control" thread, beside the steps: the
+    # instance keeps serving on its current group and experts meanwhile.
+    @ray.method(concurrency_group="control")
     def prepare(self, spec: NPUSpec) -> int:
         """Stage the experts `spec` assigns this NPU (while the instance keeps serving)."""
         return self.compute.prepare(spec)
 
+    @ray.method(concurrency_group="control")
+    def form_group(self, spec: NPUSpec) -> None:
+        """Form `spec`'s collective group with its other NPUs (all call this together)
+        while this NPU still serves in its current one."""
+        self._group(spec)
+
     def commit(self, spec: NPUSpec) -> dict:
-        """Switch to `spec`: join its collective group (all the instance's NPUs call
-        this together) and install the staged experts."""
-        group = self._join(spec)
+        """Switch to `spec` between two steps: its collective group (formed ahead by
+        form_group, else now) and the staged experts; the previous group stays
+        until leave_groups_but, after the switch."""
+        group = self._group(spec)
         self.compute.remap(spec, group)
         self.spec = spec
         return self._report()
@@ -135,5 +180,7 @@ class NPUActor:
             "hbm": self.ledger.report(),
             "expert_load": self.compute.expert_load() if self.compute else {},
             "node": ray.get_runtime_context().get_node_id(),
+            "groups": sorted(self.groups),
+            "torch_imported": "torch" in sys.modules,  # emulated NPUs never need it
             "experts": {str(layer): ids for layer, ids in self.spec.expert_map.held_by(self.spec.rank).items()},
         }

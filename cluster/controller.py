@@ -71,9 +71,15 @@ class ClusterController:
                            "experts": {str(k): v for k, v in i.specs[0].expert_map.slots.items()}}
                           for i in self.instances.values()],
             "standby_npus": len(self.standby.actors) if self.standby else 0,
+            "standby_warming": self.standby.num_warming() if self.standby else 0,
             "autoscaler": self.manifest.autoscaler.model_dump(),
             "events": list(self.events),
         }
+
+    def steps_since(self, instance: str, t: float) -> list[tuple[float, int]]:
+        """The instance's step log (step end on the host's perf_counter clock, tokens)
+        from `t` on, whichever NPUs it ran on: throughput across scaling events."""
+        return ray.get(self._instance(instance).engine.steps_since.remote(t))
 
     def npu_handles(self, instance: str) -> list:
         """The instance's NPU actors now (fault injection: `omniray bench chaos`)."""

@@ -4,10 +4,12 @@
   and their KV in place (ElasticMoE's zero-copy reuse); new NPUs (from the
   standby pool when there is one, else started now) load their experts from the
   object store, where the weights were put once at start-up; the kept NPUs stage
-  the experts the new map moves to them. Only then does the engine switch,
-  between two steps: every NPU joins the new collective group, sequences on
-  NPUs that leave export their KV through the object store and resume on a
-  kept NPU, and the next step runs on M NPUs. The released NPUs go last.
+  the experts the new map moves to them, and the M NPUs form their new
+  collective group beside the current one (actors.collective), all while the
+  instance serves. Only then does the engine switch, between two steps: every
+  NPU swaps to the new group, sequences on NPUs that leave export their KV
+  through the object store and resume on a kept NPU, and the next step runs on
+  M NPUs. The released NPUs go last.
 - `remap`: the same switch with the same NPUs and a new expert map (Omni
   Placement's rebalance).
 - `cold_start`: the baseline a resize is measured against — a new instance of
@@ -60,6 +62,7 @@ class StandbyPool:
     def __init__(self, template: NPUSpec, size: int):
         self.template = template
         self.actors = []
+        self.warming: list = []  # warm-up refs of actors still starting
         ray.get(self.refill(size))
 
     def take(self, n: int) -> list:
@@ -71,7 +74,15 @@ class StandbyPool:
         fresh = start_npu_actors([replace(self.template, name=f"standby{i}", instance="standby", rank=0)
                                   for i in range(n)]) if n else []
         self.actors.extend(fresh)
-        return [a.warm.remote() for a in fresh]
+        refs = [a.warm.remote() for a in fresh]
+        self.warming.extend(refs)
+        return refs
+
+    def num_warming(self) -> int:
+        """Actors of the pool still starting (their processes compete for CPU)."""
+        if self.warming:
+            self.warming = ray.wait(self.warming, num_returns=len(self.warming), timeout=0)[1]
+        return len(self.warming)
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -81,12 +92,13 @@ class StandbyPool:
 
 def _new_npus(specs: list[NPUSpec], weight_refs: dict | None, standby: StandbyPool | None, staging: list) -> list:
     """NPU actors for `specs` (standby first, the rest started now), loaded from the
-    object store but outside any collective group, while `staging` (other NPUs'
-    prepare calls) completes; on failure the new actors go."""
+    object store, each joining its spec's collective group as it finishes, while
+    `staging` (the kept NPUs' prepare and form_group calls) completes: all of it
+    while the instance serves. On failure the new actors go."""
     fresh = standby.take(len(specs)) if standby is not None else []
     fresh += start_npu_actors(specs[len(fresh):])
     try:
-        ray.get([n.setup.remote(weight_refs, False, s) for n, s in zip(fresh, specs)] + staging)
+        ray.get([n.setup.remote(weight_refs, True, s) for n, s in zip(fresh, specs)] + staging)
     except Exception:
         for n in fresh:
             ray.kill(n)
@@ -94,9 +106,17 @@ def _new_npus(specs: list[NPUSpec], weight_refs: dict | None, standby: StandbyPo
     return fresh
 
 
+def _stage(npus: list, specs: list[NPUSpec]) -> list:
+    """Refs of kept NPUs staging their experts for `specs`, then joining its group."""
+    return [r for n, s in zip(npus, specs) for r in (n.prepare.remote(s), n.form_group.remote(s))]
+
+
 def _switch(inst: Instance, npus: list, specs: list[NPUSpec], recompute: bool = False) -> dict:
-    """The engine serves on `npus` from its next step; the NPUs it no longer uses go."""
+    """The engine serves on `npus` (staged, their group formed) from its next step;
+    the switch only swaps handles. Then the NPUs it no longer uses go, and the
+    ones it keeps leave their previous group."""
     info = ray.get(inst.engine.reconfigure.remote(npus, specs, recompute))
+    ray.get([n.leave_groups_but.remote(specs[0].group_name) for n in npus])
     using = {n._actor_id.hex() for n in npus}
     for n in inst.npus:
         if n._actor_id.hex() not in using:
@@ -109,22 +129,25 @@ def _switch(inst: Instance, npus: list, specs: list[NPUSpec], recompute: bool = 
 def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: ExpertMap | None = None,
            standby: StandbyPool | None = None) -> dict:
     """Scale `inst` to `ep` NPUs while it serves; returns the timings:
-    prepare_s (new NPUs loaded, experts staged), pause_s (the switch between two
-    steps), first_step_s (command to the first step on the new size; None when
-    idle), total_s."""
-    t0 = time.perf_counter()
+    prepare_s (new NPUs loaded, experts staged, the new group formed), pause_s
+    (the switch between two steps), first_step_s (the switch's start to the
+    first step on the new size; None when idle), total_s (the command to that
+    step, or to the switch when idle) and first_step_at (that step's end, wall
+    clock, as the engine's step log)."""
+    t0 = time.time()
     old_ep = inst.ep_size
     specs = resized_specs(inst, ep, expert_map)
     kept = inst.npus[: min(ep, old_ep)]
-    fresh = _new_npus(specs[old_ep:], weight_refs, standby, [n.prepare.remote(s) for n, s in zip(kept, specs)])
-    prepared = time.perf_counter()
+    fresh = _new_npus(specs[old_ep:], weight_refs, standby, _stage(kept, specs))
+    prepared = time.time()
     info = _switch(inst, kept + fresh, specs)
+    done = info.get("first_step_at", time.time())
     if standby is not None:  # off the critical path: processes starting compete for CPU
         standby.refill(len(fresh))
     return {
         "instance": inst.name, "from_ep": old_ep, "to_ep": ep, "prepare_s": prepared - t0,
         "pause_s": info["pause_s"], "first_step_s": info.get("first_step_s"), "migrated": info["migrated"],
-        "total_s": time.perf_counter() - t0,
+        "total_s": done - t0, "first_step_at": info.get("first_step_at"),
     }
 
 
@@ -155,7 +178,7 @@ def remap(inst: Instance, expert_map: ExpertMap) -> dict:
     if expert_map.ep_size != inst.ep_size:
         raise ValueError(f"expert_map: built for EP {expert_map.ep_size}, instance {inst.name} has {inst.ep_size}")
     specs = [replace(s, expert_map=expert_map) for s in inst.specs]
-    staged = ray.get([n.prepare.remote(s) for n, s in zip(inst.npus, specs)])
+    staged = ray.get(_stage(inst.npus, specs))[::2]
     info = _switch(inst, inst.npus, specs)
     return {"instance": inst.name, "staged_bytes": sum(staged), "pause_s": info["pause_s"],
             "total_s": time.perf_counter() - t0}

@@ -130,7 +130,7 @@ def launch_instance(
 
 def start_npu_actors(specs: list[NPUSpec], pg=None) -> list:
     """One NPU actor per spec, each taking one omni_npu slot (its bundle of `pg`, if any)."""
-    actor_cls = ray.remote(NPUActor)
+    actor_cls = ray.remote(concurrency_groups={"control": 1})(NPUActor)
     return [
         actor_cls.options(num_cpus=0, resources={NPU_RESOURCE: 1}, scheduling_strategy=_bundle(pg, s.rank)).remote(s)
         for s in specs

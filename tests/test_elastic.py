@@ -80,6 +80,12 @@ def test_ep_2_to_4_to_2_during_generation_keeps_the_reference_tokens(model):
         stats = ray.get(inst.engine.stats.remote())
         assert stats["reconfigurations"] == 2 and len(stats["free_blocks"]) == 2
         assert len(inst.npus) == 2
+        # each NPU is in the group of the size it serves at, the ones it passed through left
+        assert [s["groups"] for s in inst.stats()] == [[inst.specs[0].group_name]] * 2
+        # the step log accounts for every generated token, on either size
+        steps = ray.get(inst.engine.steps_since.remote(0.0))
+        assert sum(n for _, n in steps) == stats["generated_tokens"] == 5 * 24
+        assert [t for t, _ in steps] == sorted(t for t, _ in steps)
     finally:
         inst.shutdown()
 
@@ -133,6 +139,8 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         after = [s["hbm"]["by_category"]["weights"] for s in emu.stats()]
         assert len(after) == 8 and after[0] < before[0]  # half the experts per NPU
         resize(emu, 4, None)
-        assert [s["hbm"]["by_category"]["weights"] for s in emu.stats()] == before
+        stats = emu.stats()
+        assert [s["hbm"]["by_category"]["weights"] for s in stats] == before
+        assert not any(s["torch_imported"] or s["groups"] for s in stats)  # no torch, no group
     finally:
         emu.shutdown()

@@ -12,7 +12,8 @@ import ray
 import torch
 from torch import nn
 
-from actors.ep import EPExperts, join_ep_group
+from actors import collective as omni_collective
+from actors.ep import EPExperts
 from actors.expert_map import ExpertMap
 from actors.model.router import RouterOutput
 from actors.npu import NPU_RESOURCE
@@ -40,7 +41,7 @@ class _EPProbe:
     def __init__(self, rank: int, slots: list[list[int]], num_experts: int, group: str):
         torch.set_num_threads(1)
         self.rank = rank
-        pg = join_ep_group(len(slots), rank, "gloo", group)
+        pg = omni_collective.join(len(slots), rank, group)
         self.ep = EPExperts(ExpertMap({0: slots}), rank, num_experts, pg)
         self.moe = SimpleNamespace(layer=0, experts=nn.ModuleDict({str(e): _Scale(e + 1.0) for e in slots[rank]}))
 
@@ -87,3 +88,54 @@ def test_ep_instances_match_reference(ray_session, manifest):
         assert row.mismatched_tokens == 0, row
         assert row.max_logit_diff <= row.tolerance, row
         assert row.tokens == row.prompts * 12
+
+
+@ray.remote(num_cpus=0, resources={NPU_RESOURCE: 1}, concurrency_groups={"control": 1})
+class _GroupMember:
+    """A process in several OMNI_GLOO groups at once, as an NPU is during a resize
+    (joining runs in its own thread, like NPUActor.form_group)."""
+
+    @ray.method(concurrency_group="control")
+    def join(self, world: int, rank: int, name: str) -> int:
+        return omni_collective.join(world, rank, name).world_size
+
+    def a2a(self, name: str, inp: torch.Tensor) -> torch.Tensor:
+        from ray.util.collective.collective import _group_mgr
+
+        return _group_mgr.get_group_by_name(name).all_to_all_single(torch.empty_like(inp), inp)
+
+    def allreduce(self, name: str, value: float) -> float:
+        from ray.util import collective
+
+        t = torch.tensor([value])
+        collective.allreduce(t, group_name=name)
+        return t.item()
+
+    def leave(self, name: str) -> bool:
+        omni_collective.leave(name)
+        from ray.util import collective
+
+        return collective.is_group_initialized(name)
+
+
+def test_a_process_holds_two_groups_and_the_old_one_serves_while_the_new_one_forms(ray_session):
+    """ElasticMoE's pre-formed group: members 0, 1 keep exchanging on group A
+    while A's members and a third process form group B; then both work, by name,
+    through ray.util.collective, and leaving A leaves B intact."""
+    a, b = f"a-{uuid.uuid4().hex[:6]}", f"b-{uuid.uuid4().hex[:6]}"
+    m = [_GroupMember.remote() for _ in range(3)]
+    try:
+        ray.get([m[r].join.remote(2, r, a) for r in range(2)])
+        forming = [m[r].join.remote(3, r, b) for r in (1, 2)]  # rank 0 of B not there yet: B cannot finish
+        out_a = ray.get([m[r].a2a.remote(a, torch.tensor([10.0 * r, 10.0 * r + 1])) for r in range(2)])
+        assert [o.tolist() for o in out_a] == [[0.0, 10.0], [1.0, 11.0]]
+        assert ray.wait(forming, timeout=0.2)[0] == []  # still forming while A served
+        ray.get(forming + [m[0].join.remote(3, 0, b)])
+        out_b = ray.get([m[r].a2a.remote(b, torch.arange(3.0) + 3 * r) for r in range(3)])
+        assert [o.tolist() for o in out_b] == [[0.0, 3.0, 6.0], [1.0, 4.0, 7.0], [2.0, 5.0, 8.0]]
+        assert ray.get([m[r].allreduce.remote(a, r + 1.0) for r in range(2)]) == [3.0, 3.0]
+        assert ray.get([m[r].leave.remote(a) for r in range(2)]) == [False, False]
+        assert ray.get([m[r].allreduce.remote(b, r + 1.0) for r in range(3)]) == [6.0] * 3
+    finally:
+        for member in m:
+            ray.kill(member)

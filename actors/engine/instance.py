@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from actors.engine.block_manager import BlockManager
@@ -24,6 +25,7 @@ from actors.protocol import EngineOutput, EngineRequest, KVTransfer, SeqWork
 
 logger = logging.getLogger(__name__)
 
+STEP_LOG_LEN = 65536  # steps kept in the step log (minutes of serving)
 EARLY_KV_TTL_S = 60.0  # a pushed KV whose request never arrives is dropped after this
 
 
@@ -58,6 +60,9 @@ class InstanceEngine:
         self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
         self._reconfig: tuple | None = None  # (npus, specs, future): a resize or expert remap to apply between steps
         self._after_step: list[asyncio.Future] = []  # resolved when the next step completes
+        # (time.time() at the step's end, tokens it generated): throughput over any window,
+        # on the wall clock so that a controller or benchmark on another host can line it up
+        self.step_log: deque[tuple[float, int]] = deque(maxlen=STEP_LOG_LEN)
 
     # ---- requests ------------------------------------------------------------------
     async def generate(self, request: EngineRequest):
@@ -195,10 +200,13 @@ class InstanceEngine:
                 continue
             self.device_time_s += out.device_time_s
             self.counters["steps"] += 1
+            generated = self.counters["generated_tokens"]
             self._update(scheduled, out)
+            ended = time.time()
+            self.step_log.append((ended, self.counters["generated_tokens"] - generated))
             for fut in self._after_step:
                 if not fut.done():
-                    fut.set_result(time.monotonic())
+                    fut.set_result(ended)
             self._after_step = []
 
     def _work(self, s: Scheduled) -> SeqWork:
@@ -326,7 +334,7 @@ class InstanceEngine:
         if self._reconfig is not None:
             raise RuntimeError(f"engine {self.config.name}: a reconfiguration is already in progress")
         loop = asyncio.get_running_loop()
-        t0 = time.monotonic()
+        t0 = time.time()
         switched = loop.create_future()
         self._reconfig = (npus, specs, switched, recompute)
         self._wake.set()
@@ -334,7 +342,8 @@ class InstanceEngine:
         if self.scheduler.has_work():
             first = loop.create_future()
             self._after_step.append(first)
-            info["first_step_s"] = await first - t0
+            info["first_step_at"] = await first  # wall clock, as the step log
+            info["first_step_s"] = info["first_step_at"] - t0
         return info
 
     async def _switch(self, npus: list, specs: list, done: asyncio.Future, recompute: bool) -> None:
@@ -388,6 +397,10 @@ class InstanceEngine:
     async def npu_stats(self) -> list[dict]:
         """Each NPU's report: HBM ledger, device time, experts held and their load."""
         return list(await asyncio.gather(*(n.stats.remote() for n in self.executor.npus)))
+
+    def steps_since(self, t: float) -> list[tuple[float, int]]:
+        """The step log from wall-clock time `t` on."""
+        return [e for e in self.step_log if e[0] >= t]
 
     def cached_hashes(self) -> list[int]:
         """Prefix hashes of every block cached on this instance's NPUs (the master's

@@ -9,8 +9,20 @@ step. Reported:
 - scale_up_s / scale_down_s: the command to the first step on the new size
   (cluster.elastic.resize: new NPUs loaded, experts staged, the switch, one step);
 - cold_start_s: the same for the cold start;
-- throughput_before / during / after: output tokens per second the clients
-  received in the steady phase, inside the two scaling windows, and after;
+- throughput_before / between / after: output tokens per second the scaled
+  instance generated (its engine's step log, stamped on the host's monotonic
+  clock: counted where the client receives them, a window would lose the
+  last step's tokens still in flight, which in a sub-second window is a
+  large bias) in steady state at the small size, at the large size (once the
+  standby pool has refilled: starting processes is not steady state) and at
+  the small size again;
+- throughput_during: the same inside the two scaling windows (command to the
+  first step on the new size), and during_vs_steady: that against what the
+  instance delivers in steady state over the same window — the old size's
+  rate until the switch, the new size's after it. Any loss there is the
+  scaling's: CPU taken by loading and staging, the switch pause. (On a
+  few-core host more real-compute NPU processes can be slower, not faster:
+  during_vs_before mixes that in, during_vs_steady does not.)
 - requests, failed: every request sent, and those that did not complete.
 
 The standby pool (`elastic.standby_npus` of the manifest, by default as many as
@@ -29,7 +41,7 @@ from dataclasses import dataclass
 
 import ray
 
-from cluster.bench.loadgen import LoadConfig, RequestResult, run_closed_loop, token_times
+from cluster.bench.loadgen import LoadConfig, RequestResult, run_closed_loop
 from cluster.bench.serve import local_server
 from cluster.bench.workloads import make_workload
 
@@ -46,10 +58,39 @@ class ElasticBenchConfig:
     seed: int = 0
 
 
-def _window_rate(times: list[float], start: float, end: float) -> float | None:
-    if end <= start:
+def _tokens(steps: list[tuple[float, int]], start: float, end: float, with_end: bool = False) -> int:
+    """Tokens of the steps that ended in [start, end), or in (start, end] `with_end`
+    (a scaling window: it closes with the end of the first step on the new size)."""
+    if with_end:
+        return sum(n for t, n in steps if start < t <= end)
+    return sum(n for t, n in steps if start <= t < end)
+
+
+def _window_rate(steps: list[tuple[float, int]], start: float, end: float) -> float | None:
+    return _tokens(steps, start, end) / (end - start) if end > start else None
+
+
+@dataclass
+class ScalingWindow:
+    """One scale event on the run's clock: the command, the switch (staging done),
+    the first step on the new size; and the steady rates of the old and new size."""
+
+    start: float
+    switch: float
+    end: float
+    rate_old: float | None
+    rate_new: float | None
+
+
+def during_vs_steady(steps: list[tuple[float, int]], windows: list[ScalingWindow]) -> float | None:
+    """Tokens the instance generated inside the scaling windows (the step that ends
+    a window included) over what it generates in steady state in the same time:
+    the old size's rate up to the switch, the new size's from it on."""
+    if any(w.rate_old is None or w.rate_new is None for w in windows):
         return None
-    return sum(start <= t < end for t in times) / (end - start)
+    expected = sum(w.rate_old * (w.switch - w.start) + w.rate_new * (w.end - w.switch) for w in windows)
+    got = sum(_tokens(steps, w.start, w.end, with_end=True) for w in windows)
+    return got / expected if expected > 0 else None
 
 
 def cold_start(manifest, instance_spec, ep: int) -> float:
@@ -105,44 +146,54 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
         try:
             while "t0" not in clock:
                 time.sleep(0.01)
-            t0 = clock["t0"]
+            wall0 = time.time() - (time.perf_counter() - clock["t0"])  # the run's start, wall clock
+            now = lambda: time.time() - wall0  # noqa: E731
+
+            def scale(ep: int) -> tuple[float, float, dict]:
+                """(command, first step on the new size, the resize's report), run clock."""
+                say(f"scaling {name}: EP -> {ep}")
+                start = now()
+                info = ray.get(server.controller.scale.remote(name, ep))
+                return start, (info["first_step_at"] - wall0 if info.get("first_step_at") else now()), info
+
             time.sleep(cfg.phase_s)
-            say(f"scaling {name}: EP {from_ep} -> {to_ep}")
-            up_start = time.perf_counter() - t0
-            up = ray.get(server.controller.scale.remote(name, to_ep))
-            up_end = time.perf_counter() - t0
+            up_start, up_end, up = scale(to_ep)
+            while ray.get(server.controller.describe.remote())["standby_warming"]:
+                time.sleep(0.1)
+            refilled = now()
             time.sleep(cfg.phase_s)
-            say(f"scaling {name}: EP {to_ep} -> {from_ep}")
-            down_start = time.perf_counter() - t0
-            down = ray.get(server.controller.scale.remote(name, from_ep))
-            down_end = time.perf_counter() - t0
+            down_start, down_end, down = scale(from_ep)
             time.sleep(cfg.phase_s)
-            end = time.perf_counter() - t0
+            end = now()
         finally:
             stop.set()
             runner.join()
+        steps = [(t - wall0, n) for t, n in ray.get(server.controller.steps_since.remote(name, wall0))]
         say("cold start of the same instance (the baseline)")
         cold_s = cold_start(manifest, roles[name], to_ep)
 
     results: list[RequestResult] = out["results"]
-    times = sorted(t for r in results if r.ok for t in token_times(r))
-    during_tokens = sum(up_start <= t < up_end or down_start <= t < down_end for t in times)
     during_s = (up_end - up_start) + (down_end - down_start)
     warmup = min(1.0, cfg.phase_s / 4)  # the first requests' prefills are not steady state
+    before = _window_rate(steps, warmup, up_start)
+    between = _window_rate(steps, refilled, down_start)
+    after = _window_rate(steps, down_end, end)
+    windows = [ScalingWindow(up_start, up_start + up["prepare_s"], up_end, before, between),
+               ScalingWindow(down_start, down_start + down["prepare_s"], down_end, between, after)]
+    during_tokens = sum(_tokens(steps, w.start, w.end, with_end=True) for w in windows)
     summary = {
         "manifest": manifest.name, "instance": name, "from_ep": from_ep, "to_ep": to_ep,
         "standby_npus": manifest.elastic.standby_npus,
         "scale_up_s": up["total_s"], "scale_down_s": down["total_s"], "cold_start_s": cold_s,
         "scale_up_vs_cold_start": cold_s / up["total_s"],
         "pause_up_s": up["pause_s"], "pause_down_s": down["pause_s"], "prepare_up_s": up["prepare_s"],
-        "migrated_down": down["migrated"],
-        "throughput_before": _window_rate(times, warmup, up_start),
+        "migrated_down": down["migrated"], "refill_s": refilled - up_end,
+        "throughput_before": before, "throughput_between": between, "throughput_after": after,
         "throughput_during": during_tokens / during_s if during_s > 0 else None,
-        "throughput_after": _window_rate(times, down_end, end),
+        "during_vs_steady": during_vs_steady(steps, windows),
         "requests": len(results), "failed": sum(not r.ok for r in results),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
     }
-    before = summary["throughput_before"]
     summary["during_vs_before"] = summary["throughput_during"] / before if before else None
     return summary
 
@@ -155,7 +206,8 @@ def print_elastic(summary: dict, console) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     for key in ("scale_up_s", "scale_down_s", "cold_start_s", "scale_up_vs_cold_start", "pause_up_s", "pause_down_s",
-                "throughput_before", "throughput_during", "throughput_after", "during_vs_before", "requests", "failed"):
+                "throughput_before", "throughput_between", "throughput_after", "throughput_during",
+                "during_vs_steady", "during_vs_before", "requests", "failed"):
         v = summary.get(key)
         t.add_row(key, "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
     console.print(t)

@@ -1,0 +1,33 @@
+"""The throughput accounting of `omniray bench elastic` (no Ray: synthetic step logs)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.bench.elastic import ScalingWindow, during_vs_steady
+
+
+def _steps(start, end, period, tokens=8, skip=()):
+    """A step every `period` seconds in [start, end), none inside the `skip` spans."""
+    times = [round(start + i * period, 9) for i in range(round((end - start) / period))]
+    return [(t, tokens) for t in times if not any(a <= t < b for a, b in skip)]
+
+
+def test_a_switch_that_costs_nothing_reads_one():
+    steps = _steps(0.05, 10, 0.05)  # 160 tokens/s throughout
+    w = ScalingWindow(start=2.0, switch=2.2, end=2.5, rate_old=160.0, rate_new=160.0)
+    assert during_vs_steady(steps, [w]) == pytest.approx(1.0, abs=0.02)
+
+
+def test_a_pause_costs_its_share_of_the_window():
+    steps = _steps(0.05, 10, 0.05, skip=[(2.2, 2.4)])  # 0.2 s without steps in a 0.5 s window
+    w = ScalingWindow(start=2.0, switch=2.2, end=2.5, rate_old=160.0, rate_new=160.0)
+    assert during_vs_steady(steps, [w]) == pytest.approx(0.6, abs=0.02)
+
+
+def test_the_new_size_is_held_to_its_own_steady_rate():
+    """Slower steps after the switch are the new size's, not the switch's cost."""
+    steps = _steps(0.05, 2.25, 0.05) + _steps(2.3, 10, 0.1)  # 160 tok/s to the switch at 2.2, then 80
+    w = ScalingWindow(start=2.0, switch=2.2, end=2.5, rate_old=160.0, rate_new=80.0)
+    assert during_vs_steady(steps, [w]) == pytest.approx(1.0, abs=0.05)
+    assert during_vs_steady(steps, [ScalingWindow(2.0, 2.2, 2.5, 160.0, None)]) is None
