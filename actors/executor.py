@@ -27,11 +27,14 @@ class StepOutput:
 
 
 class InstanceExecutor:
-    def __init__(self, npus: list):
+    def __init__(self, npus: list, switch_to: list | None = None):
+        """`switch_to`: a spec per NPU that its next batch carries (the switch of a
+        resize or remap, applied by each NPU as that step starts)."""
         self.npus = npus
         self.owner: dict[str, int] = {}
         self._seqs_on = [0] * len(npus)
         self._step = 0
+        self._switch_to = switch_to
 
     @property
     def ep_size(self) -> int:
@@ -51,7 +54,9 @@ class InstanceExecutor:
         for i, w in enumerate(works):
             per_rank[self.rank_of(w.seq_id) if ranks is None else ranks[i]].append(w)
         self._step += 1
-        return [npu.step.remote(NPUBatch(self._step, seqs, return_logits)) for npu, seqs in zip(self.npus, per_rank)]
+        specs, self._switch_to = self._switch_to or [None] * len(self.npus), None
+        return [npu.step.remote(NPUBatch(self._step, seqs, return_logits, spec))
+                for npu, seqs, spec in zip(self.npus, per_rank, specs)]
 
     @staticmethod
     def merge(results: list[NPUStepResult]) -> StepOutput:

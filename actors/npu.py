@@ -50,9 +50,12 @@ def _below_serving(fn, *args):
     return out["value"]
 
 
-def _import_real_compute() -> None:
-    import actors.collective  # noqa: F401  (torch.distributed)
-    import actors.compute.real  # noqa: F401  (torch and the model code)
+def _import_compute(mode: str) -> None:
+    if mode == "real":
+        import actors.collective  # noqa: F401  (torch.distributed)
+        import actors.compute.real  # noqa: F401  (torch and the model code)
+    else:
+        import actors.compute.emulated  # noqa: F401  (numpy and the cost model)
 
 
 class NPUActor:
@@ -73,10 +76,10 @@ class NPUActor:
         return self.spec.name
 
     def warm(self) -> str:
-        """A standby NPU: import what real compute needs now, so that joining an
-        instance later costs only loading weights."""
-        if self.spec.compute == "real":
-            _below_serving(_import_real_compute)
+        """A standby NPU: import what its compute needs now (torch and the model
+        code, or the emulator), so that joining an instance later costs only
+        loading weights."""
+        _below_serving(_import_compute, self.spec.compute)
         return self.spec.name
 
     @ray.method(concurrency_group="control")
@@ -143,8 +146,9 @@ class NPUActor:
         self._group(spec)
 
     def commit(self, spec: NPUSpec) -> dict:
-        """Switch to `spec` between two steps: its collective group (formed ahead by
-        form_group, else now) and the staged experts; the previous group stays
+        """Switch to `spec` between two steps (called by the step whose batch carries
+        it, or by the engine when it is idle): its collective group (formed ahead
+        by form_group, else now) and the staged experts; the previous group stays
         until leave_groups_but, after the switch."""
         group = self._group(spec)
         self.compute.remap(spec, group)
@@ -157,6 +161,8 @@ class NPUActor:
         return out[0] if len(out) == 1 else tuple(out)
 
     def step(self, batch: NPUBatch) -> NPUStepResult:
+        if batch.spec is not None:
+            self.commit(batch.spec)
         result = self.compute.step(batch)
         self.device_time_s += result.device_time_s
         self.steps += 1

@@ -82,6 +82,10 @@ class NPUBatch:
     step: int
     seqs: list[SeqWork]
     return_logits: bool = False
+    # the first step after an EP resize or a new expert map carries the NPU's new
+    # spec: it switches (group formed and experts staged beforehand) as the step
+    # starts, so the switch costs no round trip of its own
+    spec: NPUSpec | None = None
 
 
 @dataclass

@@ -147,7 +147,7 @@ def cmd_bench_elastic(args) -> int:
     from cluster.bench.report import write_json
 
     manifest = load_manifest(args.manifest)
-    cfg = ElasticBenchConfig(args.instance, args.to_ep, args.concurrency, args.phase_s, args.input_len,
+    cfg = ElasticBenchConfig(args.instance, args.to_ep, args.concurrency, args.phase_s, args.cycles, args.input_len,
                              args.output_len, args.standby, args.seed)
     summary = run_elastic_bench(manifest, cfg, args.address, console)
     print_elastic(summary, console)
@@ -231,13 +231,21 @@ def cmd_serve(args) -> int:
         manifest.proxy.api_keys = [args.api_key]
     if args.admin_key:
         manifest.proxy.admin_keys = [args.admin_key]
-    connect(args.address, include_dashboard=args.dashboard)
-    server = start_server(manifest, args.host, args.port, args.grpc_port)
+    # both signals set explicitly: a shell starts background jobs with SIGINT ignored, and Ctrl-C must still work
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        connect(args.address, include_dashboard=args.dashboard)
+        server = start_server(manifest, args.host, args.port, args.grpc_port)
+    except KeyboardInterrupt:
+        import ray
+
+        console.print("interrupted while starting: shutting down")
+        ray.shutdown()
+        return 130
     grpc = f", gRPC at {server.grpc_address}" if server.grpc_address else ""
     console.print(f"[green]OmniRay serving {manifest.model.name}[/green] at {server.url}/v1{grpc} "
                   f"({len(server.instances)} instances, {manifest.compute} compute) — Ctrl-C to stop")
     stop = threading.Event()
-    # both set explicitly: a shell starts background jobs with SIGINT ignored, and Ctrl-C must still work
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(0.5):  # a timed wait lets the handler run promptly
@@ -404,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--to-ep", type=_positive, default=None, help="EP size to scale up to (default: twice its own)")
     bl.add_argument("--concurrency", type=_positive, default=8, help="requests in flight throughout")
     bl.add_argument("--phase-s", type=float, default=6.0, help="steady seconds before, between and after the events")
+    bl.add_argument("--cycles", type=_positive, default=3, help="scale up-and-down cycles (medians and totals over them)")
     bl.add_argument("--input-len", type=_positive, default=32)
     bl.add_argument("--output-len", type=_positive, default=64)
     bl.add_argument("--standby", type=int, default=None, help="warm NPU actors (default: as many as the scale-up adds)")

@@ -194,7 +194,7 @@ class ClusterController:
         finished_at = None
         while time.monotonic() < deadline:
             st = ray.get(inst.engine.stats.remote())
-            load = ray.get(master.drain.remote(inst.name))
+            load = ray.get(master.in_flight.remote(inst.name))
             if st["running"] + st["waiting"] == 0 and load["inflight"] == 0:
                 finished_at = time.monotonic()
                 break

@@ -90,20 +90,22 @@ class StandbyPool:
         self.actors = []
 
 
-def _new_npus(specs: list[NPUSpec], weight_refs: dict | None, standby: StandbyPool | None, staging: list) -> list:
+def _new_npus(specs: list[NPUSpec], weight_refs: dict | None, standby: StandbyPool | None,
+              staging: list) -> tuple[list, list[dict]]:
     """NPU actors for `specs` (standby first, the rest started now), loaded from the
     object store, each joining its spec's collective group as it finishes, while
     `staging` (the kept NPUs' prepare and form_group calls) completes: all of it
-    while the instance serves. On failure the new actors go."""
+    while the instance serves. Returns the actors and their memory reports; on
+    failure the new actors go."""
     fresh = standby.take(len(specs)) if standby is not None else []
     fresh += start_npu_actors(specs[len(fresh):])
     try:
-        ray.get([n.setup.remote(weight_refs, True, s) for n, s in zip(fresh, specs)] + staging)
+        reports = ray.get([n.setup.remote(weight_refs, True, s) for n, s in zip(fresh, specs)] + staging)
     except Exception:
         for n in fresh:
             ray.kill(n)
         raise
-    return fresh
+    return fresh, reports[: len(fresh)]
 
 
 def _stage(npus: list, specs: list[NPUSpec]) -> list:
@@ -111,17 +113,17 @@ def _stage(npus: list, specs: list[NPUSpec]) -> list:
     return [r for n, s in zip(npus, specs) for r in (n.prepare.remote(s), n.form_group.remote(s))]
 
 
-def _switch(inst: Instance, npus: list, specs: list[NPUSpec], recompute: bool = False) -> dict:
-    """The engine serves on `npus` (staged, their group formed) from its next step;
-    the switch only swaps handles. Then the NPUs it no longer uses go, and the
-    ones it keeps leave their previous group."""
-    info = ray.get(inst.engine.reconfigure.remote(npus, specs, recompute))
+def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict], recompute: bool = False) -> dict:
+    """The engine serves on `npus` (staged, their group formed; `memory` their
+    reports) from its next step, whose batches carry the new specs. Then the
+    NPUs it no longer uses go, and the ones it keeps leave their previous group."""
+    info = ray.get(inst.engine.reconfigure.remote(npus, specs, memory, recompute))
     ray.get([n.leave_groups_but.remote(specs[0].group_name) for n in npus])
     using = {n._actor_id.hex() for n in npus}
     for n in inst.npus:
         if n._actor_id.hex() not in using:
             ray.kill(n)
-    inst.npus, inst.specs, inst.memory = list(npus), specs, info["memory"]
+    inst.npus, inst.specs, inst.memory = list(npus), specs, memory
     inst.executor = InstanceExecutor(inst.npus)
     return info
 
@@ -138,9 +140,9 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     old_ep = inst.ep_size
     specs = resized_specs(inst, ep, expert_map)
     kept = inst.npus[: min(ep, old_ep)]
-    fresh = _new_npus(specs[old_ep:], weight_refs, standby, _stage(kept, specs))
+    fresh, reports = _new_npus(specs[old_ep:], weight_refs, standby, _stage(kept, specs))
     prepared = time.time()
-    info = _switch(inst, kept + fresh, specs)
+    info = _switch(inst, kept + fresh, specs, inst.memory[: len(kept)] + reports)
     done = info.get("first_step_at", time.time())
     if standby is not None:  # off the critical path: processes starting compete for CPU
         standby.refill(len(fresh))
@@ -157,9 +159,9 @@ def rebuild(inst: Instance, weight_refs: dict | None, standby: StandbyPool | Non
     the engine kept. Sequences it still holds recompute their KV on the new NPUs."""
     t0 = time.perf_counter()
     specs = resized_specs(inst, inst.ep_size, inst.specs[0].expert_map)
-    fresh = _new_npus(specs, weight_refs, standby, [])
+    fresh, reports = _new_npus(specs, weight_refs, standby, [])
     try:
-        info = _switch(inst, fresh, specs, recompute=True)
+        info = _switch(inst, fresh, specs, reports, recompute=True)
     except Exception:
         for n in fresh:
             ray.kill(n)
@@ -179,7 +181,7 @@ def remap(inst: Instance, expert_map: ExpertMap) -> dict:
         raise ValueError(f"expert_map: built for EP {expert_map.ep_size}, instance {inst.name} has {inst.ep_size}")
     specs = [replace(s, expert_map=expert_map) for s in inst.specs]
     staged = ray.get(_stage(inst.npus, specs))[::2]
-    info = _switch(inst, inst.npus, specs)
+    info = _switch(inst, inst.npus, specs, inst.memory)
     return {"instance": inst.name, "staged_bytes": sum(staged), "pause_s": info["pause_s"],
             "total_s": time.perf_counter() - t0}
 

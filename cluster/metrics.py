@@ -41,6 +41,7 @@ from __future__ import annotations
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from actors.expert_map import imbalance_score
+from cluster.placement import npu_loads
 
 # seconds: 1 ms .. 2 min, roughly x2.5 per bucket
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0]
@@ -172,8 +173,15 @@ def total_expert_load(npus: list[dict]) -> dict[int, list[int]]:
     return totals
 
 
-def device_loads(npus: list[dict]) -> dict[int, list[int]]:
-    """Per MoE layer, the tokens routed to each NPU's experts (total_expert_load
-    over the experts each NPU holds)."""
-    return {layer: [sum(total[e] for e in npu.get("experts", {}).get(str(layer), [])) for npu in npus]
-            for layer, total in total_expert_load(npus).items()}
+def device_loads(npus: list[dict]) -> dict[int, list[float]]:
+    """Per MoE layer, the tokens routed to each NPU's experts: total_expert_load
+    over the experts it holds, a replicated expert's split among its copies (the
+    EP dispatch spreads them so, and Omni Placement plans by the same count).
+    A layer whose snapshot is inconsistent (taken mid-switch) is left out."""
+    out = {}
+    for layer, total in total_expert_load(npus).items():
+        try:
+            out[layer] = npu_loads([npu.get("experts", {}).get(str(layer), []) for npu in npus], total)
+        except ValueError:
+            continue
+    return out

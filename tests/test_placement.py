@@ -287,3 +287,19 @@ def test_plan_properties(case):
     per_rank = npu_loads(plan, load)
     assert max(per_rank) >= max(load[e] / copies[e] for e in range(num_experts)) - 1e-9
     assert plan_layer(load, ep, slots) == plan
+
+
+def test_device_load_metric_splits_a_replicated_expert_among_its_copies():
+    """omniray_expert_device_load after a rebalance with copies: what each NPU receives."""
+    from cluster.metrics import device_loads
+
+    npus = [  # expert 0 is hot and on both NPUs; each NPU counts what its own tokens chose
+        {"experts": {"1": [0, 1]}, "expert_load": {"1": [60, 10, 0, 0]}},
+        {"experts": {"1": [0, 2, 3]}, "expert_load": {"1": [40, 0, 20, 10]}},
+    ]
+    assert device_loads(npus) == {1: [50.0 + 10.0, 50.0 + 20.0 + 10.0]}
+    assert sum(device_loads(npus)[1]) == 140  # every routed pair counted once
+    npus[1]["experts"]["1"] = [2, 3]  # expert 0 on one NPU only: all its load there
+    assert device_loads(npus) == {1: [100.0 + 10.0, 30.0]}
+    npus[0]["experts"]["1"] = [1]  # expert 0 on none (a snapshot taken mid-switch): the layer is left out
+    assert device_loads(npus) == {}

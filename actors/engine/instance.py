@@ -58,7 +58,7 @@ class InstanceEngine:
         }
         self.device_time_s = 0.0
         self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
-        self._reconfig: tuple | None = None  # (npus, specs, future): a resize or expert remap to apply between steps
+        self._reconfig: tuple | None = None  # (npus, specs, memory, future, recompute): applied between two steps
         self._after_step: list[asyncio.Future] = []  # resolved when the next step completes
         # (time.time() at the step's end, tokens it generated): throughput over any window,
         # on the wall clock so that a controller or benchmark on another host can line it up
@@ -320,23 +320,26 @@ class InstanceEngine:
         return not stopped and len(seq.output_ids) < req.max_tokens
 
     # ---- elastic: new NPUs or a new expert map, switched between two steps -------------
-    async def reconfigure(self, npus: list, specs: list, recompute: bool = False) -> dict:
-        """Serve on `npus` (one spec each) from the next step on: an EP resize
-        (ElasticMoE) or a new expert map (Omni Placement). NPUs kept from the current
-        set keep their KV in place; sequences on NPUs that leave export their KV
-        through the object store and resume on another NPU from where they were.
-        The caller staged the new experts (NPU.prepare) and releases the NPUs that
-        left once this returns. `recompute` (a rebuild after an NPU died): the
-        leaving NPUs cannot be read, so their sequences recompute their KV from
-        their tokens. Returns when the first step on the new NPUs ran (at once
-        when there is no work); the instance is healthy again."""
+    async def reconfigure(self, npus: list, specs: list, memory: list[dict], recompute: bool = False) -> dict:
+        """Serve on `npus` (one spec and one memory report each) from the next step
+        on: an EP resize (ElasticMoE) or a new expert map (Omni Placement). The
+        caller staged the new experts and formed the new group beforehand
+        (NPU.prepare, form_group), so the switch is bookkeeping here and the spec
+        riding on each NPU's next batch: no round trip of its own. NPUs kept from
+        the current set keep their KV in place; sequences on NPUs that leave export
+        their KV through the object store and resume on another NPU from where
+        they were. The caller releases the NPUs that left once this returns.
+        `recompute` (a rebuild after an NPU died): the leaving NPUs cannot be
+        read, so their sequences recompute their KV from their tokens. Returns
+        when the first step on the new NPUs ran (at once when there is no work);
+        the instance is healthy again."""
         self._ensure_loop()
         if self._reconfig is not None:
             raise RuntimeError(f"engine {self.config.name}: a reconfiguration is already in progress")
         loop = asyncio.get_running_loop()
         t0 = time.time()
         switched = loop.create_future()
-        self._reconfig = (npus, specs, switched, recompute)
+        self._reconfig = (npus, specs, memory, switched, recompute)
         self._wake.set()
         info = await switched
         if self.scheduler.has_work():
@@ -346,7 +349,8 @@ class InstanceEngine:
             info["first_step_s"] = info["first_step_at"] - t0
         return info
 
-    async def _switch(self, npus: list, specs: list, done: asyncio.Future, recompute: bool) -> None:
+    async def _switch(self, npus: list, specs: list, memory: list[dict], done: asyncio.Future,
+                      recompute: bool) -> None:
         import ray
 
         t0 = time.monotonic()
@@ -367,7 +371,9 @@ class InstanceEngine:
             refs = [r for _, rs, _ in moving for r in rs]
             if refs:  # exported before the old NPUs go (the engine owns the copies)
                 await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), fetch_local=False)
-            memory = await asyncio.gather(*(n.commit.remote(s) for n, s in zip(npus, specs)))
+            if not self.scheduler.has_work():  # no step to carry the specs: switch the NPUs now
+                await asyncio.gather(*(n.commit.remote(s) for n, s in zip(npus, specs)))
+                specs = None
         except Exception as err:
             logger.exception("engine %s: reconfiguration failed", self.config.name)
             self.healthy = False
@@ -387,11 +393,11 @@ class InstanceEngine:
             if not seq.finish_reason:
                 self.scheduler.migrate(seq, [[r] for r in blocks], tokens)
         self.managers = self.scheduler.managers = bs_managers
-        self.executor = InstanceExecutor(npus)
+        self.executor = InstanceExecutor(npus, specs)
         self.counters["reconfigurations"] += 1
         self.healthy = True
         self.counters["migrated_seqs"] += len(moving)
-        done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "migrated": len(moving), "memory": memory})
+        done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "migrated": len(moving)})
 
     # ---- state for the master ---------------------------------------------------------
     async def npu_stats(self) -> list[dict]:

@@ -1,39 +1,40 @@
 """`omniray bench elastic`: ElasticMoE's scale-up latency and throughput while scaling.
 
 Under a steady closed-loop load through the real HTTP server, one instance is
-scaled from its EP size to a larger one and back; then, as the baseline, a new
-instance of the larger size is cold-started (new NPU actors, weights built from
-scratch and put into the object store, a fresh engine) and timed to its first
-step. Reported:
+scaled from its EP size to a larger one and back, `cycles` times; then, as the
+baseline, a new instance of the larger size is cold-started (new NPU actors,
+weights built from scratch and put into the object store, a fresh engine) and
+timed to its first step. Reported (medians over the cycles where it is a time):
 
 - scale_up_s / scale_down_s: the command to the first step on the new size
-  (cluster.elastic.resize: new NPUs loaded, experts staged, the switch, one step);
+  (cluster.elastic.resize: new NPUs loaded, experts staged, the new group
+  formed, the switch, one step);
 - cold_start_s: the same for the cold start;
 - throughput_before / between / after: output tokens per second the scaled
-  instance generated (its engine's step log, stamped on the host's monotonic
-  clock: counted where the client receives them, a window would lose the
-  last step's tokens still in flight, which in a sub-second window is a
-  large bias) in steady state at the small size, at the large size (once the
-  standby pool has refilled: starting processes is not steady state) and at
-  the small size again;
-- throughput_during: the same inside the two scaling windows (command to the
-  first step on the new size), and during_vs_steady: that against what the
-  instance delivers in steady state over the same window — the old size's
-  rate until the switch, the new size's after it. Any loss there is the
-  scaling's: CPU taken by loading and staging, the switch pause. (On a
-  few-core host more real-compute NPU processes can be slower, not faster:
-  during_vs_before mixes that in, during_vs_steady does not.)
+  instance generated in steady state at the small size, at the large size
+  (once the standby pool has refilled: starting processes is not steady
+  state) and at the small size again. Counted from its engine's step log on
+  the wall clock, not where the clients receive them: a window would lose
+  its last step's tokens still in flight, a large bias in a sub-second window;
+- throughput_during: the same inside the scaling windows (command to the end
+  of the first step on the new size), and during_vs_steady: the tokens there
+  against what the instance generates in steady state over the same time —
+  the old size's rate until the switch, the new size's after it. What it
+  loses is the scaling's: CPU taken by loading, staging and forming the
+  group, the switch pause. (On a few-core host more real-compute NPU
+  processes can be slower, not faster: during_vs_before mixes that in,
+  during_vs_steady does not.)
 - requests, failed: every request sent, and those that did not complete.
 
 The standby pool (`elastic.standby_npus` of the manifest, by default as many as
 the scale-up adds) is part of what is measured: it is how ElasticMoE-style
 systems avoid starting processes on the critical path. `--standby 0` measures
-the scale-up with actors started on demand instead.
-"""
+the scale-up with actors started on demand instead."""
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
 import time
 import uuid
@@ -51,7 +52,8 @@ class ElasticBenchConfig:
     instance: str | None = None  # default: the first decode (else mixed) instance
     to_ep: int | None = None  # default: twice its EP size
     concurrency: int = 8
-    phase_s: float = 6.0  # steady seconds before, between and after the two scale events
+    phase_s: float = 6.0  # steady seconds before, between and after the scale events
+    cycles: int = 3  # up-and-down cycles: the windows are short, several give a steadier figure
     input_len: int = 32
     output_len: int = 64
     standby: int | None = None  # warm NPU actors; default: as many as the scale-up adds
@@ -68,6 +70,17 @@ def _tokens(steps: list[tuple[float, int]], start: float, end: float, with_end: 
 
 def _window_rate(steps: list[tuple[float, int]], start: float, end: float) -> float | None:
     return _tokens(steps, start, end) / (end - start) if end > start else None
+
+
+@dataclass
+class Event:
+    """One scale command on the run's clock: issued, switch (staging done), first
+    step on the new size; and the resize's own report."""
+
+    start: float
+    switch: float
+    end: float
+    info: dict
 
 
 @dataclass
@@ -149,21 +162,24 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
             wall0 = time.time() - (time.perf_counter() - clock["t0"])  # the run's start, wall clock
             now = lambda: time.time() - wall0  # noqa: E731
 
-            def scale(ep: int) -> tuple[float, float, dict]:
-                """(command, first step on the new size, the resize's report), run clock."""
+            def scale(ep: int) -> Event:
                 say(f"scaling {name}: EP -> {ep}")
                 start = now()
                 info = ray.get(server.controller.scale.remote(name, ep))
-                return start, (info["first_step_at"] - wall0 if info.get("first_step_at") else now()), info
+                end = info["first_step_at"] - wall0 if info.get("first_step_at") else now()
+                return Event(start, start + info["prepare_s"], end, info)
 
+            cycles = []
             time.sleep(cfg.phase_s)
-            up_start, up_end, up = scale(to_ep)
-            while ray.get(server.controller.describe.remote())["standby_warming"]:
-                time.sleep(0.1)
-            refilled = now()
-            time.sleep(cfg.phase_s)
-            down_start, down_end, down = scale(from_ep)
-            time.sleep(cfg.phase_s)
+            for _ in range(cfg.cycles):
+                up = scale(to_ep)
+                while ray.get(server.controller.describe.remote())["standby_warming"]:
+                    time.sleep(0.1)
+                refilled = now()
+                time.sleep(cfg.phase_s)
+                down = scale(from_ep)
+                time.sleep(cfg.phase_s)
+                cycles.append((up, refilled, down))
             end = now()
         finally:
             stop.set()
@@ -173,36 +189,50 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
         cold_s = cold_start(manifest, roles[name], to_ep)
 
     results: list[RequestResult] = out["results"]
-    during_s = (up_end - up_start) + (down_end - down_start)
     warmup = min(1.0, cfg.phase_s / 4)  # the first requests' prefills are not steady state
-    before = _window_rate(steps, warmup, up_start)
-    between = _window_rate(steps, refilled, down_start)
-    after = _window_rate(steps, down_end, end)
-    windows = [ScalingWindow(up_start, up_start + up["prepare_s"], up_end, before, between),
-               ScalingWindow(down_start, down_start + down["prepare_s"], down_end, between, after)]
+    # steady phases: small size before each cycle (and after the last), large size inside it
+    small = [_window_rate(steps, warmup if i == 0 else cycles[i - 1][2].end,
+                          cycles[i][0].start if i < len(cycles) else end) for i in range(len(cycles) + 1)]
+    large = [_window_rate(steps, refilled, down.start) for _, refilled, down in cycles]
+    windows = [w for i, (up, _, down) in enumerate(cycles)
+               for w in (ScalingWindow(up.start, up.switch, up.end, small[i], large[i]),
+                         ScalingWindow(down.start, down.switch, down.end, large[i], small[i + 1]))]
+    during_s = sum(w.end - w.start for w in windows)
     during_tokens = sum(_tokens(steps, w.start, w.end, with_end=True) for w in windows)
+    ups, downs = [c[0] for c in cycles], [c[2] for c in cycles]
+    scale_up_s = statistics.median(e.info["total_s"] for e in ups)
     summary = {
         "manifest": manifest.name, "instance": name, "from_ep": from_ep, "to_ep": to_ep,
-        "standby_npus": manifest.elastic.standby_npus,
-        "scale_up_s": up["total_s"], "scale_down_s": down["total_s"], "cold_start_s": cold_s,
-        "scale_up_vs_cold_start": cold_s / up["total_s"],
-        "pause_up_s": up["pause_s"], "pause_down_s": down["pause_s"], "prepare_up_s": up["prepare_s"],
-        "migrated_down": down["migrated"], "refill_s": refilled - up_end,
-        "throughput_before": before, "throughput_between": between, "throughput_after": after,
+        "standby_npus": manifest.elastic.standby_npus, "cycles": len(cycles),
+        "scale_up_s": scale_up_s, "scale_down_s": statistics.median(e.info["total_s"] for e in downs),
+        "cold_start_s": cold_s, "scale_up_vs_cold_start": cold_s / scale_up_s,
+        "pause_up_s": statistics.median(e.info["pause_s"] for e in ups),
+        "pause_down_s": statistics.median(e.info["pause_s"] for e in downs),
+        "prepare_up_s": statistics.median(e.info["prepare_s"] for e in ups),
+        "migrated_down": sum(e.info["migrated"] for e in downs),
+        "refill_s": statistics.median(refilled - up.end for up, refilled, _ in cycles),
+        "throughput_before": small[0], "throughput_between": _mean(large), "throughput_after": small[-1],
         "throughput_during": during_tokens / during_s if during_s > 0 else None,
         "during_vs_steady": during_vs_steady(steps, windows),
+        "during_vs_steady_per_window": [during_vs_steady(steps, [w]) for w in windows],
         "requests": len(results), "failed": sum(not r.ok for r in results),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
     }
+    before = summary["throughput_before"]
     summary["during_vs_before"] = summary["throughput_during"] / before if before else None
     return summary
+
+
+def _mean(values: list) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def print_elastic(summary: dict, console) -> None:
     from rich.table import Table
 
     t = Table(title=f"bench elastic: {summary['manifest']} {summary['instance']} "
-                    f"EP {summary['from_ep']} -> {summary['to_ep']} -> {summary['from_ep']}")
+                    f"EP {summary['from_ep']} -> {summary['to_ep']} -> {summary['from_ep']}, {summary['cycles']} cycles")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for key in ("scale_up_s", "scale_down_s", "cold_start_s", "scale_up_vs_cold_start", "pause_up_s", "pause_down_s",

@@ -221,8 +221,13 @@ class OmniMaster:
 
     def drain(self, name: str) -> dict:
         """No new requests for `name`; returns what it still has in flight."""
+        self.instances[name].draining = True
+        return self.in_flight(name)
+
+    def in_flight(self, name: str) -> dict:
+        """What `name` still holds: requests the master routed there, the engine's
+        running and waiting sequences (as of the last refresh)."""
         inst = self.instances[name]
-        inst.draining = True
         return {"inflight": inst.inflight, "running": inst.view.running, "waiting": inst.view.waiting}
 
     def remove_instance(self, name: str) -> None:
