@@ -69,18 +69,28 @@ class NPUActor:
         self.cost = CostModel(self.device)
         self.compute = None
         self.groups: dict = {}  # collective groups this process is in, by name (two during a resize)
+        self.prefetched: dict = {}  # a standby NPU's replicated weights, fetched while it waited
         self.device_time_s = 0.0
         self.steps = 0
 
     def ready(self) -> str:
         return self.spec.name
 
-    def warm(self) -> str:
+    def warm(self, weight_refs: dict | None = None) -> str:
         """A standby NPU: import what its compute needs now (torch and the model
-        code, or the emulator), so that joining an instance later costs only
-        loading weights."""
-        _below_serving(_import_compute, self.spec.compute)
+        code, or the emulator) and fetch the replicated weights every NPU of the
+        model holds into host memory (no HBM charged yet), so that joining an
+        instance later costs only its experts."""
+        _below_serving(self._prefetch, weight_refs)
         return self.spec.name
+
+    def _prefetch(self, weight_refs: dict | None) -> None:
+        _import_compute(self.spec.compute)
+        if weight_refs:
+            from actors.model.weights import expert_of
+
+            names = [n for n in weight_refs if expert_of(n) is None]
+            self.prefetched = dict(zip(names, ray.get([weight_refs[n] for n in names])))
 
     @ray.method(concurrency_group="control")
     def setup(self, weight_refs: dict | None, join_group: bool = True, spec: NPUSpec | None = None) -> dict:
@@ -100,7 +110,8 @@ class NPUActor:
             from actors.compute.emulated import EmulatedCompute
 
             self.compute = EmulatedCompute(self.spec, self.ledger, self.cost)
-        _below_serving(self.compute.load_weights, weight_refs)
+        _below_serving(self.compute.load_weights, weight_refs, self.prefetched)
+        self.prefetched = {}
         if join_group:
             self.compute.remap(self.spec, self._group(self.spec))
         return self._report()

@@ -54,7 +54,8 @@ class ClusterController:
 
         self.metrics = ScalingMetrics()
         if self.manifest.elastic.standby_npus and self.instances:
-            self.standby = StandbyPool(next(iter(self.instances.values())).specs[0], self.manifest.elastic.standby_npus)
+            self.standby = StandbyPool(next(iter(self.instances.values())).specs[0], self.manifest.elastic.standby_npus,
+                                       self.weight_refs)
         if self.manifest.autoscaler.enabled:
             threading.Thread(target=self._autoscale_loop, daemon=True, name="autoscaler").start()
         threading.Thread(target=self._monitor_loop, daemon=True, name="monitor").start()

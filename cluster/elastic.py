@@ -56,11 +56,12 @@ def resized_specs(inst: Instance, ep: int, expert_map: ExpertMap | None = None) 
 
 
 class StandbyPool:
-    """Warm NPU actors (process started, compute code imported, no weights, no HBM
-    charged) that a scale-up adopts instead of starting actors then."""
+    """Warm NPU actors (process started, compute code imported, the replicated
+    weights fetched into host memory, no HBM charged) that a scale-up adopts
+    instead of starting actors then: adopting one costs only its experts."""
 
-    def __init__(self, template: NPUSpec, size: int):
-        self.template = template
+    def __init__(self, template: NPUSpec, size: int, weight_refs: dict | None = None):
+        self.template, self.weight_refs = template, weight_refs
         self.actors = []
         self.warming: list = []  # warm-up refs of actors still starting
         ray.get(self.refill(size))
@@ -74,7 +75,7 @@ class StandbyPool:
         fresh = start_npu_actors([replace(self.template, name=f"standby{i}", instance="standby", rank=0)
                                   for i in range(n)]) if n else []
         self.actors.extend(fresh)
-        refs = [a.warm.remote() for a in fresh]
+        refs = [a.warm.remote(self.weight_refs) for a in fresh]
         self.warming.extend(refs)
         return refs
 

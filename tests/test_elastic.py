@@ -121,7 +121,7 @@ def test_rebalance_with_redundant_experts_during_generation_keeps_the_tokens(mod
 def test_standby_pool_scale_up_and_emulated_resize(model):
     cfg, refs, reference = model
     inst = _instance(cfg, refs)
-    pool = StandbyPool(inst.specs[0], 2)
+    pool = StandbyPool(inst.specs[0], 2, refs)  # the replicated weights prefetched while waiting
     try:
         info = resize(inst, 4, refs, standby=pool)
         assert info["to_ep"] == 4 and len(pool.actors) == 2  # used two, refilled two

@@ -46,13 +46,16 @@ class RealCompute:
         spec = self.spec
         return LocalExperts() if spec.ep_size == 1 else EPExperts(spec.expert_map, spec.rank, spec.model.num_experts, group)
 
-    def load_weights(self, weight_refs: dict | None) -> None:
+    def load_weights(self, weight_refs: dict | None, have: dict | None = None) -> None:
+        """This NPU's shard from the object store (`have`: tensors already fetched)."""
         if not weight_refs:
             raise ValueError(f"NPU {self.spec.name}: real compute needs weights (got none)")
         cfg = self.spec.model
         self.weight_refs = weight_refs
+        have = have or {}
         names = shard_names(weight_refs.keys(), self.held)
-        tensors = dict(zip(names, ray.get([weight_refs[n] for n in names])))
+        fetch = [n for n in names if n not in have]
+        tensors = {n: have[n] for n in names if n in have} | dict(zip(fetch, ray.get([weight_refs[n] for n in fetch])))
         self.ledger.charge("weights", "replicated", sum(_nbytes(t) for n, t in tensors.items() if expert_of(n) is None))
         model = MoEModel(cfg, self.held).to(TORCH_DTYPES[cfg.dtype])
         model.load_state_dict(tensors, strict=True)
