@@ -43,7 +43,7 @@ class NPUSpec:
     model: ModelConfig
     expert_map: ExpertMap
     group_name: str  # collective group of the instance (one per instance incarnation)
-    backend: Literal["gloo", "nccl"] = "gloo"
+    backend: Literal["gloo"] = "gloo"
     time_scale: float = 1.0  # emulated: wall seconds slept per emulated device second
     block_size: int = 16  # tokens per KV block
     kv_blocks: int | None = None  # KV pool size; None: fill kv_memory_fraction of the HBM left after weights

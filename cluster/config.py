@@ -114,7 +114,9 @@ class Manifest(BaseModel):
     checkpoint: str | None = None  # safetensors file; None = seeded random weights
     tokenizer: str | None = None  # HF tokenizer.json; None = the shipped byte-level BPE
     time_scale: float = Field(1.0, ge=0.0)  # emulated: wall seconds per device second
-    collective_backend: Literal["gloo", "nccl"] = "gloo"
+    # the EP group's transport (actors.collective's OMNI_GLOO); nccl would need a GPU tensor
+    # path, which real compute (CPU torch) does not have
+    collective_backend: Literal["gloo"] = "gloo"
     instances: list[InstanceSpec] = Field(default_factory=lambda: [InstanceSpec()], min_length=1)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)
