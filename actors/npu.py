@@ -60,6 +60,7 @@ def _import_compute(mode: str) -> None:
 
 class NPUActor:
     def __init__(self, spec: NPUSpec):
+        self.prefetched: dict = {}  # a standby NPU's replicated weights, fetched while it waited
         self._adopt(spec)
 
     def _adopt(self, spec: NPUSpec) -> None:
@@ -69,7 +70,6 @@ class NPUActor:
         self.cost = CostModel(self.device)
         self.compute = None
         self.groups: dict = {}  # collective groups this process is in, by name (two during a resize)
-        self.prefetched: dict = {}  # a standby NPU's replicated weights, fetched while it waited
         self.device_time_s = 0.0
         self.steps = 0
 
@@ -93,10 +93,10 @@ class NPUActor:
             self.prefetched = dict(zip(names, ray.get([weight_refs[n] for n in names])))
 
     @ray.method(concurrency_group="control")
-    def setup(self, weight_refs: dict | None, join_group: bool = True, spec: NPUSpec | None = None) -> dict:
-        """Load this NPU's weights and (real compute, EP > 1) join the EP group.
-        `spec` gives a standby NPU its place; `join_group=False` leaves the group
-        to `form_group`, when a resized instance forms its new group."""
+    def setup(self, weight_refs: dict | None, spec: NPUSpec | None = None) -> dict:
+        """Load this NPU's weights (what it prefetched as a standby NPU aside) and
+        (real compute, EP > 1) join its EP group. `spec` gives a standby NPU its
+        place."""
         if spec is not None:
             self._adopt(spec)
         if self.spec.compute == "real":
@@ -112,8 +112,7 @@ class NPUActor:
             self.compute = EmulatedCompute(self.spec, self.ledger, self.cost)
         _below_serving(self.compute.load_weights, weight_refs, self.prefetched)
         self.prefetched = {}
-        if join_group:
-            self.compute.remap(self.spec, self._group(self.spec))
+        self.compute.remap(self.spec, self._group(self.spec))
         return self._report()
 
     def _report(self) -> dict:
@@ -198,6 +197,7 @@ class NPUActor:
             "expert_load": self.compute.expert_load() if self.compute else {},
             "node": ray.get_runtime_context().get_node_id(),
             "groups": sorted(self.groups),
+            "tensors_fetched": getattr(self.compute, "tensors_fetched", 0),  # at load, from the object store
             "torch_imported": "torch" in sys.modules,  # emulated NPUs never need it
             "experts": {str(layer): ids for layer, ids in self.spec.expert_map.held_by(self.spec.rank).items()},
         }

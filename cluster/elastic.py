@@ -101,7 +101,7 @@ def _new_npus(specs: list[NPUSpec], weight_refs: dict | None, standby: StandbyPo
     fresh = standby.take(len(specs)) if standby is not None else []
     fresh += start_npu_actors(specs[len(fresh):])
     try:
-        reports = ray.get([n.setup.remote(weight_refs, True, s) for n, s in zip(fresh, specs)] + staging)
+        reports = ray.get([n.setup.remote(weight_refs, s) for n, s in zip(fresh, specs)] + staging)
     except Exception:
         for n in fresh:
             ray.kill(n)

@@ -13,6 +13,7 @@ import ray
 from actors.engine.scheduler import SchedulerConfig
 from actors.kv_hash import block_hashes
 from actors.model.reference import generate
+from actors.model.weights import expert_of, shard_names
 from actors.protocol import EngineRequest
 from cluster.config import load_manifest
 from cluster.elastic import StandbyPool, measured_expert_load, remap, resize
@@ -123,8 +124,13 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
     inst = _instance(cfg, refs)
     pool = StandbyPool(inst.specs[0], 2, refs)  # the replicated weights prefetched while waiting
     try:
+        launched = [len(shard_names(refs, s.expert_map.held_by(s.rank))) for s in inst.specs]
         info = resize(inst, 4, refs, standby=pool)
         assert info["to_ep"] == 4 and len(pool.actors) == 2  # used two, refilled two
+        fetched = [st["tensors_fetched"] for st in inst.stats()]
+        assert fetched[:2] == launched  # launched at EP 2: the whole shard from the object store
+        adopted = [shard_names(refs, inst.specs[r].expert_map.held_by(r)) for r in (2, 3)]
+        assert fetched[2:] == [sum(expert_of(n) is not None for n in a) for a in adopted]  # prefetched: experts only
         prompt = _prompts(1, seed=3)[0]
         tokens, _ = _generate_during(inst, [prompt], 6, lambda: None)
         assert tokens[0] == generate(reference, [prompt], 6).tokens[0]

@@ -56,6 +56,7 @@ class RealCompute:
         names = shard_names(weight_refs.keys(), self.held)
         fetch = [n for n in names if n not in have]
         tensors = {n: have[n] for n in names if n in have} | dict(zip(fetch, ray.get([weight_refs[n] for n in fetch])))
+        self.tensors_fetched = len(fetch)
         self.ledger.charge("weights", "replicated", sum(_nbytes(t) for n, t in tensors.items() if expert_of(n) is None))
         model = MoEModel(cfg, self.held).to(TORCH_DTYPES[cfg.dtype])
         model.load_state_dict(tensors, strict=True)
