@@ -2,9 +2,10 @@
 
 It owns an HBM ledger of its device's capacity, a cost model of its chip, and
 a compute (real torch math on its shard, or emulated timing). An instance's
-NPUs form one collective group for the EP all-to-all (two while a resize forms the
-next one beside the current: control calls run in their own thread). Torch is imported only
-by real compute, so a 718B-shaped emulated instance starts in seconds.
+NPUs form one collective group for the EP all-to-all (two while a resize forms
+the next one beside the current: control calls run in their own thread). Torch
+is imported only by real compute, so a 718B-shaped emulated instance starts in
+seconds.
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ class NPUActor:
     def _prefetch(self, weight_refs: dict | None) -> None:
         _import_compute(self.spec.compute)
         if weight_refs:
-            from actors.model.weights import expert_of
+            from actors.model.weights import shard_names
 
-            names = [n for n in weight_refs if expert_of(n) is None]
+            names = shard_names(weight_refs, {})  # no experts held: the replicated tensors
             self.prefetched = dict(zip(names, ray.get([weight_refs[n] for n in names])))
 
     @ray.method(concurrency_group="control")

@@ -78,7 +78,7 @@ class ClusterController:
         }
 
     def steps_since(self, instance: str, t: float) -> list[tuple[float, int]]:
-        """The instance's step log (step end on the host's perf_counter clock, tokens)
+        """The instance's step log (step end on the wall clock, tokens)
         from `t` on, whichever NPUs it ran on: throughput across scaling events."""
         return ray.get(self._instance(instance).engine.steps_since.remote(t))
 

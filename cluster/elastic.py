@@ -181,7 +181,7 @@ def remap(inst: Instance, expert_map: ExpertMap) -> dict:
     if expert_map.ep_size != inst.ep_size:
         raise ValueError(f"expert_map: built for EP {expert_map.ep_size}, instance {inst.name} has {inst.ep_size}")
     specs = [replace(s, expert_map=expert_map) for s in inst.specs]
-    staged = ray.get(_stage(inst.npus, specs))[::2]
+    staged = ray.get(_stage(inst.npus, specs))[::2]  # prepare's bytes (form_group returns nothing)
     info = _switch(inst, inst.npus, specs, inst.memory)
     return {"instance": inst.name, "staged_bytes": sum(staged), "pause_s": info["pause_s"],
             "total_s": time.perf_counter() - t0}

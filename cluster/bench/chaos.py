@@ -5,8 +5,9 @@ after another with `phase_s` seconds between them, an NPU actor of an instance,
 the global KV cache actor and the master are killed. Every request is sorted
 into: rejected (429/503 before it was accepted), failed (accepted but not
 completed with all its tokens) and completed. Requests that were in flight when
-a fault struck give the fault-time p99 latency, the others the steady p99. The controller's health check rebuilds the broken
-instance; the KV cache actor and the master restart by themselves.
+a fault struck give the fault-time p99 latency, the others the steady p99. The
+controller's health check rebuilds the broken instance; the KV cache actor and
+the master restart by themselves.
 """
 
 from __future__ import annotations

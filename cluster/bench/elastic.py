@@ -38,7 +38,7 @@ import statistics
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import ray
 
@@ -73,26 +73,17 @@ def _window_rate(steps: list[tuple[float, int]], start: float, end: float) -> fl
 
 
 @dataclass
-class Event:
-    """One scale command on the run's clock: issued, switch (staging done), first
-    step on the new size; and the resize's own report."""
-
-    start: float
-    switch: float
-    end: float
-    info: dict
-
-
-@dataclass
 class ScalingWindow:
     """One scale event on the run's clock: the command, the switch (staging done),
-    the first step on the new size; and the steady rates of the old and new size."""
+    the first step on the new size; the steady rates of the old and new size (once
+    measured), and the resize's own report."""
 
     start: float
     switch: float
     end: float
-    rate_old: float | None
-    rate_new: float | None
+    rate_old: float | None = None
+    rate_new: float | None = None
+    info: dict = field(default_factory=dict)
 
 
 def during_vs_steady(steps: list[tuple[float, int]], windows: list[ScalingWindow]) -> float | None:
@@ -162,12 +153,12 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
             wall0 = time.time() - (time.perf_counter() - clock["t0"])  # the run's start, wall clock
             now = lambda: time.time() - wall0  # noqa: E731
 
-            def scale(ep: int) -> Event:
+            def scale(ep: int) -> ScalingWindow:
                 say(f"scaling {name}: EP -> {ep}")
                 start = now()
                 info = ray.get(server.controller.scale.remote(name, ep))
                 end = info["first_step_at"] - wall0 if info.get("first_step_at") else now()
-                return Event(start, start + info["prepare_s"], end, info)
+                return ScalingWindow(start, start + info["prepare_s"], end, info=info)
 
             cycles = []
             time.sleep(cfg.phase_s)
@@ -195,8 +186,8 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
                           cycles[i][0].start if i < len(cycles) else end) for i in range(len(cycles) + 1)]
     large = [_window_rate(steps, refilled, down.start) for _, refilled, down in cycles]
     windows = [w for i, (up, _, down) in enumerate(cycles)
-               for w in (ScalingWindow(up.start, up.switch, up.end, small[i], large[i]),
-                         ScalingWindow(down.start, down.switch, down.end, large[i], small[i + 1]))]
+               for w in (replace(up, rate_old=small[i], rate_new=large[i]),
+                         replace(down, rate_old=large[i], rate_new=small[i + 1]))]
     during_s = sum(w.end - w.start for w in windows)
     during_tokens = sum(_tokens(steps, w.start, w.end, with_end=True) for w in windows)
     ups, downs = [c[0] for c in cycles], [c[2] for c in cycles]
