@@ -8,7 +8,8 @@ backend (registered with Ray as "OMNI_GLOO", Ray's extension point for
 collective backends) gives each group its own gloo process group over its own
 rendezvous store, so the next group forms in the background while the current
 one serves (ElasticMoE's pre-built communication domains) and the switch only
-swaps a handle.
+swaps a handle. `PendingGroup` forms one in a thread of its own, so that no
+actor task waits on its peers.
 
 Groups are created and destroyed through `ray.util.collective`
 (init_collective_group / destroy_collective_group with backend OMNI_GLOO), and
@@ -22,6 +23,7 @@ for it there. The key goes once every rank has connected.
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 
@@ -52,34 +54,45 @@ def _one(tensor) -> torch.Tensor:
     return torch.from_numpy(t) if not isinstance(t, torch.Tensor) else t
 
 
+def _await_address(key: bytes) -> tuple[str, int]:
+    deadline = time.monotonic() + FORM_TIMEOUT_S
+    while (meta := internal_kv._internal_kv_get(key)) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"collective group: rank 0 of {key.decode()} did not publish its address "
+                               f"within {FORM_TIMEOUT_S:.0f} s")
+        time.sleep(_POLL_S)
+    host, port = meta.decode().rsplit(":", 1)
+    return host, int(port)
+
+
+def _rendezvous(world_size: int, rank: int, group_name: str):
+    """The group's store and gloo process group, once every rank has connected."""
+    key = _address_key(group_name)
+    timeout = timedelta(seconds=FORM_TIMEOUT_S)
+    if rank == 0:
+        host = ray.util.get_node_ip_address()
+        store = dist.TCPStore(host, 0, world_size, True, timeout, wait_for_workers=False)
+        internal_kv._internal_kv_put(key, f"{host}:{store.port}")
+    else:
+        host, port = _await_address(key)
+        store = dist.TCPStore(host, port, world_size, False, timeout)
+    pg = dist.ProcessGroupGloo(dist.PrefixStore(group_name, store), rank, world_size, timeout)
+    if rank == 0:  # every rank is connected once the process group exists
+        internal_kv._internal_kv_del(key)
+    return store, pg
+
+
+# groups `join` formed, handed to the OmniGlooGroup that ray.util.collective then
+# builds under its group-manager lock (which must not be held while peers are awaited)
+_formed: dict[str, tuple] = {}
+
+
 class OmniGlooGroup(BaseGroup):
     """One named group on its own gloo process group (not the process's default)."""
 
     def __init__(self, world_size: int, rank: int, group_name: str):
         super().__init__(world_size, rank, group_name)
-        key = _address_key(group_name)
-        timeout = timedelta(seconds=FORM_TIMEOUT_S)
-        if rank == 0:
-            host = ray.util.get_node_ip_address()
-            self._store = dist.TCPStore(host, 0, world_size, True, timeout, wait_for_workers=False)
-            internal_kv._internal_kv_put(key, f"{host}:{self._store.port}")
-        else:
-            host, port = self._await_address(key)
-            self._store = dist.TCPStore(host, port, world_size, False, timeout)
-        self._pg = dist.ProcessGroupGloo(dist.PrefixStore(group_name, self._store), rank, world_size, timeout)
-        if rank == 0:  # every rank is connected once the process group exists
-            internal_kv._internal_kv_del(key)
-
-    @staticmethod
-    def _await_address(key: bytes) -> tuple[str, int]:
-        deadline = time.monotonic() + FORM_TIMEOUT_S
-        while (meta := internal_kv._internal_kv_get(key)) is None:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"collective group: rank 0 of {key.decode()} did not publish its address "
-                                   f"within {FORM_TIMEOUT_S:.0f} s")
-            time.sleep(_POLL_S)
-        host, port = meta.decode().rsplit(":", 1)
-        return host, int(port)
+        self._store, self._pg = _formed.pop(group_name, None) or _rendezvous(world_size, rank, group_name)
 
     @classmethod
     def backend(cls):
@@ -148,9 +161,47 @@ def register() -> None:
 def join(world: int, rank: int, group_name: str) -> OmniGlooGroup:
     """Join (form, with the other ranks) the named group; blocks until all joined."""
     register()
+    # formed first, outside ray.util.collective's group-manager lock: that lock is
+    # per process, and a formation waiting for its peers under it would hold up
+    # every other group of the process (one forming beside it, one leaving)
+    _formed[group_name] = _rendezvous(world, rank, group_name)
     collective.init_collective_group(world, rank, BACKEND, group_name)
     with _group_mgr_lock:
         return _group_mgr.get_group_by_name(group_name)
+
+
+class PendingGroup:
+    """A group forming in a thread of its own. An NPU that serves must never hold
+    one of its tasks while it waits for its peers: if its next step were queued
+    behind that task, and a peer's joining behind the peer's step (which waits
+    for this NPU in the current group's all-to-all), neither would move. So
+    forming starts here and returns; the caller polls `done` and collects the
+    group with `wait` at the switch."""
+
+    def __init__(self, world: int, rank: int, group_name: str):
+        self._out: dict = {}
+        self._thread = threading.Thread(target=self._form, args=(world, rank, group_name),
+                                        name=f"form-{group_name}", daemon=True)
+        self._thread.start()
+
+    def _form(self, world: int, rank: int, group_name: str) -> None:
+        try:
+            self._out["group"] = join(world, rank, group_name)
+        except BaseException as err:  # raised to whoever polls or waits
+            self._out["error"] = err
+
+    def done(self) -> bool:
+        """Formed (True), still forming (False); a failed formation raises."""
+        if self._thread.is_alive():
+            return False
+        if "error" in self._out:
+            raise self._out["error"]
+        return True
+
+    def wait(self) -> OmniGlooGroup:
+        self._thread.join()
+        self.done()
+        return self._out["group"]
 
 
 def leave(group_name: str) -> None:

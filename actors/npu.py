@@ -22,22 +22,36 @@ from actors.hbm import HBMLedger
 from actors.protocol import NPUBatch, NPUSpec, NPUStepResult
 
 NPU_RESOURCE = "omni_npu"  # never "NPU": Ray reserves that for real Ascend devices
-LOADING_NICE = 10  # niceness of the thread that loads a new NPU's weights
+
+
+def _lower_this_thread() -> None:
+    """Put the calling thread below every serving thread of the host: SCHED_IDLE
+    (it runs on otherwise idle CPU), else the lowest niceness. Never an absolute
+    nice value above the current one: Ray starts its workers niced already (15),
+    and `setpriority(10)` would have raised such a thread above the steps.
+    Linux schedules per thread; elsewhere, or when not allowed, nothing changes."""
+    tid = threading.get_native_id()
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def _below_serving(fn, *args):
-    """Run fn in a short-lived thread below normal priority: a new NPU loading its
-    weights shares its host's cores with the NPUs that serve, and must not slow
-    their steps. Only for an NPU not serving yet: in one that serves, a
-    low-priority thread holding the GIL would stall its own steps. Linux nices
-    per thread; elsewhere, or when not allowed, the thread keeps its priority."""
+    """Run fn in a short-lived thread below every serving thread: a new NPU
+    loading its weights and joining its group shares its host's cores with the
+    NPUs that serve, and must not slow their steps. Only for an NPU not serving
+    yet: in one that serves, a low-priority thread holding the GIL would stall
+    its own steps."""
     out: dict = {}
 
     def run():
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADING_NICE)
-        except (AttributeError, OSError):
-            pass
+        _lower_this_thread()
         try:
             out["value"] = fn(*args)
         except BaseException as err:  # re-raised in the caller's thread
@@ -71,6 +85,7 @@ class NPUActor:
         self.cost = CostModel(self.device)
         self.compute = None
         self.groups: dict = {}  # collective groups this process is in, by name (two during a resize)
+        self.forming: dict = {}  # groups still forming in their own thread (collective.PendingGroup), by name
         self.device_time_s = 0.0
         self.steps = 0
 
@@ -96,10 +111,13 @@ class NPUActor:
     @ray.method(concurrency_group="control")
     def setup(self, weight_refs: dict | None, spec: NPUSpec | None = None) -> dict:
         """Load this NPU's weights (what it prefetched as a standby NPU aside) and
-        (real compute, EP > 1) join its EP group. `spec` gives a standby NPU its
-        place."""
+        (real compute, EP > 1) join its EP group, all below serving priority (an
+        NPU set up is not serving yet). `spec` gives a standby NPU its place."""
         if spec is not None:
             self._adopt(spec)
+        return _below_serving(self._load, weight_refs)
+
+    def _load(self, weight_refs: dict | None) -> dict:
         if self.spec.compute == "real":
             import torch
 
@@ -111,7 +129,7 @@ class NPUActor:
             from actors.compute.emulated import EmulatedCompute
 
             self.compute = EmulatedCompute(self.spec, self.ledger, self.cost)
-        _below_serving(self.compute.load_weights, weight_refs, self.prefetched)
+        self.compute.load_weights(weight_refs, self.prefetched)
         self.prefetched = {}
         self.compute.remap(self.spec, self._group(self.spec))
         return self._report()
@@ -120,19 +138,31 @@ class NPUActor:
         return self.ledger.report() | {"kv_blocks": self.compute.num_blocks, "block_size": self.spec.block_size}
 
     def _group(self, spec: NPUSpec):
-        """spec's collective group (real compute, EP > 1), joined with the
-        instance's other NPUs if this process is not in it yet."""
+        """spec's collective group (real compute, EP > 1): formed ahead by
+        form_group, else joined now with the instance's other NPUs."""
         if spec.compute != "real" or spec.ep_size == 1:
             return None
-        if spec.group_name not in self.groups:
+        name = spec.group_name
+        if name in self.forming:
+            self.groups[name] = self.forming.pop(name).wait()
+        elif name not in self.groups:
             from actors import collective
 
-            self.groups[spec.group_name] = collective.join(spec.ep_size, spec.rank, spec.group_name)
-        return self.groups[spec.group_name]
+            self.groups[name] = collective.join(spec.ep_size, spec.rank, name)
+        return self.groups[name]
 
     @ray.method(concurrency_group="control")
     def leave_groups_but(self, keep: str | None) -> None:
-        """Leave every collective group but `keep` (after a switch, off its pause)."""
+        """Leave every collective group but `keep` (after a switch, off its pause),
+        and forget the ones still forming (from a resize that failed: they give
+        up after the collective's timeout)."""
+        for name in [n for n in self.forming if n != keep]:
+            pending = self.forming.pop(name)
+            try:
+                if pending.done():
+                    self.groups[name] = pending.wait()
+            except Exception:
+                pass  # it failed to form: nothing to leave
         leaving = [n for n in self.groups if n != keep]
         if not leaving:  # (emulated NPUs never import torch)
             return
@@ -152,9 +182,23 @@ class NPUActor:
 
     @ray.method(concurrency_group="control")
     def form_group(self, spec: NPUSpec) -> None:
-        """Form `spec`'s collective group with its other NPUs (all call this together)
-        while this NPU still serves in its current one."""
-        self._group(spec)
+        """Start forming `spec`'s collective group with its other NPUs (all call this
+        together) while this NPU still serves in its current one; returns at once
+        (see collective.PendingGroup: no task of a serving NPU waits on its peers).
+        The caller polls group_formed."""
+        if spec.compute != "real" or spec.ep_size == 1 or spec.group_name in self.groups:
+            return
+        if spec.group_name not in self.forming:
+            from actors import collective
+
+            self.forming[spec.group_name] = collective.PendingGroup(spec.ep_size, spec.rank, spec.group_name)
+
+    @ray.method(concurrency_group="control")
+    def group_formed(self, group_name: str) -> bool:
+        """Whether form_group's group is ready (True when none is forming); a failed
+        formation raises."""
+        pending = self.forming.get(group_name)
+        return pending is None or pending.done()
 
     def commit(self, spec: NPUSpec) -> dict:
         """Switch to `spec` between two steps (called by the step whose batch carries

@@ -32,6 +32,8 @@ from actors.expert_map import ExpertMap
 from actors.protocol import NPUSpec
 from cluster.launcher import Instance, start_npu_actors
 
+GROUP_WAIT_S = 120.0  # a forming group's members give up after 60 s (actors.collective)
+
 
 def allowed_ep(num_experts: int, ep: int) -> bool:
     """An EP size the contiguous expert layout supports."""
@@ -95,7 +97,7 @@ def _new_npus(specs: list[NPUSpec], weight_refs: dict | None, standby: StandbyPo
               staging: list) -> tuple[list, list[dict]]:
     """NPU actors for `specs` (standby first, the rest started now), loaded from the
     object store, each joining its spec's collective group as it finishes, while
-    `staging` (the kept NPUs' prepare and form_group calls) completes: all of it
+    `staging` (the kept NPUs' prepare calls) completes: all of it
     while the instance serves. Returns the actors and their memory reports; on
     failure the new actors go."""
     fresh = standby.take(len(specs)) if standby is not None else []
@@ -110,8 +112,22 @@ def _new_npus(specs: list[NPUSpec], weight_refs: dict | None, standby: StandbyPo
 
 
 def _stage(npus: list, specs: list[NPUSpec]) -> list:
-    """Refs of kept NPUs staging their experts for `specs`, then joining its group."""
-    return [r for n, s in zip(npus, specs) for r in (n.prepare.remote(s), n.form_group.remote(s))]
+    """Refs, per kept NPU, of its starting to form the new group (in a thread of
+    its own: see _await_group) and of its staging the experts `specs` gives it."""
+    return [r for n, s in zip(npus, specs) for r in (n.form_group.remote(s), n.prepare.remote(s))]
+
+
+def _await_group(npus: list, group_name: str) -> None:
+    """Until every NPU of `npus` has formed `group_name`, polling: a serving NPU
+    must not hold a task while it waits for its peers (that is how two NPUs
+    deadlock: one's joining queued behind its step, the other's step behind its
+    joining). A failed formation raises here; the members give up after the
+    collective's own timeout."""
+    deadline = time.monotonic() + GROUP_WAIT_S
+    while not all(ray.get([n.group_formed.remote(group_name) for n in npus])):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"collective group {group_name} did not form within {GROUP_WAIT_S:.0f} s")
+        time.sleep(0.005)
 
 
 def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict], recompute: bool = False) -> dict:
@@ -142,6 +158,12 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     specs = resized_specs(inst, ep, expert_map)
     kept = inst.npus[: min(ep, old_ep)]
     fresh, reports = _new_npus(specs[old_ep:], weight_refs, standby, _stage(kept, specs))
+    try:
+        _await_group(kept, specs[0].group_name)
+    except Exception:
+        for n in fresh:
+            ray.kill(n)
+        raise
     prepared = time.time()
     info = _switch(inst, kept + fresh, specs, inst.memory[: len(kept)] + reports)
     done = info.get("first_step_at", time.time())
@@ -181,7 +203,7 @@ def remap(inst: Instance, expert_map: ExpertMap) -> dict:
     if expert_map.ep_size != inst.ep_size:
         raise ValueError(f"expert_map: built for EP {expert_map.ep_size}, instance {inst.name} has {inst.ep_size}")
     specs = [replace(s, expert_map=expert_map) for s in inst.specs]
-    staged = ray.get(_stage(inst.npus, specs))[::2]  # prepare's bytes (form_group returns nothing)
+    staged = ray.get(_stage(inst.npus, specs))[1::2]  # prepare's bytes (the group is the same: none forms)
     info = _switch(inst, inst.npus, specs, inst.memory)
     return {"instance": inst.name, "staged_bytes": sum(staged), "pause_s": info["pause_s"],
             "total_s": time.perf_counter() - t0}

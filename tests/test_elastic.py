@@ -16,7 +16,7 @@ from actors.model.reference import generate
 from actors.model.weights import expert_of, shard_names
 from actors.protocol import EngineRequest
 from cluster.config import load_manifest
-from cluster.elastic import StandbyPool, measured_expert_load, remap, resize
+from cluster.elastic import StandbyPool, measured_expert_load, remap, resize, resized_specs
 from cluster.launcher import launch_engine, launch_instance
 from cluster.placement import imbalance, plan_placement
 
@@ -70,13 +70,20 @@ def test_ep_2_to_4_to_2_during_generation_keeps_the_reference_tokens(model):
     prompts = _prompts(5)
     try:
         def scale_up_then_down():
+            # forming a group never holds a task of a serving NPU on its peers (its next
+            # step could queue behind it while a peer's step waits for this NPU): for a
+            # group whose other members never come, form_group returns all the same
+            lonely = resized_specs(inst, 4)[0]
+            ray.get(inst.npus[0].form_group.remote(lonely), timeout=30)
+            alone = ray.get(inst.npus[0].group_formed.remote(lonely.group_name))
             up = resize(inst, 4, refs)
             down = resize(inst, 2, refs)
-            return up, down
+            return up, down, alone
 
-        tokens, (up, down) = _generate_during(inst, prompts, 24, scale_up_then_down)
+        tokens, (up, down, alone) = _generate_during(inst, prompts, 24, scale_up_then_down)
         expected = [generate(reference, [p], 24).tokens[0] for p in prompts]
         assert tokens == expected
+        assert alone is False
         assert (up["from_ep"], up["to_ep"], down["from_ep"], down["to_ep"]) == (2, 4, 4, 2)
         stats = ray.get(inst.engine.stats.remote())
         assert stats["reconfigurations"] == 2 and len(stats["free_blocks"]) == 2

@@ -4,6 +4,7 @@ against the single-process reference."""
 from __future__ import annotations
 
 import sys
+import time
 import uuid
 from types import SimpleNamespace
 
@@ -93,11 +94,22 @@ def test_ep_instances_match_reference(ray_session, manifest):
 @ray.remote(num_cpus=0, resources={NPU_RESOURCE: 1}, concurrency_groups={"control": 1})
 class _GroupMember:
     """A process in several OMNI_GLOO groups at once, as an NPU is during a resize
-    (joining runs in its own thread, like NPUActor.form_group)."""
+    (a group forms in a thread of its own, as NPUActor.form_group starts it)."""
+
+    def __init__(self):
+        self.pending = {}
 
     @ray.method(concurrency_group="control")
     def join(self, world: int, rank: int, name: str) -> int:
         return omni_collective.join(world, rank, name).world_size
+
+    @ray.method(concurrency_group="control")
+    def start(self, world: int, rank: int, name: str) -> None:
+        self.pending[name] = omni_collective.PendingGroup(world, rank, name)
+
+    @ray.method(concurrency_group="control")
+    def formed(self, name: str) -> bool:
+        return self.pending[name].done()
 
     def a2a(self, name: str, inp: torch.Tensor) -> torch.Tensor:
         from ray.util.collective.collective import _group_mgr
@@ -126,11 +138,17 @@ def test_a_process_holds_two_groups_and_the_old_one_serves_while_the_new_one_for
     m = [_GroupMember.remote() for _ in range(3)]
     try:
         ray.get([m[r].join.remote(2, r, a) for r in range(2)])
-        forming = [m[r].join.remote(3, r, b) for r in (1, 2)]  # rank 0 of B not there yet: B cannot finish
+        # B's ranks 1, 2 start forming (the calls return at once: no task waits on its peers);
+        # rank 0 of B is not there yet, so B cannot finish
+        ray.get([m[r].start.remote(3, r, b) for r in (1, 2)], timeout=30)
         out_a = ray.get([m[r].a2a.remote(a, torch.tensor([10.0 * r, 10.0 * r + 1])) for r in range(2)])
         assert [o.tolist() for o in out_a] == [[0.0, 10.0], [1.0, 11.0]]
-        assert ray.wait(forming, timeout=0.2)[0] == []  # still forming while A served
-        ray.get(forming + [m[0].join.remote(3, 0, b)])
+        assert ray.get([m[r].formed.remote(b) for r in (1, 2)]) == [False, False]  # still forming while A served
+        ray.get(m[0].start.remote(3, 0, b))
+        deadline = time.monotonic() + 60
+        while not all(ray.get([m[r].formed.remote(b) for r in range(3)])):
+            assert time.monotonic() < deadline, "group B did not form"
+            time.sleep(0.01)
         out_b = ray.get([m[r].a2a.remote(b, torch.arange(3.0) + 3 * r) for r in range(3)])
         assert [o.tolist() for o in out_b] == [[0.0, 3.0, 6.0], [1.0, 4.0, 7.0], [2.0, 5.0, 8.0]]
         assert ray.get([m[r].allreduce.remote(a, r + 1.0) for r in range(2)]) == [3.0, 3.0]

@@ -3,6 +3,9 @@ not fit, and the emulated 718B model starting on this machine."""
 
 from __future__ import annotations
 
+import os
+import threading
+
 import pytest
 
 from actors.hbm import HBMOutOfMemory
@@ -74,3 +77,25 @@ def test_emulated_tokens_do_not_depend_on_ep_size(ray_session):
         results.append(tokens)
     assert results[0] == results[1]
     assert all(len(t) == 6 for t in results[0])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="per-thread scheduling is Linux's")
+def test_loading_runs_below_serving_and_never_above_it():
+    """A new NPU loads in a thread below the serving ones: SCHED_IDLE, else the
+    lowest niceness. Ray starts workers niced (15); an absolute nice of 10 would
+    have put the loading thread above the steps."""
+    from actors.npu import _below_serving
+
+    def served_from_a_niced_worker():
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, 15)  # as Ray's workers run
+        return _below_serving(lambda: (os.sched_getscheduler(threading.get_native_id()),
+                                       os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("v", served_from_a_niced_worker()))
+    t.start()
+    t.join()
+    policy, nice = out["v"]
+    assert policy == os.SCHED_IDLE or nice == 19
+    assert nice >= 15
