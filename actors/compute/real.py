@@ -39,7 +39,7 @@ class RealCompute:
         self.publisher = BlockPublisher(spec)
         self.kv = KVCharges(ledger, cfg.kv_bytes_per_token())
         self.weight_refs: dict | None = None  # kept: experts moved here later load from the object store
-        self.staged: dict[str, torch.Tensor] = {}  # expert tensors fetched for the next map, not yet in use
+        self.staged: dict[tuple[int, int], SwiGLU] = {}  # (layer, expert) modules built for the next map, not in use yet
         self.experts = self._executor(group)
 
     def _executor(self, group):
@@ -75,28 +75,34 @@ class RealCompute:
     # ---- expert remapping (Omni Placement, elastic EP) ------------------------------------
     def prepare(self, spec: NPUSpec) -> int:
         """Fetch, ahead of the switch, the expert tensors `spec` assigns here that this
-        NPU lacks (from the object store, while serving goes on). Returns bytes staged."""
+        NPU lacks (from the object store, while serving goes on) and build their
+        modules, so that the switch only swaps them in. Returns bytes staged."""
         want = spec.expert_map.held_by(spec.rank)
         have = {m.layer: set(map(int, m.experts.keys())) for m in self.model.moe_layers()}
         missing = {layer: [e for e in experts if e not in have.get(layer, set())] for layer, experts in want.items()}
         names = [n for n in shard_names(self.weight_refs.keys(), missing) if expert_of(n) is not None]
-        self.staged = dict(zip(names, ray.get([self.weight_refs[n] for n in names])))
-        return sum(_nbytes(t) for t in self.staged.values())
+        tensors = dict(zip(names, ray.get([self.weight_refs[n] for n in names])))
+        dtype = TORCH_DTYPES[spec.model.dtype]
+        self.staged = {}
+        for layer, experts in missing.items():
+            for e in experts:
+                prefix = f"layers.{layer}.mlp.experts.{e}."
+                self.staged[(layer, e)] = _expert_module(spec.model, dtype, {
+                    n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
+        return sum(_nbytes(t) for t in tensors.values())
 
     def remap(self, spec: NPUSpec, group) -> None:
         """Switch to `spec`'s expert map (between two steps): drop the experts no longer
-        held, install the staged ones, recharge the ledger, and route by the new map."""
-        dtype = TORCH_DTYPES[spec.model.dtype]
+        held, swap in the staged ones, recharge the ledger, and route by the new map."""
         want = spec.expert_map.held_by(spec.rank)
         for moe in self.model.moe_layers():
             keep = set(want.get(moe.layer, ()))
             for key in [k for k in moe.experts.keys() if int(k) not in keep]:
                 del moe.experts[key]
             for e in sorted(keep - set(map(int, moe.experts.keys()))):
-                prefix = f"layers.{moe.layer}.mlp.experts.{e}."
-                module = SwiGLU(spec.model.hidden_size, spec.model.moe_intermediate_size).to(dtype)
-                module.load_state_dict({n[len(prefix):]: t for n, t in self.staged.items() if n.startswith(prefix)})
-                moe.experts[str(e)] = module
+                if (moe.layer, e) not in self.staged:
+                    raise RuntimeError(f"NPU {self.spec.name}: expert {e} of layer {moe.layer} was not staged (prepare)")
+                moe.experts[str(e)] = self.staged[(moe.layer, e)]
         self.staged = {}
         self.spec, self.held = spec, want
         self._charge_experts()
@@ -113,9 +119,10 @@ class RealCompute:
                 self.kv.charge(w.seq_id, w.start_pos, len(w.token_ids))
             return self.cache
         self.paged.unbind_all()
+        loads = [(block, ref) for w in batch.seqs for block, (ref,) in w.load_blocks]
+        for (block, _), data in zip(loads, ray.get([ref for _, ref in loads])):  # one fetch for all
+            self.paged.import_block(block, data)
         for w in batch.seqs:
-            for block, (ref,) in w.load_blocks:
-                self.paged.import_block(block, ray.get(ref))
             self.paged.bind(w.seq_id, w.block_table, w.start_pos)
         return self.paged
 
@@ -162,6 +169,13 @@ class RealCompute:
 
     def expert_load(self) -> dict[int, list[int]]:
         return {m.layer: m.load.tolist() for m in self.model.moe_layers()} if self.model else {}
+
+
+def _expert_module(cfg, dtype: torch.dtype, state: dict[str, torch.Tensor]) -> SwiGLU:
+    """An expert's module holding `state`."""
+    module = SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size).to(dtype)
+    module.load_state_dict(state, strict=True)
+    return module
 
 
 def _nbytes(t: torch.Tensor) -> int:

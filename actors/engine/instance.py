@@ -331,8 +331,9 @@ class InstanceEngine:
         they were. The caller releases the NPUs that left once this returns.
         `recompute` (a rebuild after an NPU died): the leaving NPUs cannot be
         read, so their sequences recompute their KV from their tokens. Returns
-        when the first step on the new NPUs ran (at once when there is no work);
-        the instance is healthy again."""
+        when the first step on the new NPUs ran (at once when there is no work)
+        and the leaving NPUs' exports are done (they run beside that step, whose
+        imports wait for them: not in the pause); the instance is healthy again."""
         self._ensure_loop()
         if self._reconfig is not None:
             raise RuntimeError(f"engine {self.config.name}: a reconfiguration is already in progress")
@@ -342,9 +343,16 @@ class InstanceEngine:
         self._reconfig = (npus, specs, memory, switched, recompute)
         self._wake.set()
         info = await switched
+        first = None
         if self.scheduler.has_work():
             first = loop.create_future()
             self._after_step.append(first)
+        exports = info.pop("exports")
+        if exports:  # the leaving NPUs go once this returns: their KV must be out by then (the engine owns the copies)
+            import ray
+
+            await asyncio.to_thread(ray.wait, exports, num_returns=len(exports), fetch_local=False)
+        if first is not None:
             info["first_step_at"] = await first  # wall clock, as the step log
             info["first_step_s"] = info["first_step_at"] - t0
         return info
@@ -368,9 +376,6 @@ class InstanceEngine:
                     blocks = seq.block_table[: -(-seq.num_computed // bs)]
                     refs = old[seq.rank].export_blocks.options(num_returns=len(blocks)).remote(blocks) if blocks else []
                     moving.append((seq, [refs] if len(blocks) == 1 else list(refs), seq.num_computed))
-            refs = [r for _, rs, _ in moving for r in rs]
-            if refs:  # exported before the old NPUs go (the engine owns the copies)
-                await asyncio.to_thread(ray.wait, refs, num_returns=len(refs), fetch_local=False)
             if not self.scheduler.has_work():  # no step to carry the specs: switch the NPUs now
                 await asyncio.gather(*(n.commit.remote(s) for n, s in zip(npus, specs)))
                 specs = None
@@ -397,7 +402,9 @@ class InstanceEngine:
         self.counters["reconfigurations"] += 1
         self.healthy = True
         self.counters["migrated_seqs"] += len(moving)
-        done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "migrated": len(moving)})
+        # the exports finish beside the first step (whose imports wait for them), not in the pause
+        exports = [r for _, rs, _ in moving for r in rs]
+        done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "migrated": len(moving), "exports": exports})
 
     # ---- state for the master ---------------------------------------------------------
     async def npu_stats(self) -> list[dict]:
