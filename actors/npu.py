@@ -44,10 +44,10 @@ def _lower_this_thread() -> None:
 
 def _below_serving(fn, *args):
     """Run fn in a short-lived thread below every serving thread: a new NPU
-    loading its weights and joining its group shares its host's cores with the
-    NPUs that serve, and must not slow their steps. Only for an NPU not serving
-    yet: in one that serves, a low-priority thread holding the GIL would stall
-    its own steps."""
+    loading its weights shares its host's cores with the NPUs that serve, and
+    must not slow their steps. Only for an NPU not serving yet: in one that
+    serves, a low-priority thread holding the GIL would stall its own steps. fn
+    must not start threads that outlive it (they would inherit its priority)."""
     out: dict = {}
 
     def run():
@@ -110,14 +110,18 @@ class NPUActor:
 
     @ray.method(concurrency_group="control")
     def setup(self, weight_refs: dict | None, spec: NPUSpec | None = None) -> dict:
-        """Load this NPU's weights (what it prefetched as a standby NPU aside) and
-        (real compute, EP > 1) join its EP group, all below serving priority (an
-        NPU set up is not serving yet). `spec` gives a standby NPU its place."""
+        """Load this NPU's weights (what it prefetched as a standby NPU aside) below
+        serving priority (an NPU set up is not serving yet), then (real compute,
+        EP > 1) join its EP group. Not the joining: threads inherit their creator's
+        scheduling, and the group's gloo threads carry every all-to-all of this
+        NPU's life. `spec` gives a standby NPU its place."""
         if spec is not None:
             self._adopt(spec)
-        return _below_serving(self._load, weight_refs)
+        _below_serving(self._load, weight_refs)
+        self.compute.remap(self.spec, self._group(self.spec))
+        return self._report()
 
-    def _load(self, weight_refs: dict | None) -> dict:
+    def _load(self, weight_refs: dict | None) -> None:
         if self.spec.compute == "real":
             import torch
 
@@ -131,8 +135,6 @@ class NPUActor:
             self.compute = EmulatedCompute(self.spec, self.ledger, self.cost)
         self.compute.load_weights(weight_refs, self.prefetched)
         self.prefetched = {}
-        self.compute.remap(self.spec, self._group(self.spec))
-        return self._report()
 
     def _report(self) -> dict:
         return self.ledger.report() | {"kv_blocks": self.compute.num_blocks, "block_size": self.spec.block_size}

@@ -4,6 +4,7 @@ rebalances while requests generate leave every token as the reference's."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 import uuid
@@ -141,6 +142,19 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         prompt = _prompts(1, seed=3)[0]
         tokens, _ = _generate_during(inst, [prompt], 6, lambda: None)
         assert tokens[0] == generate(reference, [prompt], 6).tokens[0]
+        # loading ran at idle priority, the joining did not: no thread of any NPU (gloo's,
+        # which carry its all-to-alls, among them) is left at SCHED_IDLE
+        def idle_threads(_npu) -> int:  # (nested: shipped to the actor by value)
+            idle = 0
+            for tid in os.listdir("/proc/self/task"):
+                try:
+                    idle += os.sched_getscheduler(int(tid)) == os.SCHED_IDLE
+                except OSError:
+                    pass  # the thread ended meanwhile
+            return idle
+
+        if hasattr(os, "SCHED_IDLE"):
+            assert ray.get([n.__ray_call__.remote(idle_threads) for n in inst.npus]) == [0] * 4
     finally:
         pool.shutdown()
         inst.shutdown()
