@@ -65,6 +65,12 @@ def _below_serving(fn, *args):
     return out["value"]
 
 
+def _has_group(spec: NPUSpec) -> bool:
+    """Whether `spec`'s NPUs exchange through a collective group: real compute at
+    EP > 1 (emulated NPUs only charge the modelled transfer)."""
+    return spec.compute == "real" and spec.ep_size > 1
+
+
 def _import_compute(mode: str) -> None:
     if mode == "real":
         import actors.collective  # noqa: F401  (torch.distributed)
@@ -142,7 +148,7 @@ class NPUActor:
     def _group(self, spec: NPUSpec):
         """spec's collective group (real compute, EP > 1): formed ahead by
         form_group, else joined now with the instance's other NPUs."""
-        if spec.compute != "real" or spec.ep_size == 1:
+        if not _has_group(spec):
             return None
         name = spec.group_name
         if name in self.forming:
@@ -188,7 +194,7 @@ class NPUActor:
         together) while this NPU still serves in its current one; returns at once
         (see collective.PendingGroup: no task of a serving NPU waits on its peers).
         The caller polls group_formed."""
-        if spec.compute != "real" or spec.ep_size == 1 or spec.group_name in self.groups:
+        if not _has_group(spec) or spec.group_name in self.groups:
             return
         if spec.group_name not in self.forming:
             from actors import collective

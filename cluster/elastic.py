@@ -93,17 +93,19 @@ class StandbyPool:
         self.actors = []
 
 
-def _new_npus(specs: list[NPUSpec], weight_refs: dict | None, standby: StandbyPool | None,
-              staging: list) -> tuple[list, list[dict]]:
-    """NPU actors for `specs` (standby first, the rest started now), loaded from the
-    object store, each joining its spec's collective group as it finishes, while
-    `staging` (the kept NPUs' prepare calls) completes: all of it
-    while the instance serves. Returns the actors and their memory reports; on
-    failure the new actors go."""
-    fresh = standby.take(len(specs)) if standby is not None else []
-    fresh += start_npu_actors(specs[len(fresh):])
+def _new_npus(kept: list, specs: list[NPUSpec], weight_refs: dict | None,
+              standby: StandbyPool | None) -> tuple[list, list[dict]]:
+    """Everything before the switch, while the instance serves: the `kept` NPUs
+    stage their experts for `specs` and form its collective group; NPU actors for
+    the rest of `specs` (standby first, the others started now) load from the
+    object store and join that group as they finish. Returns the new actors and
+    their memory reports; on failure the new actors go."""
+    staging = _stage(kept, specs)
+    fresh = standby.take(len(specs) - len(kept)) if standby is not None else []
+    fresh += start_npu_actors(specs[len(kept) + len(fresh):])
     try:
-        reports = ray.get([n.setup.remote(weight_refs, s) for n, s in zip(fresh, specs)] + staging)
+        reports = ray.get([n.setup.remote(weight_refs, s) for n, s in zip(fresh, specs[len(kept):])] + staging)
+        _await_group(kept, specs[0].group_name)
     except Exception:
         for n in fresh:
             ray.kill(n)
@@ -157,13 +159,7 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     old_ep = inst.ep_size
     specs = resized_specs(inst, ep, expert_map)
     kept = inst.npus[: min(ep, old_ep)]
-    fresh, reports = _new_npus(specs[old_ep:], weight_refs, standby, _stage(kept, specs))
-    try:
-        _await_group(kept, specs[0].group_name)
-    except Exception:
-        for n in fresh:
-            ray.kill(n)
-        raise
+    fresh, reports = _new_npus(kept, specs, weight_refs, standby)
     prepared = time.time()
     info = _switch(inst, kept + fresh, specs, inst.memory[: len(kept)] + reports)
     done = info.get("first_step_at", time.time())
@@ -182,7 +178,7 @@ def rebuild(inst: Instance, weight_refs: dict | None, standby: StandbyPool | Non
     the engine kept. Sequences it still holds recompute their KV on the new NPUs."""
     t0 = time.perf_counter()
     specs = resized_specs(inst, inst.ep_size, inst.specs[0].expert_map)
-    fresh, reports = _new_npus(specs, weight_refs, standby, [])
+    fresh, reports = _new_npus([], specs, weight_refs, standby)
     try:
         info = _switch(inst, fresh, specs, reports, recompute=True)
     except Exception:
