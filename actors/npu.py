@@ -71,6 +71,12 @@ def _has_group(spec: NPUSpec) -> bool:
     return spec.compute == "real" and spec.ep_size > 1
 
 
+def _set_torch_threads() -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMNIRAY_NPU_THREADS", "1")))
+
+
 def _import_compute(mode: str) -> None:
     if mode == "real":
         import actors.collective  # noqa: F401  (torch.distributed)
@@ -81,7 +87,7 @@ def _import_compute(mode: str) -> None:
 
 class NPUActor:
     def __init__(self, spec: NPUSpec):
-        self.prefetched: dict = {}  # a standby NPU's replicated weights, fetched while it waited
+        self.warm_replica = None  # a standby NPU's replicated model and KV pool, built while it waited
         self._adopt(spec)
 
     def _adopt(self, spec: NPUSpec) -> None:
@@ -100,23 +106,23 @@ class NPUActor:
 
     def warm(self, weight_refs: dict | None = None) -> str:
         """A standby NPU: import what its compute needs now (torch and the model
-        code, or the emulator) and fetch the replicated weights every NPU of the
-        model holds into host memory (no HBM charged yet), so that joining an
-        instance later costs only its experts."""
-        _below_serving(self._prefetch, weight_refs)
+        code, or the emulator) and (real compute) build the part of the model every
+        NPU holds, its weights loaded from the object store, and the KV pool (no HBM
+        charged yet), so that joining an instance later costs only its experts."""
+        _below_serving(self._prebuild, weight_refs)
         return self.spec.name
 
-    def _prefetch(self, weight_refs: dict | None) -> None:
+    def _prebuild(self, weight_refs: dict | None) -> None:
         _import_compute(self.spec.compute)
-        if weight_refs:
-            from actors.model.weights import shard_names
+        if weight_refs and self.spec.compute == "real":
+            from actors.compute.real import WarmReplica
 
-            names = shard_names(weight_refs, {})  # no experts held: the replicated tensors
-            self.prefetched = dict(zip(names, ray.get([weight_refs[n] for n in names])))
+            _set_torch_threads()
+            self.warm_replica = WarmReplica.build(self.spec, weight_refs)
 
     @ray.method(concurrency_group="control")
     def setup(self, weight_refs: dict | None, spec: NPUSpec | None = None) -> dict:
-        """Load this NPU's weights (what it prefetched as a standby NPU aside) below
+        """Load this NPU's weights (what it built as a standby NPU aside) below
         serving priority (an NPU set up is not serving yet), then (real compute,
         EP > 1) join its EP group. Not the joining: threads inherit their creator's
         scheduling, and the group's gloo threads carry every all-to-all of this
@@ -129,18 +135,17 @@ class NPUActor:
 
     def _load(self, weight_refs: dict | None) -> None:
         if self.spec.compute == "real":
-            import torch
-
-            torch.set_num_threads(int(os.environ.get("OMNIRAY_NPU_THREADS", "1")))
             from actors.compute.real import RealCompute
 
+            _set_torch_threads()
             self.compute = RealCompute(self.spec, self.ledger, self.cost, None)
+            self.compute.load_weights(weight_refs, self.warm_replica)
+            self.warm_replica = None
         else:
             from actors.compute.emulated import EmulatedCompute
 
             self.compute = EmulatedCompute(self.spec, self.ledger, self.cost)
-        self.compute.load_weights(weight_refs, self.prefetched)
-        self.prefetched = {}
+            self.compute.load_weights(weight_refs)
 
     def _report(self) -> dict:
         return self.ledger.report() | {"kv_blocks": self.compute.num_blocks, "block_size": self.spec.block_size}

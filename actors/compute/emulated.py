@@ -43,7 +43,7 @@ class EmulatedCompute:
         self.publisher = BlockPublisher(spec)
         self.num_blocks = 0
 
-    def load_weights(self, weight_refs: dict | None, have: dict | None = None) -> None:
+    def load_weights(self, weight_refs: dict | None) -> None:
         cfg = self.spec.model
         per_param = DTYPE_BYTES[cfg.weight_dtype]
         self.ledger.charge("weights", "replicated", cfg.parameter_counts().replicated * per_param)

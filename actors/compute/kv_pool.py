@@ -19,16 +19,20 @@ def block_bytes(spec: NPUSpec) -> int:
     return spec.block_size * spec.model.kv_bytes_per_token()
 
 
+def pool_blocks(spec: NPUSpec, free_bytes: int = 0) -> int:
+    """The KV pool's size in blocks: the spec's, else real compute's default, else
+    (emulated) its share of the HBM left free."""
+    if spec.kv_blocks is not None:
+        return spec.kv_blocks
+    if spec.compute == "real":
+        return REAL_DEFAULT_KV_BLOCKS
+    return int(free_bytes * spec.kv_memory_fraction) // block_bytes(spec)
+
+
 def reserve_pool(spec: NPUSpec, ledger: HBMLedger) -> int:
     """Charge the KV pool to the ledger (as vLLM preallocates it) and return its size in blocks."""
-    per_block = block_bytes(spec)
-    if spec.kv_blocks is not None:
-        n = spec.kv_blocks
-    elif spec.compute == "real":
-        n = REAL_DEFAULT_KV_BLOCKS
-    else:
-        n = int(ledger.free * spec.kv_memory_fraction) // per_block
-    ledger.charge("kv", "pool", n * per_block)
+    n = pool_blocks(spec, ledger.free)
+    ledger.charge("kv", "pool", n * block_bytes(spec))
     return n
 
 

@@ -12,7 +12,7 @@ import ray
 import torch
 
 from actors.compute.kv_ledger import KVCharges
-from actors.compute.kv_pool import BlockPublisher, reserve_pool
+from actors.compute.kv_pool import BlockPublisher, pool_blocks, reserve_pool
 from actors.compute.speculative import propose_drafts, verify_drafts
 from actors.cost_model import CostModel
 from actors.ep import EPExperts
@@ -40,30 +40,39 @@ class RealCompute:
         self.kv = KVCharges(ledger, cfg.kv_bytes_per_token())
         self.weight_refs: dict | None = None  # kept: experts moved here later load from the object store
         self.staged: dict[tuple[int, int], SwiGLU] = {}  # (layer, expert) modules built for the next map, not in use yet
+        self.staged_tensors = 0  # tensors the last prepare fetched
+        self.tensors_fetched = 0  # at load, from the object store
         self.experts = self._executor(group)
 
     def _executor(self, group):
         spec = self.spec
         return LocalExperts() if spec.ep_size == 1 else EPExperts(spec.expert_map, spec.rank, spec.model.num_experts, group)
 
-    def load_weights(self, weight_refs: dict | None, have: dict | None = None) -> None:
-        """This NPU's shard from the object store (`have`: tensors already fetched)."""
+    def load_weights(self, weight_refs: dict | None, warm: "WarmReplica | None" = None) -> None:
+        """This NPU's shard from the object store: the replicated part (`warm`: built
+        while this NPU waited as a standby, else now), then its own experts."""
         if not weight_refs:
             raise ValueError(f"NPU {self.spec.name}: real compute needs weights (got none)")
-        cfg = self.spec.model
         self.weight_refs = weight_refs
-        have = have or {}
-        names = shard_names(weight_refs.keys(), self.held)
-        fetch = [n for n in names if n not in have]
-        tensors = {n: have[n] for n in names if n in have} | dict(zip(fetch, ray.get([weight_refs[n] for n in fetch])))
-        self.tensors_fetched = len(fetch)
-        self.ledger.charge("weights", "replicated", sum(_nbytes(t) for n, t in tensors.items() if expert_of(n) is None))
-        model = MoEModel(cfg, self.held).to(TORCH_DTYPES[cfg.dtype])
-        model.load_state_dict(tensors, strict=True)
-        self.model = model.eval()
+        if warm is None or not warm.fits(self.spec):
+            warm = WarmReplica.build(self.spec, weight_refs)
+            self.tensors_fetched = warm.fetched
+        self.model = warm.model
+        self.ledger.charge("weights", "replicated", warm.nbytes)
+        self.tensors_fetched += self._add_experts(self.spec)
         self._charge_experts()
         self.num_blocks = reserve_pool(self.spec, self.ledger)
-        self.paged = PagedKVStore(cfg, self.num_blocks, self.spec.block_size, TORCH_DTYPES[cfg.dtype])
+        self.paged = warm.paged
+
+    def _add_experts(self, spec: NPUSpec) -> int:
+        """Build the experts `spec` gives this NPU that its model lacks; tensors fetched."""
+        self.prepare(spec)
+        for moe in self.model.moe_layers():
+            for e in sorted(spec.expert_map.held_by(spec.rank).get(moe.layer, ())):
+                if str(e) not in moe.experts:
+                    moe.experts[str(e)] = self.staged[(moe.layer, e)]
+        self.staged = {}
+        return self.staged_tensors
 
     def _charge_experts(self) -> None:
         for moe in self.model.moe_layers():
@@ -89,6 +98,7 @@ class RealCompute:
                 prefix = f"layers.{layer}.mlp.experts.{e}."
                 self.staged[(layer, e)] = _expert_module(spec.model, dtype, {
                     n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
+        self.staged_tensors = len(tensors)
         return sum(_nbytes(t) for t in tensors.values())
 
     def remap(self, spec: NPUSpec, group) -> None:
@@ -169,6 +179,31 @@ class RealCompute:
 
     def expert_load(self) -> dict[int, list[int]]:
         return {m.layer: m.load.tolist() for m in self.model.moe_layers()} if self.model else {}
+
+
+class WarmReplica:
+    """The replicated part of an NPU's model (every tensor but the routed experts,
+    loaded) and its KV pool: what a standby NPU builds while it waits, so that
+    joining an instance costs only its experts and its group."""
+
+    def __init__(self, spec: NPUSpec, model: MoEModel, paged: PagedKVStore, nbytes: int, fetched: int):
+        self.spec, self.model, self.paged, self.nbytes, self.fetched = spec, model, paged, nbytes, fetched
+
+    @classmethod
+    def build(cls, spec: NPUSpec, weight_refs: dict) -> WarmReplica:
+        cfg = spec.model
+        names = shard_names(weight_refs.keys(), {})  # no experts held: the replicated tensors
+        tensors = dict(zip(names, ray.get([weight_refs[n] for n in names])))
+        dtype = TORCH_DTYPES[cfg.dtype]
+        model = MoEModel(cfg, held_experts={}).to(dtype)
+        model.load_state_dict(tensors, strict=True)
+        paged = PagedKVStore(cfg, pool_blocks(spec), spec.block_size, dtype)
+        return cls(spec, model.eval(), paged, sum(_nbytes(t) for t in tensors.values()), len(tensors))
+
+    def fits(self, spec: NPUSpec) -> bool:
+        """Whether an NPU of `spec` can use it: the same model and KV pool."""
+        return (spec.model, spec.block_size, pool_blocks(spec)) == (self.spec.model, self.spec.block_size,
+                                                                     pool_blocks(self.spec))
 
 
 def _expert_module(cfg, dtype: torch.dtype, state: dict[str, torch.Tensor]) -> SwiGLU:
