@@ -32,6 +32,8 @@ import ray.experimental.internal_kv as internal_kv
 import torch
 import torch.distributed as dist
 from ray.util import collective
+
+from actors import group_status
 from ray.util.collective.backend_registry import _global_registry, register_collective_backend
 from ray.util.collective.collective import _group_mgr, _group_mgr_lock
 from ray.util.collective.collective_group.base_collective_group import BaseGroup
@@ -159,15 +161,22 @@ def register() -> None:
 
 
 def join(world: int, rank: int, group_name: str) -> OmniGlooGroup:
-    """Join (form, with the other ranks) the named group; blocks until all joined."""
+    """Join (form, with the other ranks) the named group; blocks until all joined.
+    The outcome is recorded for whoever waits for the group (actors.group_status)."""
     register()
-    # formed first, outside ray.util.collective's group-manager lock: that lock is
-    # per process, and a formation waiting for its peers under it would hold up
-    # every other group of the process (one forming beside it, one leaving)
-    _formed[group_name] = _rendezvous(world, rank, group_name)
-    collective.init_collective_group(world, rank, BACKEND, group_name)
-    with _group_mgr_lock:
-        return _group_mgr.get_group_by_name(group_name)
+    try:
+        # formed first, outside ray.util.collective's group-manager lock: that lock is
+        # per process, and a formation waiting for its peers under it would hold up
+        # every other group of the process (one forming beside it, one leaving)
+        _formed[group_name] = _rendezvous(world, rank, group_name)
+        collective.init_collective_group(world, rank, BACKEND, group_name)
+        with _group_mgr_lock:
+            group = _group_mgr.get_group_by_name(group_name)
+    except BaseException as err:
+        group_status.record(group_name, rank, err)
+        raise
+    group_status.record(group_name, rank)
+    return group
 
 
 class PendingGroup:
@@ -175,8 +184,8 @@ class PendingGroup:
     one of its tasks while it waits for its peers: if its next step were queued
     behind that task, and a peer's joining behind the peer's step (which waits
     for this NPU in the current group's all-to-all), neither would move. So
-    forming starts here and returns; the caller polls `done` and collects the
-    group with `wait` at the switch."""
+    forming starts here and returns; the controller waits for the group in the
+    GCS (actors.group_status), and the NPU collects it with `wait` at the switch."""
 
     def __init__(self, world: int, rank: int, group_name: str):
         self._out: dict = {}

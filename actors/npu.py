@@ -65,12 +65,6 @@ def _below_serving(fn, *args):
     return out["value"]
 
 
-def _has_group(spec: NPUSpec) -> bool:
-    """Whether `spec`'s NPUs exchange through a collective group: real compute at
-    EP > 1 (emulated NPUs only charge the modelled transfer)."""
-    return spec.compute == "real" and spec.ep_size > 1
-
-
 def _set_torch_threads() -> None:
     import torch
 
@@ -153,7 +147,7 @@ class NPUActor:
     def _group(self, spec: NPUSpec):
         """spec's collective group (real compute, EP > 1): formed ahead by
         form_group, else joined now with the instance's other NPUs."""
-        if not _has_group(spec):
+        if not spec.has_group:
             return None
         name = spec.group_name
         if name in self.forming:
@@ -198,20 +192,13 @@ class NPUActor:
         """Start forming `spec`'s collective group with its other NPUs (all call this
         together) while this NPU still serves in its current one; returns at once
         (see collective.PendingGroup: no task of a serving NPU waits on its peers).
-        The caller polls group_formed."""
-        if not _has_group(spec) or spec.group_name in self.groups:
+        The caller waits for the group in the GCS (actors.group_status)."""
+        if not spec.has_group or spec.group_name in self.groups:
             return
         if spec.group_name not in self.forming:
             from actors import collective
 
             self.forming[spec.group_name] = collective.PendingGroup(spec.ep_size, spec.rank, spec.group_name)
-
-    @ray.method(concurrency_group="control")
-    def group_formed(self, group_name: str) -> bool:
-        """Whether form_group's group is ready (True when none is forming); a failed
-        formation raises."""
-        pending = self.forming.get(group_name)
-        return pending is None or pending.done()
 
     def commit(self, spec: NPUSpec) -> dict:
         """Switch to `spec` between two steps (called by the step whose batch carries

@@ -55,6 +55,12 @@ class NPUSpec:
     def ep_size(self) -> int:
         return self.expert_map.ep_size
 
+    @property
+    def has_group(self) -> bool:
+        """Whether NPUs of this spec exchange through a collective group: real
+        compute at EP > 1 (emulated NPUs only charge the modelled transfer)."""
+        return self.compute == "real" and self.ep_size > 1
+
 
 @dataclass(frozen=True)
 class SeqWork:

@@ -27,6 +27,7 @@ from dataclasses import replace
 
 import ray
 
+from actors import group_status
 from actors.executor import InstanceExecutor
 from actors.expert_map import ExpertMap
 from actors.protocol import NPUSpec
@@ -93,19 +94,21 @@ class StandbyPool:
         self.actors = []
 
 
-def _new_npus(kept: list, specs: list[NPUSpec], weight_refs: dict | None,
+def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dict | None,
               standby: StandbyPool | None) -> tuple[list, list[dict]]:
     """Everything before the switch, while the instance serves: the `kept` NPUs
     stage their experts for `specs` and form its collective group; NPU actors for
     the rest of `specs` (standby first, the others started now) load from the
-    object store and join that group as they finish. Returns the new actors and
-    their memory reports; on failure the new actors go."""
+    object store and join that group as they finish, and the engine opens its
+    connections to them. Returns the new actors and their memory reports; on
+    failure the new actors go."""
     staging = _stage(kept, specs)
     fresh = standby.take(len(specs) - len(kept)) if standby is not None else []
     fresh += start_npu_actors(specs[len(kept) + len(fresh):])
     try:
-        reports = ray.get([n.setup.remote(weight_refs, s) for n, s in zip(fresh, specs[len(kept):])] + staging)
-        _await_group(kept, specs[0].group_name)
+        loading = [n.setup.remote(weight_refs, s) for n, s in zip(fresh, specs[len(kept):])]
+        reports = ray.get(loading + staging + [inst.engine.reach.remote(fresh)])
+        _await_group(specs)
     except Exception:
         for n in fresh:
             ray.kill(n)
@@ -119,17 +122,20 @@ def _stage(npus: list, specs: list[NPUSpec]) -> list:
     return [r for n, s in zip(npus, specs) for r in (n.form_group.remote(s), n.prepare.remote(s))]
 
 
-def _await_group(npus: list, group_name: str) -> None:
-    """Until every NPU of `npus` has formed `group_name`, polling: a serving NPU
-    must not hold a task while it waits for its peers (that is how two NPUs
+def _await_group(specs: list[NPUSpec]) -> None:
+    """Until every NPU of `specs` has formed its collective group (if it has one).
+    Waited for in the GCS, where each member records it (actors.group_status):
+    neither a task of a serving NPU waiting on its peers (that is how two NPUs
     deadlock: one's joining queued behind its step, the other's step behind its
-    joining). A failed formation raises here; the members give up after the
-    collective's own timeout."""
-    deadline = time.monotonic() + GROUP_WAIT_S
-    while not all(ray.get([n.group_formed.remote(group_name) for n in npus])):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"collective group {group_name} did not form within {GROUP_WAIT_S:.0f} s")
-        time.sleep(0.005)
+    joining) nor polling the NPUs themselves, which costs their CPU. A failed
+    formation raises here; the members give up after the collective's own timeout."""
+    if not specs[0].has_group:
+        return
+    name = specs[0].group_name
+    try:
+        group_status.wait_formed(name, len(specs), GROUP_WAIT_S)
+    finally:
+        group_status.forget(name)
 
 
 def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict], recompute: bool = False) -> dict:
@@ -159,7 +165,7 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     old_ep = inst.ep_size
     specs = resized_specs(inst, ep, expert_map)
     kept = inst.npus[: min(ep, old_ep)]
-    fresh, reports = _new_npus(kept, specs, weight_refs, standby)
+    fresh, reports = _new_npus(inst, kept, specs, weight_refs, standby)
     prepared = time.time()
     info = _switch(inst, kept + fresh, specs, inst.memory[: len(kept)] + reports)
     done = info.get("first_step_at", time.time())
@@ -178,7 +184,7 @@ def rebuild(inst: Instance, weight_refs: dict | None, standby: StandbyPool | Non
     the engine kept. Sequences it still holds recompute their KV on the new NPUs."""
     t0 = time.perf_counter()
     specs = resized_specs(inst, inst.ep_size, inst.specs[0].expert_map)
-    fresh, reports = _new_npus([], specs, weight_refs, standby)
+    fresh, reports = _new_npus(inst, [], specs, weight_refs, standby)
     try:
         info = _switch(inst, fresh, specs, reports, recompute=True)
     except Exception:

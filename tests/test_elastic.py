@@ -11,6 +11,7 @@ import uuid
 
 import ray
 
+from actors import group_status
 from actors.engine.scheduler import SchedulerConfig
 from actors.kv_hash import block_hashes
 from actors.model.reference import generate
@@ -76,7 +77,7 @@ def test_ep_2_to_4_to_2_during_generation_keeps_the_reference_tokens(model):
             # group whose other members never come, form_group returns all the same
             lonely = resized_specs(inst, 4)[0]
             ray.get(inst.npus[0].form_group.remote(lonely), timeout=30)
-            alone = ray.get(inst.npus[0].group_formed.remote(lonely.group_name))
+            alone = group_status.formed(lonely.group_name, 4)
             up = resize(inst, 4, refs)
             down = resize(inst, 2, refs)
             return up, down, alone

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from actors import collective as omni_collective
+from actors import group_status
 from actors.ep import EPExperts
 from actors.expert_map import ExpertMap
 from actors.model.router import RouterOutput
@@ -91,6 +92,18 @@ def test_ep_instances_match_reference(ray_session, manifest):
         assert row.tokens == row.prompts * 12
 
 
+def test_a_members_failure_to_form_a_group_reaches_whoever_waits_for_it(ray_session):
+    name = f"f-{uuid.uuid4().hex[:6]}"
+    group_status.record(name, 0)
+    assert not group_status.formed(name, 2)
+    group_status.record(name, 1, TimeoutError("rank 0 did not publish its address"))
+    with pytest.raises(RuntimeError, match=r"rank 1 failed to form it: .*did not publish its address"):
+        group_status.wait_formed(name, 2, timeout_s=5)
+    group_status.forget(name)
+    with pytest.raises(TimeoutError, match="did not form within"):
+        group_status.wait_formed(name, 2, timeout_s=0.05)
+
+
 @ray.remote(num_cpus=0, resources={NPU_RESOURCE: 1}, concurrency_groups={"control": 1})
 class _GroupMember:
     """A process in several OMNI_GLOO groups at once, as an NPU is during a resize
@@ -144,11 +157,12 @@ def test_a_process_holds_two_groups_and_the_old_one_serves_while_the_new_one_for
         out_a = ray.get([m[r].a2a.remote(a, torch.tensor([10.0 * r, 10.0 * r + 1])) for r in range(2)])
         assert [o.tolist() for o in out_a] == [[0.0, 10.0], [1.0, 11.0]]
         assert ray.get([m[r].formed.remote(b) for r in (1, 2)]) == [False, False]  # still forming while A served
+        assert not group_status.formed(b, 3)  # what the controller waits on, in the GCS
         ray.get(m[0].start.remote(3, 0, b))
-        deadline = time.monotonic() + 60
-        while not all(ray.get([m[r].formed.remote(b) for r in range(3)])):
-            assert time.monotonic() < deadline, "group B did not form"
-            time.sleep(0.01)
+        group_status.wait_formed(b, 3, timeout_s=60)
+        assert ray.get([m[r].formed.remote(b) for r in range(3)]) == [True] * 3
+        group_status.forget(b)
+        assert not group_status.formed(b, 3)
         out_b = ray.get([m[r].a2a.remote(b, torch.arange(3.0) + 3 * r) for r in range(3)])
         assert [o.tolist() for o in out_b] == [[0.0, 3.0, 6.0], [1.0, 4.0, 7.0], [2.0, 5.0, 8.0]]
         assert ray.get([m[r].allreduce.remote(a, r + 1.0) for r in range(2)]) == [3.0, 3.0]

@@ -357,6 +357,13 @@ class InstanceEngine:
             info["first_step_s"] = info["first_step_at"] - t0
         return info
 
+    async def reach(self, npus: list) -> None:
+        """Open this engine's connections to NPUs it will step after a switch,
+        while it still serves on the current ones: the first call from a process
+        to an actor resolves the actor through the GCS (milliseconds each), which
+        would otherwise stall the first step on the new size."""
+        await asyncio.gather(*(n.ready.remote() for n in npus))
+
     async def _switch(self, npus: list, specs: list, memory: list[dict], done: asyncio.Future,
                       recompute: bool) -> None:
         import ray
