@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.bench.elastic import ScalingWindow, during_vs_steady
+from cluster.bench.elastic import ScalingWindow, during_vs_steady, serving_lost_s
 
 
 def _steps(start, end, period, tokens=8, skip=()):
@@ -23,6 +23,17 @@ def test_a_pause_costs_its_share_of_the_window():
     steps = _steps(0.05, 10, 0.05, skip=[(2.2, 2.4)])  # 0.2 s without steps in a 0.5 s window
     w = ScalingWindow(start=2.0, switch=2.2, end=2.5, rate_old=160.0, rate_new=160.0)
     assert during_vs_steady(steps, [w]) == pytest.approx(0.6, abs=0.02)
+    assert serving_lost_s(steps, [w]) == pytest.approx(0.2, abs=0.01)  # the pause, as serving time
+
+
+def test_the_serving_lost_does_not_depend_on_the_window_length():
+    """The same 0.1 s pause in a window twice as long: half the ratio's loss, the same seconds."""
+    steps = _steps(0.05, 10, 0.05, skip=[(2.2, 2.3)])
+    short, long = ScalingWindow(2.0, 2.2, 2.5, 160.0, 160.0), ScalingWindow(2.0, 2.2, 3.0, 160.0, 160.0)
+    assert during_vs_steady(steps, [short]) == pytest.approx(0.8, abs=0.02)
+    assert during_vs_steady(steps, [long]) == pytest.approx(0.9, abs=0.02)
+    assert serving_lost_s(steps, [short]) == pytest.approx(serving_lost_s(steps, [long]), abs=0.005)
+    assert serving_lost_s(steps, [short, long]) == pytest.approx(0.1, abs=0.01)
 
 
 def test_the_new_size_is_held_to_its_own_steady_rate():

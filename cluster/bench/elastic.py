@@ -24,6 +24,9 @@ timed to its first step. Reported (medians over the cycles where it is a time):
   group, the switch pause. (On a few-core host more real-compute NPU
   processes can be slower, not faster: during_vs_before mixes that in,
   during_vs_steady does not.)
+- serving_lost_s_up / _down: the same loss as seconds of steady serving per scale
+  event, which a shorter window does not magnify (a scaling twice as fast with
+  the same cost halves during_vs_steady's window, not this);
 - requests, failed: every request sent, and those that did not complete.
 
 The standby pool (`elastic.standby_npus` of the manifest, by default as many as
@@ -86,15 +89,35 @@ class ScalingWindow:
     info: dict = field(default_factory=dict)
 
 
+def _steady_tokens(w: ScalingWindow) -> float:
+    """What the instance generates in steady state over `w`: the old size's rate up
+    to the switch, the new size's from it on."""
+    return w.rate_old * (w.switch - w.start) + w.rate_new * (w.end - w.switch)
+
+
 def during_vs_steady(steps: list[tuple[float, int]], windows: list[ScalingWindow]) -> float | None:
     """Tokens the instance generated inside the scaling windows (the step that ends
-    a window included) over what it generates in steady state in the same time:
-    the old size's rate up to the switch, the new size's from it on."""
+    a window included) over what it generates in steady state in the same time."""
     if any(w.rate_old is None or w.rate_new is None for w in windows):
         return None
-    expected = sum(w.rate_old * (w.switch - w.start) + w.rate_new * (w.end - w.switch) for w in windows)
+    expected = sum(_steady_tokens(w) for w in windows)
     got = sum(_tokens(steps, w.start, w.end, with_end=True) for w in windows)
     return got / expected if expected > 0 else None
+
+
+def serving_lost_s(steps: list[tuple[float, int]], windows: list[ScalingWindow]) -> float | None:
+    """Mean seconds of steady serving one scale event costs: the tokens a window fell
+    short of steady state by, at the window's steady rate. Unlike during_vs_steady it
+    does not depend on the window's length: a faster scaling with the same cost
+    reads the same here, and a lower ratio there."""
+    if not windows or any(w.rate_old is None or w.rate_new is None for w in windows):
+        return None
+    lost = 0.0
+    for w in windows:
+        expected = _steady_tokens(w)
+        if expected > 0:
+            lost += (expected - _tokens(steps, w.start, w.end, with_end=True)) * (w.end - w.start) / expected
+    return lost / len(windows)
 
 
 def cold_start(manifest, instance_spec, ep: int) -> float:
@@ -206,6 +229,8 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
         "throughput_during": during_tokens / during_s if during_s > 0 else None,
         "during_vs_steady": during_vs_steady(steps, windows),
         "during_vs_steady_per_window": [during_vs_steady(steps, [w]) for w in windows],
+        "serving_lost_s_up": serving_lost_s(steps, windows[0::2]),
+        "serving_lost_s_down": serving_lost_s(steps, windows[1::2]),
         "requests": len(results), "failed": sum(not r.ok for r in results),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
     }
@@ -228,7 +253,7 @@ def print_elastic(summary: dict, console) -> None:
     t.add_column("value", justify="right")
     for key in ("scale_up_s", "scale_down_s", "cold_start_s", "scale_up_vs_cold_start", "pause_up_s", "pause_down_s",
                 "throughput_before", "throughput_between", "throughput_after", "throughput_during",
-                "during_vs_steady", "during_vs_before", "requests", "failed"):
+                "during_vs_steady", "during_vs_before", "serving_lost_s_up", "serving_lost_s_down", "requests", "failed"):
         v = summary.get(key)
         t.add_row(key, "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
     console.print(t)
