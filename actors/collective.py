@@ -32,12 +32,12 @@ import ray.experimental.internal_kv as internal_kv
 import torch
 import torch.distributed as dist
 from ray.util import collective
-
-from actors import group_status
 from ray.util.collective.backend_registry import _global_registry, register_collective_backend
 from ray.util.collective.collective import _group_mgr, _group_mgr_lock
 from ray.util.collective.collective_group.base_collective_group import BaseGroup
 from ray.util.collective.types import AllReduceOptions, ReduceOp
+
+from actors import group_status
 
 BACKEND = "OMNI_GLOO"
 FORM_TIMEOUT_S = 60.0  # a member that has not joined by then fails the formation

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from actors import group_status
 from actors.engine.scheduler import SchedulerConfig
 from actors.executor import InstanceExecutor
 from actors.expert_map import ExpertMap
@@ -126,6 +127,9 @@ def launch_instance(
 
             remove_placement_group(pg)
         raise
+    finally:
+        if specs[0].has_group:  # nobody waits on the members' records: setup returned once all joined
+            group_status.forget(group)
     return Instance(name, role, specs, npus, InstanceExecutor(npus), memory, placement_group=pg)
 
 

@@ -70,6 +70,7 @@ def test_ep_2_to_4_to_2_during_generation_keeps_the_reference_tokens(model):
     cfg, refs, reference = model
     inst = _instance(cfg, refs)
     prompts = _prompts(5)
+    launched_group = inst.specs[0].group_name
     try:
         def scale_up_then_down():
             # forming a group never holds a task of a serving NPU on its peers (its next
@@ -92,6 +93,8 @@ def test_ep_2_to_4_to_2_during_generation_keeps_the_reference_tokens(model):
         assert len(inst.npus) == 2
         # each NPU is in the group of the size it serves at, the ones it passed through left
         assert [s["groups"] for s in inst.stats()] == [[inst.specs[0].group_name]] * 2
+        # the members' records of forming a group go once read (at launch and by each resize)
+        assert not any(group_status.formed(g, 1) for g in (launched_group, inst.specs[0].group_name))
         # the step log accounts for every generated token, on either size
         steps = ray.get(inst.engine.steps_since.remote(0.0))
         assert sum(n for _, n in steps) == stats["generated_tokens"] == 5 * 24

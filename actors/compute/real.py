@@ -40,7 +40,6 @@ class RealCompute:
         self.kv = KVCharges(ledger, cfg.kv_bytes_per_token())
         self.weight_refs: dict | None = None  # kept: experts moved here later load from the object store
         self.staged: dict[tuple[int, int], SwiGLU] = {}  # (layer, expert) modules built for the next map, not in use yet
-        self.staged_tensors = 0  # tensors the last prepare fetched
         self.tensors_fetched = 0  # at load, from the object store
         self.experts = self._executor(group)
 
@@ -59,20 +58,10 @@ class RealCompute:
             self.tensors_fetched = warm.fetched
         self.model = warm.model
         self.ledger.charge("weights", "replicated", warm.nbytes)
-        self.tensors_fetched += self._add_experts(self.spec)
-        self._charge_experts()
+        self.tensors_fetched += self._stage_experts(self.spec)[1]
+        self.remap(self.spec, None)  # swaps its experts in and charges them (the NPU joins its group after)
         self.num_blocks = reserve_pool(self.spec, self.ledger)
         self.paged = warm.paged
-
-    def _add_experts(self, spec: NPUSpec) -> int:
-        """Build the experts `spec` gives this NPU that its model lacks; tensors fetched."""
-        self.prepare(spec)
-        for moe in self.model.moe_layers():
-            for e in sorted(spec.expert_map.held_by(spec.rank).get(moe.layer, ())):
-                if str(e) not in moe.experts:
-                    moe.experts[str(e)] = self.staged[(moe.layer, e)]
-        self.staged = {}
-        return self.staged_tensors
 
     def _charge_experts(self) -> None:
         for moe in self.model.moe_layers():
@@ -86,6 +75,10 @@ class RealCompute:
         """Fetch, ahead of the switch, the expert tensors `spec` assigns here that this
         NPU lacks (from the object store, while serving goes on) and build their
         modules, so that the switch only swaps them in. Returns bytes staged."""
+        return self._stage_experts(spec)[0]
+
+    def _stage_experts(self, spec: NPUSpec) -> tuple[int, int]:
+        """prepare's work; returns the bytes and the number of tensors it fetched."""
         want = spec.expert_map.held_by(spec.rank)
         have = {m.layer: set(map(int, m.experts.keys())) for m in self.model.moe_layers()}
         missing = {layer: [e for e in experts if e not in have.get(layer, set())] for layer, experts in want.items()}
@@ -98,8 +91,7 @@ class RealCompute:
                 prefix = f"layers.{layer}.mlp.experts.{e}."
                 self.staged[(layer, e)] = _expert_module(spec.model, dtype, {
                     n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
-        self.staged_tensors = len(tensors)
-        return sum(_nbytes(t) for t in tensors.values())
+        return sum(_nbytes(t) for t in tensors.values()), len(tensors)
 
     def remap(self, spec: NPUSpec, group) -> None:
         """Switch to `spec`'s expert map (between two steps): drop the experts no longer
