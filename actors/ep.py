@@ -18,6 +18,8 @@ all-to-all, so the group's own `all_to_all_single` carries the dispatch.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from actors.expert_map import ExpertMap
@@ -46,9 +48,19 @@ class EPExperts:
     """ExpertExecutor over an EP group: this rank's experts plus all-to-all."""
 
     def __init__(self, expert_map: ExpertMap, rank: int, num_experts: int, group=None):
-        self.rank, self.group = rank, group
+        self.expert_map, self.rank, self.group = expert_map, rank, group
         self.world = expert_map.ep_size
         self.routes = {layer: _LayerRoutes(ranks, num_experts) for layer, ranks in expert_map.slots.items()}
+
+    def on(self, expert_map: ExpertMap, rank: int, num_experts: int, group) -> "EPExperts":
+        """The executor for `expert_map` and `rank` over `group`: this one's lookup
+        tables when they are the same map and rank (an NPU joining its group after
+        loading, or committing a spec it was set up with), else new ones."""
+        if (expert_map, rank) != (self.expert_map, self.rank):
+            return EPExperts(expert_map, rank, num_experts, group)
+        same = copy.copy(self)
+        same.group = group
+        return same
 
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits=None, in_splits=None) -> torch.Tensor:
         return self.group.all_to_all_single(out, inp, out_splits, in_splits)

@@ -38,13 +38,15 @@ def connect(address: str | None = None, num_npus: int = DEFAULT_LOCAL_NPUS, **in
 
 
 def publish_weights(cfg: ModelConfig, checkpoint: str | None = None) -> dict[str, ray.ObjectRef]:
-    """Put every weight tensor into the object store once (one object a tensor),
-    so each NPU fetches only the tensors of its shard."""
+    """Put every weight tensor into the object store once (one object a tensor,
+    as an array: actors.model.shared_tensor), so each NPU fetches only the
+    tensors of its shard, and reads them in place."""
     from actors.model.reference import build_reference
+    from actors.model.shared_tensor import to_shared
     from actors.model.weights import load_checkpoint
 
     state = load_checkpoint(checkpoint) if checkpoint else build_reference(cfg).state_dict()
-    return {name: ray.put(t.contiguous()) for name, t in state.items()}
+    return {name: ray.put(to_shared(t)) for name, t in state.items()}
 
 
 @dataclass

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ray
-
 from actors.model.reference import build_reference, generate
+from actors.model.shared_tensor import fetch_shared
 from cluster.config import Manifest
 from cluster.launcher import launch_instance, publish_weights
 from cluster.proxy.tokens import Tokenizer
@@ -55,7 +54,7 @@ def run_verify(manifest: Manifest, ep_sizes: list[int], num_tokens: int, prompts
     if too_big:
         raise ValueError(f"tokenizer: token id {max(too_big)} is outside model.vocab_size {cfg.vocab_size}")
     refs = publish_weights(cfg, manifest.checkpoint)
-    reference = build_reference(cfg, {name: ray.get(r) for name, r in refs.items()})
+    reference = build_reference(cfg, fetch_shared(refs))
     expected = generate(reference, ids, num_tokens, keep_logits=True)
     tol = LOGIT_TOLERANCE[cfg.dtype]
     rows = []

@@ -32,9 +32,10 @@ def one_thread():
 def model(ray_session):
     """The default manifest's model: (config, weight refs in the object store, reference model)."""
     from actors.model.reference import build_reference
+    from actors.model.shared_tensor import fetch_shared
     from cluster.config import load_manifest
     from cluster.launcher import publish_weights
 
     cfg = load_manifest("local").model
     refs = publish_weights(cfg)
-    return cfg, refs, build_reference(cfg, {n: ray.get(r) for n, r in refs.items()})
+    return cfg, refs, build_reference(cfg, fetch_shared(refs))

@@ -23,6 +23,7 @@ from actors.model.model import TORCH_DTYPES, MoEModel
 from actors.model.layers import SwiGLU
 from actors.model.moe import LocalExperts
 from actors.model.paged_kv import PagedKVStore
+from actors.model.shared_tensor import fetch_shared
 from actors.model.sampler import sample
 from actors.model.weights import expert_of, shard_names
 from actors.protocol import NPUBatch, NPUSpec, NPUStepResult
@@ -41,11 +42,16 @@ class RealCompute:
         self.weight_refs: dict | None = None  # kept: experts moved here later load from the object store
         self.staged: dict[tuple[int, int], SwiGLU] = {}  # (layer, expert) modules built for the next map, not in use yet
         self.tensors_fetched = 0  # at load, from the object store
+        self.experts: LocalExperts | EPExperts | None = None
         self.experts = self._executor(group)
 
     def _executor(self, group):
         spec = self.spec
-        return LocalExperts() if spec.ep_size == 1 else EPExperts(spec.expert_map, spec.rank, spec.model.num_experts, group)
+        if spec.ep_size == 1:
+            return LocalExperts()
+        if isinstance(self.experts, EPExperts):
+            return self.experts.on(spec.expert_map, spec.rank, spec.model.num_experts, group)
+        return EPExperts(spec.expert_map, spec.rank, spec.model.num_experts, group)
 
     def load_weights(self, weight_refs: dict | None, warm: "WarmReplica | None" = None) -> None:
         """This NPU's shard from the object store: the replicated part (`warm`: built
@@ -83,7 +89,7 @@ class RealCompute:
         have = {m.layer: set(map(int, m.experts.keys())) for m in self.model.moe_layers()}
         missing = {layer: [e for e in experts if e not in have.get(layer, set())] for layer, experts in want.items()}
         names = [n for n in shard_names(self.weight_refs.keys(), missing) if expert_of(n) is not None]
-        tensors = dict(zip(names, ray.get([self.weight_refs[n] for n in names])))
+        tensors = fetch_shared(self.weight_refs, names)
         dtype = TORCH_DTYPES[spec.model.dtype]
         self.staged = {}
         for layer, experts in missing.items():
@@ -185,7 +191,7 @@ class WarmReplica:
     def build(cls, spec: NPUSpec, weight_refs: dict) -> WarmReplica:
         cfg = spec.model
         names = shard_names(weight_refs.keys(), {})  # no experts held: the replicated tensors
-        tensors = dict(zip(names, ray.get([weight_refs[n] for n in names])))
+        tensors = fetch_shared(weight_refs, names)
         dtype = TORCH_DTYPES[cfg.dtype]
         model = MoEModel(cfg, held_experts={}).to(dtype)
         model.load_state_dict(tensors, strict=True)
@@ -199,9 +205,12 @@ class WarmReplica:
 
 
 def _expert_module(cfg, dtype: torch.dtype, state: dict[str, torch.Tensor]) -> SwiGLU:
-    """An expert's module holding `state`."""
-    module = SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size).to(dtype)
-    module.load_state_dict(state, strict=True)
+    """An expert's module holding a copy of `state`: built on the meta device,
+    since initialising parameters that the weights overwrite costs a staging NPU's
+    CPU (shared with the NPUs that serve) for nothing."""
+    with torch.device("meta"):
+        module = SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size)
+    module.load_state_dict({n: t.to(dtype, copy=True) for n, t in state.items()}, strict=True, assign=True)
     return module
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from actors.model.config import ModelConfig
+from actors.model.shared_tensor import from_shared
 
 
 def kv_shapes(cfg: ModelConfig) -> list[tuple[int, ...]]:
@@ -62,7 +63,7 @@ class PagedKVStore:
         return torch.cat(parts, dim=1).numpy().copy()
 
     def import_block(self, block: int, data: np.ndarray) -> None:
-        src = torch.from_numpy(np.asarray(data))
+        src = from_shared(data)
         col = 0
         for layer in self.pool:
             for t in layer:

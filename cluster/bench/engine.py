@@ -40,6 +40,7 @@ from actors.engine.scheduler import SchedulerConfig
 from actors.kv_cache import get_or_create_kv_cache
 from actors.kv_hash import block_hashes
 from actors.model.reference import build_reference, generate
+from actors.model.shared_tensor import fetch_shared
 from actors.protocol import EngineRequest
 from cluster.config import Manifest
 from cluster.launcher import launch_engine, launch_instance, publish_weights
@@ -162,7 +163,7 @@ def run_engine_bench(
     need = max(max(batches) * -(-(prompt_len + output_len) // bs), 2 * -(-(prefix_len + suffix_len + 1) // bs))
     kv_blocks = max(eng.kv_blocks or 0, need + 8)
     refs = publish_weights(cfg, manifest.checkpoint)
-    reference = build_reference(cfg, {n: ray.get(r) for n, r in refs.items()})
+    reference = build_reference(cfg, fetch_shared(refs))
     result = EngineBenchResult(cfg.name, cfg.dtype, ep, prompt_len, output_len, prefix_len, suffix_len, repeats,
                                asdict(sched), eng.global_kv_cache)
 

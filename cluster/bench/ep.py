@@ -14,13 +14,13 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
-import ray
 import torch
 
 from actors.model.batch import ForwardBatch
 from actors.model.kv_store import SequenceKVStore
 from actors.model.moe import LocalExperts
 from actors.model.reference import build_reference
+from actors.model.shared_tensor import fetch_shared
 from actors.protocol import SeqWork
 from cluster.config import Manifest
 from cluster.launcher import launch_instance, publish_weights
@@ -84,7 +84,7 @@ def run_ep_bench(manifest: Manifest, ep_sizes: list[int], batch: int, prompt_len
     cfg = manifest.model
     prompts = _prompts(batch, prompt_len, cfg.vocab_size)
     refs = publish_weights(cfg, manifest.checkpoint)
-    reference = build_reference(cfg, {n: ray.get(r) for n, r in refs.items()})
+    reference = build_reference(cfg, fetch_shared(refs))
     instances = {ep: launch_instance(f"bench-ep{ep}", cfg, ep, manifest.compute, manifest.device, refs) for ep in ep_sizes}
     result = EPBenchResult(cfg.name, cfg.dtype, batch, prompt_len, steps, repeats, 0.0)
     try:
