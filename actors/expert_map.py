@@ -34,6 +34,32 @@ class ExpertMap:
         per = num_experts // ep_size
         return cls({layer: [list(range(r * per, (r + 1) * per)) for r in range(ep_size)] for layer in moe_layers})
 
+    def resized(self, num_experts: int, ep_size: int) -> "ExpertMap":
+        """The map at `ep_size` (one copy of each expert, num_experts / ep_size a
+        rank) that moves the fewest experts from this one (ElasticMoE: the NPUs an
+        instance keeps keep their weights where they are). Ranks both maps have keep
+        what they hold, up to the new share (scaling up, the first ones; copies
+        dropped); the experts no kept rank holds fill the free slots, new ranks
+        first, in expert order."""
+        if num_experts % ep_size:
+            raise ValueError(f"num_experts ({num_experts}) must be a multiple of the EP size ({ep_size})")
+        share = num_experts // ep_size
+        slots = {}
+        for layer, ranks in self.slots.items():
+            placed: set[int] = set()
+            held = [[] for _ in range(ep_size)]
+            for rank, experts in enumerate(ranks[:ep_size]):
+                for e in experts:
+                    if len(held[rank]) < share and e not in placed:
+                        held[rank].append(e)
+                        placed.add(e)
+            free = [r for r in range(ep_size) if r >= len(ranks)] + [r for r in range(min(ep_size, len(ranks)))]
+            rest = iter(e for e in range(num_experts) if e not in placed)
+            for rank in free:
+                held[rank].extend(e for _, e in zip(range(share - len(held[rank])), rest))
+            slots[layer] = held
+        return ExpertMap(slots)
+
     @property
     def ep_size(self) -> int:
         return len(next(iter(self.slots.values()))) if self.slots else 1

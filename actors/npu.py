@@ -82,6 +82,7 @@ def _import_compute(mode: str) -> None:
 class NPUActor:
     def __init__(self, spec: NPUSpec):
         self.warm_replica = None  # a standby NPU's replicated model and KV pool, built while it waited
+        self.weight_refs: dict | None = None  # the object-store refs it warmed with (setup need not resend them)
         self._adopt(spec)
 
     def _adopt(self, spec: NPUSpec) -> None:
@@ -103,6 +104,7 @@ class NPUActor:
         code, or the emulator) and (real compute) build the part of the model every
         NPU holds, its weights loaded from the object store, and the KV pool (no HBM
         charged yet), so that joining an instance later costs only its experts."""
+        self.weight_refs = weight_refs
         _below_serving(self._prebuild, weight_refs)
         return self.spec.name
 
@@ -120,10 +122,12 @@ class NPUActor:
         serving priority (an NPU set up is not serving yet), then (real compute,
         EP > 1) join its EP group. Not the joining: threads inherit their creator's
         scheduling, and the group's gloo threads carry every all-to-all of this
-        NPU's life. `spec` gives a standby NPU its place."""
+        NPU's life. `spec` gives a standby NPU its place; `weight_refs` None: the
+        ones it warmed with (a dict of refs costs both ends of every call that
+        carries it: Ray registers each ref passed as a borrowed reference)."""
         if spec is not None:
             self._adopt(spec)
-        _below_serving(self._load, weight_refs)
+        _below_serving(self._load, weight_refs if weight_refs is not None else self.weight_refs)
         self.compute.remap(self.spec, self._group(self.spec))
         return self._report()
 

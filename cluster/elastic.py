@@ -42,13 +42,13 @@ def allowed_ep(num_experts: int, ep: int) -> bool:
 
 
 def resized_specs(inst: Instance, ep: int, expert_map: ExpertMap | None = None) -> list[NPUSpec]:
-    """The specs of `inst` at EP `ep`: a fresh collective group, contiguous experts
-    unless a placement is given."""
+    """The specs of `inst` at EP `ep`: a fresh collective group; unless a placement
+    is given, the experts laid out to move the fewest (ExpertMap.resized)."""
     cfg = inst.specs[0].model
     if expert_map is None:
         if not allowed_ep(cfg.num_experts, ep):
             raise ValueError(f"npus: {ep} does not divide the model's {cfg.num_experts} experts")
-        expert_map = ExpertMap.contiguous(cfg.moe_layers, cfg.num_experts, ep)
+        expert_map = inst.specs[0].expert_map.resized(cfg.num_experts, ep)
     if expert_map.ep_size != ep:
         raise ValueError(f"expert_map: built for EP {expert_map.ep_size}, not {ep}")
     expert_map.validate(cfg.num_experts)
@@ -103,10 +103,13 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     connections to them. Returns the new actors and their memory reports; on
     failure the new actors go."""
     staging = _stage(kept, specs)
-    fresh = standby.take(len(specs) - len(kept)) if standby is not None else []
-    fresh += start_npu_actors(specs[len(kept) + len(fresh):])
+    warm = standby.take(len(specs) - len(kept)) if standby is not None else []
+    fresh = warm + start_npu_actors(specs[len(kept) + len(warm):])
+    # standby NPUs hold the refs they warmed with: sent again, they cost milliseconds a call
+    held = standby is not None and standby.weight_refs is weight_refs
     try:
-        loading = [n.setup.remote(weight_refs, s) for n, s in zip(fresh, specs[len(kept):])]
+        loading = [n.setup.remote(None if held and i < len(warm) else weight_refs, s)
+                   for i, (n, s) in enumerate(zip(fresh, specs[len(kept):]))]
         reports = ray.get(loading + staging + [inst.engine.reach.remote(fresh)])
         _await_group(specs)
     except Exception:

@@ -303,3 +303,32 @@ def test_device_load_metric_splits_a_replicated_expert_among_its_copies():
     assert device_loads(npus) == {1: [100.0 + 10.0, 30.0]}
     npus[0]["experts"]["1"] = [1]  # expert 0 on none (a snapshot taken mid-switch): the layer is left out
     assert device_loads(npus) == {}
+
+
+# -- resizing an instance's map (ElasticMoE): the NPUs it keeps keep their experts ----------
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([8, 12, 16]), st.data())
+def test_resized_map_moves_only_what_the_new_size_forces(num_experts, data):
+    sizes = [d for d in range(1, num_experts + 1) if num_experts % d == 0]
+    old, new = data.draw(st.sampled_from(sizes)), data.draw(st.sampled_from(sizes))
+    load = data.draw(st.lists(st.floats(0, 100), min_size=num_experts, max_size=num_experts))
+    start = ExpertMap({0: plan_layer(load, old, num_experts // old + 1)})  # with copies of hot experts
+    ranks = start.resized(num_experts, new).slots[0]
+    ExpertMap({0: ranks}).validate(num_experts)
+    share = num_experts // new
+    assert [len(held) for held in ranks] == [share] * new
+    assert sorted(e for held in ranks for e in held) == list(range(num_experts))  # one copy each
+    placed = set()
+    for rank in range(min(old, new)):  # a kept NPU keeps as many of its experts as fit
+        own = [e for e in start.slots[0][rank] if e not in placed]
+        assert ranks[rank][: min(share, len(own))] == own[:share]
+        placed.update(ranks[rank])
+
+
+def test_resized_contiguous_doubling_moves_half_and_comes_back():
+    m = ExpertMap.contiguous([1], 8, 2)
+    up = m.resized(8, 4)
+    assert up.slots[1] == [[0, 1], [4, 5], [2, 3], [6, 7]]  # kept ranks 0 and 1 stage nothing
+    assert up.resized(8, 2) == m
+    with pytest.raises(ValueError, match="multiple of the EP size"):
+        m.resized(8, 3)
