@@ -127,7 +127,9 @@ class NPUActor:
         carries it: Ray registers each ref passed as a borrowed reference)."""
         if spec is not None:
             self._adopt(spec)
-        _below_serving(self._load, weight_refs if weight_refs is not None else self.weight_refs)
+        if weight_refs is not None:
+            self.weight_refs = weight_refs  # kept: a recycled NPU loads again from them
+        _below_serving(self._load, self.weight_refs)
         self.compute.remap(self.spec, self._group(self.spec))
         return self._report()
 
@@ -182,6 +184,19 @@ class NPUActor:
         for name in leaving:
             collective.leave(name)
             del self.groups[name]
+
+    @ray.method(concurrency_group="control")
+    def recycle(self, spec: NPUSpec) -> str:
+        """Back to standby, as `spec` (an instance released this NPU): leave its
+        groups, drop its experts, keep the replicated model and the KV pool (real
+        compute) as the warm replica a standby builds, so the next adoption costs
+        only its experts and no process has to start. In the control thread, so
+        that an adoption sent after it (setup) runs after it."""
+        self.leave_groups_but(None)
+        replica = self.compute.release() if self.spec.compute == "real" and self.compute is not None else None
+        self._adopt(spec)
+        self.warm_replica = replica
+        return self.spec.name
 
     # ---- elastic: a new expert map or EP size, applied between two steps ------------------
     # prepare and form_group run in the "control" thread, beside the steps: the

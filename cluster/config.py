@@ -98,6 +98,9 @@ class ElasticSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     standby_npus: int = Field(0, ge=0)  # warm NPU actors a scale-up adopts (0: start actors on demand)
+    # a pool a scale-up drew from starts processes for the rest only after this long (a scale-down
+    # in that time gives NPUs back instead: a starting process takes a CPU second from serving)
+    standby_refill_delay_s: float = Field(30.0, ge=0)
     redundant_experts: int = Field(1, ge=0)  # Omni Placement: extra expert slots per NPU for hot-expert copies
     drain_timeout_s: float = Field(300.0, gt=0)  # a removed instance finishes its requests within this
     auto_rebuild: bool = True  # an instance that lost an NPU gets new NPUs (the controller's health check)

@@ -289,10 +289,15 @@ class ClusterController:
         return done
 
     def _monitor_loop(self) -> None:
-        """Re-export the sizes (gauges) and, with elastic.auto_rebuild, rebuild broken instances."""
+        """Re-export the sizes (gauges), top the standby pool up once it has been
+        short for elastic.standby_refill_delay_s and, with elastic.auto_rebuild,
+        rebuild broken instances."""
         while not self._stop.wait(self.manifest.elastic.health_check_s):
             try:
                 self._export_sizes()
+                if self.standby is not None:
+                    with self.lock:  # not while a scaling action takes from it or gives back
+                        self.standby.top_up(self.manifest.elastic.standby_refill_delay_s)
                 if self.manifest.elastic.auto_rebuild:
                     self.check_health()
             except Exception:

@@ -9,7 +9,8 @@
   instance serves. Only then does the engine switch, between two steps: every
   NPU swaps to the new group, sequences on NPUs that leave export their KV
   through the object store and resume on a kept NPU, and the next step runs on
-  M NPUs. The released NPUs go last.
+  M NPUs. The released NPUs go last: back to the standby pool when there is
+  one (a later scale-up adopts them without starting a process), else away.
 - `remap`: the same switch with the same NPUs and a new expert map (Omni
   Placement's rebalance).
 - `cold_start`: the baseline a resize is measured against — a new instance of
@@ -61,26 +62,56 @@ def resized_specs(inst: Instance, ep: int, expert_map: ExpertMap | None = None) 
 class StandbyPool:
     """Warm NPU actors (process started, compute code imported, the replicated
     weights fetched into host memory, no HBM charged) that a scale-up adopts
-    instead of starting actors then: adopting one costs only its experts."""
+    instead of starting actors then: adopting one costs only its experts.
+
+    NPUs a scale-down releases come back here (NPUActor.recycle) while the pool
+    is below its size, so scaling up and down again starts no process. What a
+    scale-up drew and no scale-down gave back is started by `top_up`, once the
+    pool has been short for a while: a starting worker runs Python and `import
+    ray` at the raylet's priority, above the workers that serve, and on a small
+    host that stalls serving for most of a second."""
 
     def __init__(self, template: NPUSpec, size: int, weight_refs: dict | None = None):
-        self.template, self.weight_refs = template, weight_refs
+        self.template, self.size, self.weight_refs = template, size, weight_refs
         self.actors = []
-        self.warming: list = []  # warm-up refs of actors still starting
+        self.warming: list = []  # warm-up refs of actors still starting or recycling
+        self.drawn_at = time.monotonic()  # the last take
         ray.get(self.refill(size))
+
+    def _spec(self, i: int) -> NPUSpec:
+        return replace(self.template, name=f"standby{i}", instance="standby", rank=0)
 
     def take(self, n: int) -> list:
         taken, self.actors = self.actors[:n], self.actors[n:]
+        self.drawn_at = time.monotonic()
         return taken
 
     def refill(self, n: int) -> list:
         """Start n more; returns their warm-up refs (a caller may go on without waiting)."""
-        fresh = start_npu_actors([replace(self.template, name=f"standby{i}", instance="standby", rank=0)
-                                  for i in range(n)]) if n else []
+        fresh = start_npu_actors([self._spec(i) for i in range(n)]) if n else []
         self.actors.extend(fresh)
         refs = [a.warm.remote(self.weight_refs) for a in fresh]
         self.warming.extend(refs)
         return refs
+
+    def give_back(self, npus: list) -> None:
+        """NPUs an instance released: standby again, as many as the pool lacks; the
+        rest go. Their recycling runs before any adoption sent after it."""
+        room = max(0, self.size - len(self.actors))
+        for n in npus[room:]:
+            ray.kill(n)
+        back = npus[:room]
+        self.warming.extend(n.recycle.remote(self._spec(i)) for i, n in enumerate(back))
+        self.actors.extend(back)
+
+    def top_up(self, after_s: float = 0.0) -> int:
+        """Start processes for what the pool lacks, once `after_s` have passed since
+        the last take (a scale-down meanwhile gives NPUs back instead). Returns how many."""
+        short = self.size - len(self.actors)
+        if short <= 0 or time.monotonic() - self.drawn_at < after_s:
+            return 0
+        self.refill(short)
+        return short
 
     def num_warming(self) -> int:
         """Actors of the pool still starting (their processes compete for CPU)."""
@@ -141,15 +172,20 @@ def _await_group(specs: list[NPUSpec]) -> None:
         group_status.forget(name)
 
 
-def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict], recompute: bool = False) -> dict:
+def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict], recompute: bool = False,
+            standby: StandbyPool | None = None) -> dict:
     """The engine serves on `npus` (staged, their group formed; `memory` their
     reports) from its next step, whose batches carry the new specs. Then the
-    NPUs it no longer uses go, and the ones it keeps leave their previous group."""
+    NPUs it no longer uses go back to `standby` (else they go), and the ones it
+    keeps leave their previous group."""
     info = ray.get(inst.engine.reconfigure.remote(npus, specs, memory, recompute))
     ray.get([n.leave_groups_but.remote(specs[0].group_name) for n in npus])
     using = {n._actor_id.hex() for n in npus}
-    for n in inst.npus:
-        if n._actor_id.hex() not in using:
+    leaving = [n for n in inst.npus if n._actor_id.hex() not in using]
+    if standby is not None:
+        standby.give_back(leaving)
+    else:
+        for n in leaving:
             ray.kill(n)
     inst.npus, inst.specs, inst.memory = list(npus), specs, memory
     inst.executor = InstanceExecutor(inst.npus)
@@ -158,7 +194,8 @@ def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict]
 
 def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: ExpertMap | None = None,
            standby: StandbyPool | None = None) -> dict:
-    """Scale `inst` to `ep` NPUs while it serves; returns the timings:
+    """Scale `inst` to `ep` NPUs while it serves (NPUs from `standby` first; the
+    ones a scale-down releases go back to it); returns the timings:
     prepare_s (new NPUs loaded, experts staged, the new group formed), pause_s
     (the switch between two steps), first_step_s (the switch's start to the
     first step on the new size; None when idle), total_s (the command to that
@@ -170,10 +207,8 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     kept = inst.npus[: min(ep, old_ep)]
     fresh, reports = _new_npus(inst, kept, specs, weight_refs, standby)
     prepared = time.time()
-    info = _switch(inst, kept + fresh, specs, inst.memory[: len(kept)] + reports)
+    info = _switch(inst, kept + fresh, specs, inst.memory[: len(kept)] + reports, standby=standby)
     done = info.get("first_step_at", time.time())
-    if standby is not None:  # off the critical path: processes starting compete for CPU
-        standby.refill(len(fresh))
     return {
         "instance": inst.name, "from_ep": old_ep, "to_ep": ep, "prepare_s": prepared - t0,
         "pause_s": info["pause_s"], "first_step_s": info.get("first_step_s"), "migrated": info["migrated"],
@@ -194,8 +229,6 @@ def rebuild(inst: Instance, weight_refs: dict | None, standby: StandbyPool | Non
         for n in fresh:
             ray.kill(n)
         raise
-    if standby is not None:
-        standby.refill(len(specs))
     return {"instance": inst.name, "npus": len(specs), "recomputed": info["migrated"],
             "total_s": time.perf_counter() - t0}
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from cluster.bench.elastic import ScalingWindow, during_vs_steady, serving_lost_s
+from cluster.bench.elastic import ScalingWindow, during_vs_steady, serving_lost_after_s, serving_lost_s
 
 
 def _steps(start, end, period, tokens=8, skip=()):
@@ -42,3 +44,12 @@ def test_the_new_size_is_held_to_its_own_steady_rate():
     w = ScalingWindow(start=2.0, switch=2.2, end=2.5, rate_old=160.0, rate_new=80.0)
     assert during_vs_steady(steps, [w]) == pytest.approx(1.0, abs=0.05)
     assert during_vs_steady(steps, [ScalingWindow(2.0, 2.2, 2.5, 160.0, None)]) is None
+
+
+def test_a_stall_after_the_window_is_counted_after_it_not_in_it():
+    """A 0.3 s stall 0.5 s after the first step on the new size (a standby process starting)."""
+    steps = _steps(0.05, 10, 0.05, skip=[(3.0, 3.3)])
+    w = ScalingWindow(2.0, 2.2, 2.5, 160.0, 160.0)
+    assert during_vs_steady(steps, [w]) == pytest.approx(1.0, abs=0.02)
+    assert serving_lost_after_s(steps, [w]) == pytest.approx(0.3, abs=0.01)
+    assert serving_lost_after_s(steps, [replace(w, rate_new=None)]) is None

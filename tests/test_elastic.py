@@ -138,11 +138,20 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
     try:
         launched = [len(shard_names(refs, s.expert_map.held_by(s.rank))) for s in inst.specs]
         info = resize(inst, 4, refs, standby=pool)
-        assert info["to_ep"] == 4 and len(pool.actors) == 2  # used two, refilled two
+        assert info["to_ep"] == 4 and pool.actors == []  # used both; no process started right after
+        assert pool.top_up(after_s=3600) == 0  # not while a scale-down may still give NPUs back
         fetched = [st["tensors_fetched"] for st in inst.stats()]
         assert fetched[:2] == launched  # launched at EP 2: the whole shard from the object store
         adopted = [shard_names(refs, inst.specs[r].expert_map.held_by(r)) for r in (2, 3)]
-        assert fetched[2:] == [sum(expert_of(n) is not None for n in a) for a in adopted]  # prefetched: experts only
+        experts_only = [sum(expert_of(n) is not None for n in a) for a in adopted]
+        assert fetched[2:] == experts_only  # prefetched: experts only
+        # a scale-down gives the released NPUs back; the next scale-up adopts them again
+        released = [n._actor_id for n in inst.npus[2:]]
+        resize(inst, 2, refs, standby=pool)
+        assert [n._actor_id for n in pool.actors] == released
+        resize(inst, 4, refs, standby=pool)
+        assert [n._actor_id for n in inst.npus[2:]] == released
+        assert [st["tensors_fetched"] for st in inst.stats()][2:] == experts_only  # recycled: experts only
         prompt = _prompts(1, seed=3)[0]
         tokens, _ = _generate_during(inst, [prompt], 6, lambda: None)
         assert tokens[0] == generate(reference, [prompt], 6).tokens[0]
@@ -159,6 +168,7 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
 
         if hasattr(os, "SCHED_IDLE"):
             assert ray.get([n.__ray_call__.remote(idle_threads) for n in inst.npus]) == [0] * 4
+        assert pool.top_up() == 2 and len(pool.actors) == 2  # short, and due: processes start
     finally:
         pool.shutdown()
         inst.shutdown()

@@ -42,6 +42,7 @@ class RealCompute:
         self.weight_refs: dict | None = None  # kept: experts moved here later load from the object store
         self.staged: dict[tuple[int, int], SwiGLU] = {}  # (layer, expert) modules built for the next map, not in use yet
         self.tensors_fetched = 0  # at load, from the object store
+        self.replicated_bytes = 0
         self.experts: LocalExperts | EPExperts | None = None
         self.experts = self._executor(group)
 
@@ -62,7 +63,7 @@ class RealCompute:
         if warm is None or not warm.fits(self.spec):
             warm = WarmReplica.build(self.spec, weight_refs)
             self.tensors_fetched = warm.fetched
-        self.model = warm.model
+        self.model, self.replicated_bytes = warm.model, warm.nbytes
         self.ledger.charge("weights", "replicated", warm.nbytes)
         self.tensors_fetched += self._stage_experts(self.spec)[1]
         self.remap(self.spec, None)  # swaps its experts in and charges them (the NPU joins its group after)
@@ -115,6 +116,15 @@ class RealCompute:
         self.spec, self.held = spec, want
         self._charge_experts()
         self.experts = self._executor(group)
+
+    def release(self) -> "WarmReplica":
+        """What a standby keeps of this NPU once its instance released it: the
+        replicated model (its experts and their load counts dropped) and the KV
+        pool (whose blocks the next engine overwrites before it reads them)."""
+        for moe in self.model.moe_layers():
+            moe.experts.clear()
+            moe.load.zero_()
+        return WarmReplica(self.spec, self.model, self.paged, self.replicated_bytes, 0)
 
     def export_blocks(self, blocks: list[int]) -> list:
         """KV blocks as arrays, for a sequence that moves to another NPU."""

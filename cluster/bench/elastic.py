@@ -27,6 +27,9 @@ timed to its first step. Reported (medians over the cycles where it is a time):
 - serving_lost_s_up / _down: the same loss as seconds of steady serving per scale
   event, which a shorter window does not magnify (a scaling twice as fast with
   the same cost halves during_vs_steady's window, not this);
+- serving_lost_after_s_up / _down: the same for the 2 s after each window: what
+  the switch leaves behind it (NPUs released, the old group left, standby
+  processes started), not part of the window;
 - requests, failed: every request sent, and those that did not complete.
 
 The standby pool (`elastic.standby_npus` of the manifest, by default as many as
@@ -118,6 +121,21 @@ def serving_lost_s(steps: list[tuple[float, int]], windows: list[ScalingWindow])
         if expected > 0:
             lost += (expected - _tokens(steps, w.start, w.end, with_end=True)) * (w.end - w.start) / expected
     return lost / len(windows)
+
+
+AFTER_S = 2.0  # seconds after a window in which serving_lost_after_s looks for what the switch left behind
+
+
+def serving_lost_after_s(steps: list[tuple[float, int]], windows: list[ScalingWindow],
+                         horizon: float = AFTER_S) -> float | None:
+    """Mean seconds of steady serving lost in the `horizon` after each window, at the
+    new size's steady rate: what follows the first step on the new size (the
+    released NPUs going, the old group left, processes started to refill the
+    standby pool), which the window leaves out."""
+    if not windows or any(not w.rate_new for w in windows):
+        return None
+    return sum(horizon - _tokens(steps, w.end, w.end + horizon, with_end=True) / w.rate_new
+               for w in windows) / len(windows)
 
 
 def cold_start(manifest, instance_spec, ep: int) -> float:
@@ -231,6 +249,8 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
         "during_vs_steady_per_window": [during_vs_steady(steps, [w]) for w in windows],
         "serving_lost_s_up": serving_lost_s(steps, windows[0::2]),
         "serving_lost_s_down": serving_lost_s(steps, windows[1::2]),
+        "serving_lost_after_s_up": serving_lost_after_s(steps, windows[0::2]),
+        "serving_lost_after_s_down": serving_lost_after_s(steps, windows[1::2]),
         "requests": len(results), "failed": sum(not r.ok for r in results),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
     }
@@ -253,7 +273,8 @@ def print_elastic(summary: dict, console) -> None:
     t.add_column("value", justify="right")
     for key in ("scale_up_s", "scale_down_s", "cold_start_s", "scale_up_vs_cold_start", "pause_up_s", "pause_down_s",
                 "throughput_before", "throughput_between", "throughput_after", "throughput_during",
-                "during_vs_steady", "during_vs_before", "serving_lost_s_up", "serving_lost_s_down", "requests", "failed"):
+                "during_vs_steady", "during_vs_before", "serving_lost_s_up", "serving_lost_s_down",
+                "serving_lost_after_s_up", "serving_lost_after_s_down", "requests", "failed"):
         v = summary.get(key)
         t.add_row(key, "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
     console.print(t)
