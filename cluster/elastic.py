@@ -133,7 +133,7 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     object store and join that group as they finish, and the engine opens its
     connections to them. Returns the new actors and their memory reports; on
     failure the new actors go."""
-    staging = _stage(kept, specs)
+    staging = _stage(kept, inst.specs, specs)
     warm = standby.take(len(specs) - len(kept)) if standby is not None else []
     fresh = warm + start_npu_actors(specs[len(kept) + len(warm):])
     # standby NPUs hold the refs they warmed with: sent again, they cost milliseconds a call
@@ -141,7 +141,7 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     try:
         loading = [n.setup.remote(None if held and i < len(warm) else weight_refs, s)
                    for i, (n, s) in enumerate(zip(fresh, specs[len(kept):]))]
-        reports = ray.get(loading + staging + [inst.engine.reach.remote(fresh)])
+        reports = ray.get(loading + staging + ([inst.engine.reach.remote(fresh)] if fresh else []))
         _await_group(specs)
     except Exception:
         for n in fresh:
@@ -150,10 +150,19 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     return fresh, reports[: len(fresh)]
 
 
-def _stage(npus: list, specs: list[NPUSpec]) -> list:
-    """Refs, per kept NPU, of its starting to form the new group (in a thread of
-    its own: see _await_group) and of its staging the experts `specs` gives it."""
-    return [r for n, s in zip(npus, specs) for r in (n.form_group.remote(s), n.prepare.remote(s))]
+def _stage(npus: list, now: list[NPUSpec], specs: list[NPUSpec]) -> list:
+    """Refs, per kept NPU (serving as `now`), of its starting to form the new
+    group (in a thread of its own: see _await_group) and of its staging the
+    experts `specs` adds to it. No call where there is nothing to do (no group,
+    no expert gained): each costs the controller and a serving NPU CPU."""
+    refs = []
+    for npu, old, new in zip(npus, now, specs):
+        if new.has_group:
+            refs.append(npu.form_group.remote(new))
+        held = old.expert_map.held_by(old.rank)
+        if any(set(experts) - set(held.get(layer, ())) for layer, experts in new.expert_map.held_by(new.rank).items()):
+            refs.append(npu.prepare.remote(new))
+    return refs
 
 
 def _await_group(specs: list[NPUSpec]) -> None:
@@ -179,7 +188,8 @@ def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict]
     NPUs it no longer uses go back to `standby` (else they go), and the ones it
     keeps leave their previous group."""
     info = ray.get(inst.engine.reconfigure.remote(npus, specs, memory, recompute))
-    ray.get([n.leave_groups_but.remote(specs[0].group_name) for n in npus])
+    if inst.specs[0].has_group or specs[0].has_group:  # else none to leave (emulated, EP 1)
+        ray.get([n.leave_groups_but.remote(specs[0].group_name) for n in npus])
     using = {n._actor_id.hex() for n in npus}
     leaving = [n for n in inst.npus if n._actor_id.hex() not in using]
     if standby is not None:
@@ -241,7 +251,7 @@ def remap(inst: Instance, expert_map: ExpertMap) -> dict:
     if expert_map.ep_size != inst.ep_size:
         raise ValueError(f"expert_map: built for EP {expert_map.ep_size}, instance {inst.name} has {inst.ep_size}")
     specs = [replace(s, expert_map=expert_map) for s in inst.specs]
-    staged = ray.get(_stage(inst.npus, specs))[1::2]  # prepare's bytes (the group is the same: none forms)
+    staged = ray.get([n.prepare.remote(s) for n, s in zip(inst.npus, specs)])  # bytes (the group stays)
     info = _switch(inst, inst.npus, specs, inst.memory)
     return {"instance": inst.name, "staged_bytes": sum(staged), "pause_s": info["pause_s"],
             "total_s": time.perf_counter() - t0}
