@@ -23,8 +23,8 @@ from actors.model.model import TORCH_DTYPES, MoEModel
 from actors.model.layers import SwiGLU
 from actors.model.moe import LocalExperts
 from actors.model.paged_kv import PagedKVStore
-from actors.model.shared_tensor import fetch_shared
 from actors.model.sampler import sample
+from actors.model.shared_tensor import fetch_shared
 from actors.model.weights import expert_of, shard_names
 from actors.protocol import NPUBatch, NPUSpec, NPUStepResult
 
