@@ -5,7 +5,7 @@ routes tokens by it. Torch-free, so emulated NPUs never import torch."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -66,6 +66,15 @@ class ExpertMap:
 
     def held_by(self, rank: int) -> dict[int, list[int]]:
         return {layer: ranks[rank] for layer, ranks in self.slots.items()}
+
+    def gained(self, rank: int, held: Mapping[int, Iterable[int]]) -> dict[int, list[int]]:
+        """Per layer, the experts `rank` holds in this map that `held` (what an NPU
+        holds now) lacks: what it must stage before it can switch to this map."""
+        gained = {}
+        for layer, experts in self.held_by(rank).items():
+            have = set(held.get(layer, ()))
+            gained[layer] = [e for e in experts if e not in have]
+        return gained
 
     def validate(self, num_experts: int) -> None:
         for layer, ranks in self.slots.items():

@@ -114,7 +114,7 @@ class StandbyPool:
         return short
 
     def num_warming(self) -> int:
-        """Actors of the pool still starting (their processes compete for CPU)."""
+        """Actors of the pool still starting or recycling (their work competes for CPU)."""
         if self.warming:
             self.warming = ray.wait(self.warming, num_returns=len(self.warming), timeout=0)[1]
         return len(self.warming)
@@ -159,8 +159,7 @@ def _stage(npus: list, now: list[NPUSpec], specs: list[NPUSpec]) -> list:
     for npu, old, new in zip(npus, now, specs):
         if new.has_group:
             refs.append(npu.form_group.remote(new))
-        held = old.expert_map.held_by(old.rank)
-        if any(set(experts) - set(held.get(layer, ())) for layer, experts in new.expert_map.held_by(new.rank).items()):
+        if any(new.expert_map.gained(new.rank, old.expert_map.held_by(old.rank)).values()):
             refs.append(npu.prepare.remote(new))
     return refs
 

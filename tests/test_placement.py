@@ -332,3 +332,10 @@ def test_resized_contiguous_doubling_moves_half_and_comes_back():
     assert up.resized(8, 2) == m
     with pytest.raises(ValueError, match="multiple of the EP size"):
         m.resized(8, 3)
+
+
+def test_gained_is_what_a_rank_must_stage():
+    up = ExpertMap.contiguous([1, 3], 8, 2).resized(8, 4)
+    assert up.gained(1, {1: [4, 5, 6, 7], 3: [4, 5, 6, 7]}) == {1: [], 3: []}  # a kept rank: nothing
+    assert up.gained(2, {}) == {1: [2, 3], 3: [2, 3]}  # a new rank: all it holds
+    assert ExpertMap.contiguous([1], 8, 2).gained(0, {1: [0, 1]}) == {1: [2, 3]}

@@ -65,8 +65,8 @@ class EmulatedCompute:
     def prepare(self, spec: NPUSpec) -> int:
         """Take the experts `spec` adds here from a peer NPU: sleeps the modelled
         device-to-device copy (scaled by time_scale). Returns the bytes moved."""
-        want = spec.expert_map.held_by(spec.rank)
-        moved = sum(len(set(e) - set(self.held.get(layer, ()))) for layer, e in want.items()) * self._expert_bytes()
+        gained = spec.expert_map.gained(spec.rank, self.held)
+        moved = sum(len(experts) for experts in gained.values()) * self._expert_bytes()
         if moved:
             time.sleep(self.cost.transfer_time(moved, intra_node=True) * self.spec.time_scale)
         return moved

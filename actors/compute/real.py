@@ -86,9 +86,8 @@ class RealCompute:
 
     def _stage_experts(self, spec: NPUSpec) -> tuple[int, int]:
         """prepare's work; returns the bytes and the number of tensors it fetched."""
-        want = spec.expert_map.held_by(spec.rank)
         have = {m.layer: set(map(int, m.experts.keys())) for m in self.model.moe_layers()}
-        missing = {layer: [e for e in experts if e not in have.get(layer, set())] for layer, experts in want.items()}
+        missing = spec.expert_map.gained(spec.rank, have)
         names = [n for n in shard_names(self.weight_refs.keys(), missing) if expert_of(n) is not None]
         tensors = fetch_shared(self.weight_refs, names)
         dtype = TORCH_DTYPES[spec.model.dtype]
