@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import numpy as np
 
 
 def imbalance_score(loads: Iterable) -> float:
@@ -26,6 +29,24 @@ class ExpertMap:
     copies by token index."""
 
     slots: dict[int, list[list[int]]]
+
+    # ---- on the wire: a spec carries its map in every setup, prepare and switching
+    # step. Pickled as nested lists, a 72B map at EP 16 (48 layers, 800 lists) cost
+    # 0.3-0.5 ms each way per NPU, most of it the garbage collector walking the new
+    # lists, on the CPU the instance serves with. Now the sender pickles bytes it
+    # encoded once, and a process decodes a map it has seen before from its cache.
+    def __reduce__(self):
+        return (_decode, (self._encoded,))
+
+    @cached_property
+    def _encoded(self) -> bytes:
+        """[layers, ranks, layer ids, experts per (layer, rank), experts] as int32,
+        built once per map (a map is never changed: a new one is made)."""
+        layers = list(self.slots)
+        ranks = len(self.slots[layers[0]]) if layers else 0
+        counts = [len(held) for layer in layers for held in self.slots[layer]]
+        flat = [e for layer in layers for held in self.slots[layer] for e in held]
+        return np.array([len(layers), ranks, *layers, *counts, *flat], dtype=np.int32).tobytes()
 
     @classmethod
     def contiguous(cls, moe_layers: list[int], num_experts: int, ep_size: int) -> "ExpertMap":
@@ -85,3 +106,22 @@ class ExpertMap:
             for rank, held in enumerate(ranks):
                 if len(set(held)) != len(held):
                     raise ValueError(f"layer {layer}: rank {rank} holds an expert twice")
+
+
+@lru_cache(maxsize=8)  # the maps a process receives again (setup, then the switch)
+def _decode(encoded: bytes) -> ExpertMap:
+    values = np.frombuffer(encoded, dtype=np.int32)
+    num_layers, ranks = int(values[0]), int(values[1])
+    layers = values[2:2 + num_layers].tolist()
+    counts = values[2 + num_layers:2 + num_layers + num_layers * ranks]
+    flat = values[2 + num_layers + num_layers * ranks:]
+    if num_layers and ranks and (counts == counts[0]).all():  # the usual case: one share a rank
+        return ExpertMap(dict(zip(layers, flat.reshape(num_layers, ranks, int(counts[0])).tolist())))
+    flat, at, slots = flat.tolist(), 0, {}
+    for i, layer in enumerate(layers):
+        held = []
+        for count in counts[i * ranks:(i + 1) * ranks].tolist():
+            held.append(flat[at:at + count])
+            at += count
+        slots[layer] = held
+    return ExpertMap(slots)

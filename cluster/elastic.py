@@ -129,25 +129,28 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
               standby: StandbyPool | None) -> tuple[list, list[dict]]:
     """Everything before the switch, while the instance serves: the `kept` NPUs
     stage their experts for `specs` and form its collective group; NPU actors for
-    the rest of `specs` (standby first, the others started now) load from the
-    object store and join that group as they finish, and the engine opens its
-    connections to them. Returns the new actors and their memory reports; on
-    failure the new actors go."""
+    the rest of `specs` (standby first, the others started now), set up by the
+    engine, load from the object store and join that group as they finish.
+    Returns the new actors and their memory reports; on failure the new actors go."""
     staging = _stage(kept, inst.specs, specs)
     warm = standby.take(len(specs) - len(kept)) if standby is not None else []
-    fresh = warm + start_npu_actors(specs[len(kept) + len(warm):])
+    cold = start_npu_actors(specs[len(kept) + len(warm):])
+    fresh = warm + cold
     # standby NPUs hold the refs they warmed with: sent again, they cost milliseconds a call
     held = standby is not None and standby.weight_refs is weight_refs
     try:
-        loading = [n.setup.remote(None if held and i < len(warm) else weight_refs, s)
-                   for i, (n, s) in enumerate(zip(fresh, specs[len(kept):]))]
-        reports = ray.get(loading + staging + ([inst.engine.reach.remote(fresh)] if fresh else []))
+        # the engine sets them up: their first step then finds its connections open
+        adopting = [inst.engine.adopt.remote(npus, part, refs) for npus, part, refs in (
+            (warm, specs[len(kept):len(kept) + len(warm)], None if held else weight_refs),
+            (cold, specs[len(kept) + len(warm):], weight_refs)) if npus]
+        done = ray.get(adopting + staging)
         _await_group(specs)
     except Exception:
         for n in fresh:
             ray.kill(n)
         raise
-    return fresh, reports[: len(fresh)]
+    reports = [r for part in done[: len(adopting)] for r in part]
+    return fresh, reports
 
 
 def _stage(npus: list, now: list[NPUSpec], specs: list[NPUSpec]) -> list:

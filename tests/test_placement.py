@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 from hypothesis import given, settings
@@ -339,3 +340,18 @@ def test_gained_is_what_a_rank_must_stage():
     assert up.gained(1, {1: [4, 5, 6, 7], 3: [4, 5, 6, 7]}) == {1: [], 3: []}  # a kept rank: nothing
     assert up.gained(2, {}) == {1: [2, 3], 3: [2, 3]}  # a new rank: all it holds
     assert ExpertMap.contiguous([1], 8, 2).gained(0, {1: [0, 1]}) == {1: [2, 3]}
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.dictionaries(st.integers(0, 95), st.lists(st.lists(st.integers(0, 300), max_size=6), min_size=1, max_size=5),
+                       max_size=6))
+def test_an_expert_map_survives_the_wire(slots):
+    """Any map (uneven copies, empty ranks) comes back equal, with int lists;
+    a process that receives the same map again decodes it once."""
+    ranks = len(next(iter(slots.values()))) if slots else 0
+    slots = {layer: (held + [[]] * ranks)[:ranks] for layer, held in slots.items()}  # one rank count a map
+    m = ExpertMap(slots)
+    back = pickle.loads(pickle.dumps(m))
+    assert back == m and back.slots == slots
+    assert all(type(e) is int for held in back.slots.values() for experts in held for e in experts)
+    assert pickle.loads(pickle.dumps(ExpertMap(dict(slots)))) is back

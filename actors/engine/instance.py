@@ -357,12 +357,14 @@ class InstanceEngine:
             info["first_step_s"] = info["first_step_at"] - t0
         return info
 
-    async def reach(self, npus: list) -> None:
-        """Open this engine's connections to NPUs it will step after a switch,
-        while it still serves on the current ones: the first call from a process
-        to an actor resolves the actor through the GCS (milliseconds each), which
-        would otherwise stall the first step on the new size."""
-        await asyncio.gather(*(n.ready.remote() for n in npus))
+    async def adopt(self, npus: list, specs: list, weight_refs: dict | None) -> list[dict]:
+        """Set up NPUs this engine will step after a switch (NPUActor.setup: a
+        standby NPU takes its place, a new one loads from the object store) while
+        it still serves on the current ones; returns their memory reports. Called
+        from this process, so the setup also opens the connections the first step
+        on them needs: a process's first call to an actor resolves it through the
+        GCS (milliseconds each), which would otherwise stall that step."""
+        return list(await asyncio.gather(*(n.setup.remote(weight_refs, s) for n, s in zip(npus, specs))))
 
     async def _switch(self, npus: list, specs: list, memory: list[dict], done: asyncio.Future,
                       recompute: bool) -> None:
