@@ -147,8 +147,8 @@ def cmd_bench_elastic(args) -> int:
     from cluster.bench.report import write_json
 
     manifest = load_manifest(args.manifest)
-    cfg = ElasticBenchConfig(args.instance, args.to_ep, args.concurrency, args.phase_s, args.cycles, args.input_len,
-                             args.output_len, args.standby, args.seed)
+    cfg = ElasticBenchConfig(args.instance, args.to_ep, args.concurrency, args.phase_s, args.warmup_s, args.cycles,
+                             args.input_len, args.output_len, args.standby, args.seed)
     summary = run_elastic_bench(manifest, cfg, args.address, console)
     print_elastic(summary, console)
     if args.json:
@@ -412,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--to-ep", type=_positive, default=None, help="EP size to scale up to (default: twice its own)")
     bl.add_argument("--concurrency", type=_positive, default=8, help="requests in flight throughout")
     bl.add_argument("--phase-s", type=float, default=6.0, help="steady seconds before, between and after the events")
-    bl.add_argument("--cycles", type=_positive, default=3, help="scale up-and-down cycles (medians and totals over them)")
+    bl.add_argument("--warmup-s", type=float, default=5.0, help="seconds of load before the first steady phase")
+    bl.add_argument("--cycles", type=_positive, default=5, help="scale up-and-down cycles (medians and totals over them)")
     bl.add_argument("--input-len", type=_positive, default=32)
     bl.add_argument("--output-len", type=_positive, default=64)
     bl.add_argument("--standby", type=int, default=None, help="warm NPU actors (default: as many as the scale-up adds)")

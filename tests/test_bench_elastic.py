@@ -21,6 +21,16 @@ def test_a_switch_that_costs_nothing_reads_one():
     assert during_vs_steady(steps, [w]) == pytest.approx(1.0, abs=0.02)
 
 
+@pytest.mark.parametrize("offset", [0.0, 0.01, 0.05, 0.09])
+def test_a_window_that_opens_mid_step_reads_one_for_a_free_switch(offset):
+    """A command lands anywhere in a step: counting that step's tokens whole (or not
+    at all) would read up to 8 tokens off in a 0.3 s window of 0.1 s steps."""
+    steps = _steps(0.1, 10, 0.1)  # 80 tokens/s
+    w = ScalingWindow(start=2.0 + offset, switch=2.1 + offset, end=2.4, rate_old=80.0, rate_new=80.0)
+    assert during_vs_steady(steps, [w]) == pytest.approx(1.0, abs=1e-6)
+    assert serving_lost_s(steps, [w]) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_a_pause_costs_its_share_of_the_window():
     steps = _steps(0.05, 10, 0.05, skip=[(2.2, 2.4)])  # 0.2 s without steps in a 0.5 s window
     w = ScalingWindow(start=2.0, switch=2.2, end=2.5, rate_old=160.0, rate_new=160.0)
