@@ -203,6 +203,11 @@ class CostModel:
         bw = self.device.interconnect_bandwidth if intra_node else self.device.inter_node_bandwidth
         return self.collective_latency_s + nbytes / bw
 
+    def load_time(self, nbytes: int) -> float:
+        """latency + nbytes / host link bandwidth: weights copied from host memory
+        into device memory, e.g. by an NPU that joins an instance."""
+        return self.collective_latency_s + nbytes / self.device.host_bandwidth if nbytes > 0 else 0.0
+
     # ---- a whole step ----------------------------------------------------------------
     def step_time(
         self,

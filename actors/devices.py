@@ -46,6 +46,7 @@ class DeviceSpec:
     interconnect: str  # "HCCS", "UB", "PCIe"
     interconnect_bandwidth: float  # bytes/s per device, intra-node
     inter_node_bandwidth: float  # bytes/s per device, RoCE
+    host_bandwidth: float  # bytes/s per device, host DRAM -> device memory (loading weights)
     sources: tuple[str, ...]
 
 
@@ -82,6 +83,9 @@ ASCEND_910B = DeviceSpec(
     interconnect_bandwidth=392 * GB,
     # 200 GbE RoCE port per NPU on Atlas 800 A2 servers (SRC_800IA2) = 25 GB/s.
     inter_node_bandwidth=25 * GB,
+    # Assumption: a PCIe 4.0 x16 link to the host, ~32 GB/s theoretical per direction
+    # (PCIe spec); Huawei publishes no per-chip host-link figure for the 910B.
+    host_bandwidth=32 * GB,
     sources=(SRC_910B_PRESS, SRC_ASCEND910_HC, SRC_800IA2, SRC_CM384, SRC_PANGU_MOE),
 )
 
@@ -104,6 +108,10 @@ ASCEND_910C = DeviceSpec(
     interconnect_bandwidth=392 * GB,
     # SRC_CM384: RDMA (RoCE) plane, up to 400 Gb/s per NPU = 50 GB/s.
     inter_node_bandwidth=50 * GB,
+    # SRC_CM384: CPUs sit on the same UB plane as the NPUs (its Elastic Memory Service
+    # serves pooled DRAM, cached model weights included, over UB); derived: the UB
+    # figure above.
+    host_bandwidth=392 * GB,
     sources=(SRC_CM384, SRC_AMLA, SRC_ASCEND910_HC),
 )
 
@@ -125,6 +133,8 @@ ATLAS_300I_DUO = DeviceSpec(
     # No NIC on the card: traffic leaves through the host's NIC. 100 GbE = 12.5 GB/s is an
     # assumption for a typical inference server, not a datasheet figure.
     inter_node_bandwidth=12.5 * GB,
+    # SRC_300IDUO: the same PCIe 4.0 x16 host link.
+    host_bandwidth=32 * GB,
     sources=(SRC_300IDUO, SRC_PANGU_MOE),
 )
 

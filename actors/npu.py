@@ -148,7 +148,9 @@ class NPUActor:
             self.compute.load_weights(weight_refs)
 
     def _report(self) -> dict:
-        return self.ledger.report() | {"kv_blocks": self.compute.num_blocks, "block_size": self.spec.block_size}
+        # load_s: the modelled seconds its weights took to load (emulated compute; real compute takes them)
+        return self.ledger.report() | {"kv_blocks": self.compute.num_blocks, "block_size": self.spec.block_size,
+                                       "load_s": getattr(self.compute, "load_s", 0.0)}
 
     def _group(self, spec: NPUSpec):
         """spec's collective group (real compute, EP > 1): formed ahead by

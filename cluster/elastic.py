@@ -212,7 +212,8 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     (the switch between two steps), first_step_s (the switch's start to the
     first step on the new size; None when idle), total_s (the command to that
     step, or to the switch when idle) and first_step_at (that step's end, wall
-    clock, as the engine's step log)."""
+    clock, as the engine's step log); modelled_load_s, the longest modelled copy
+    of a new NPU's weights into HBM in prepare_s (emulated compute, else 0)."""
     t0 = time.time()
     old_ep = inst.ep_size
     specs = resized_specs(inst, ep, expert_map)
@@ -223,6 +224,7 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     done = info.get("first_step_at", time.time())
     return {
         "instance": inst.name, "from_ep": old_ep, "to_ep": ep, "prepare_s": prepared - t0,
+        "modelled_load_s": max((r.get("load_s", 0.0) for r in reports), default=0.0),
         "pause_s": info["pause_s"], "first_step_s": info.get("first_step_s"), "migrated": info["migrated"],
         "total_s": done - t0, "first_step_at": info.get("first_step_at"),
     }

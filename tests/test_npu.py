@@ -39,6 +39,33 @@ def test_emulated_718b_starts_and_charges_weights_split_over_npus(ray_session):
         inst.shutdown()
 
 
+def test_an_emulated_npu_takes_the_modelled_time_to_load_its_weights():
+    """Its weights cross the host link into HBM: a joining NPU is not free (no Ray)."""
+    from dataclasses import replace
+
+    from actors.compute.emulated import EmulatedCompute
+    from actors.cost_model import CostModel
+    from actors.devices import get_device
+    from actors.expert_map import ExpertMap
+    from actors.hbm import HBMLedger
+    from actors.protocol import NPUSpec
+
+    m = load_manifest("pangu-pro-moe-72b")
+    cfg, device = m.model, get_device(m.device)
+    spec = NPUSpec("x.npu0", "x", 0, m.device, "emulated", cfg,
+                   ExpertMap.contiguous(cfg.moe_layers, cfg.num_experts, 16), "g", "gloo", time_scale=0.0)
+    loads = {}
+    for d in (device, replace(device, host_bandwidth=device.host_bandwidth / 4)):
+        ledger = HBMLedger(spec.name, d.hbm_bytes)
+        compute = EmulatedCompute(spec, ledger, CostModel(d))
+        compute.load_weights(None)
+        weights = ledger.used_by("weights")
+        assert compute.load_s == pytest.approx(weights / d.host_bandwidth, rel=1e-3)
+        loads[d.host_bandwidth] = compute.load_s
+    assert 0.5 < loads[device.host_bandwidth] < 2.0  # 25 GB of a 72B NPU's share over PCIe
+    assert loads[device.host_bandwidth / 4] == pytest.approx(4 * loads[device.host_bandwidth], rel=1e-3)
+
+
 def test_oversize_load_is_refused_naming_npu_what_and_size(ray_session):
     m = load_manifest("pangu-ultra-moe-718b")
     with pytest.raises(HBMOutOfMemory) as info:

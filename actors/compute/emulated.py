@@ -42,13 +42,24 @@ class EmulatedCompute:
         self.kv = KVCharges(ledger, spec.model.kv_bytes_per_token())
         self.publisher = BlockPublisher(spec)
         self.num_blocks = 0
+        self.load_s = 0.0  # modelled seconds of the last load_weights
 
     def load_weights(self, weight_refs: dict | None) -> None:
+        """Charge the weights and reserve the KV pool, and sleep the modelled copy of
+        the weights from host memory into HBM (scaled by time_scale): what a real NPU
+        spends when it starts or joins an instance (a standby NPU holds them in host
+        memory). Records it as `load_s`."""
+        t0 = time.perf_counter()
         cfg = self.spec.model
-        per_param = DTYPE_BYTES[cfg.weight_dtype]
-        self.ledger.charge("weights", "replicated", cfg.parameter_counts().replicated * per_param)
+        replicated = cfg.parameter_counts().replicated * DTYPE_BYTES[cfg.weight_dtype]
+        self.ledger.charge("weights", "replicated", replicated)
         self._charge_experts()
         self.num_blocks = reserve_pool(self.spec, self.ledger)
+        experts = sum(len(held) for held in self.held.values()) * self._expert_bytes()
+        self.load_s = self.cost.load_time(replicated + experts)
+        remaining = self.load_s * self.spec.time_scale - (time.perf_counter() - t0)
+        if remaining > 0:
+            time.sleep(remaining)
 
     def _expert_bytes(self) -> int:
         cfg = self.spec.model

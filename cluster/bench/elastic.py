@@ -8,7 +8,9 @@ timed to its first step. Reported (medians over the cycles where it is a time):
 
 - scale_up_s / scale_down_s: the command to the first step on the new size
   (cluster.elastic.resize: new NPUs loaded, experts staged, the new group
-  formed, the switch, one step);
+  formed, the switch, one step); modelled_load_up_s, the part of a scale-up
+  an emulated NPU sleeps for copying its weights from host memory into HBM
+  (the cost model's host link; 0 with real compute);
 - cold_start_s: the same for the cold start;
 - throughput_before / between / after: output tokens per second the scaled
   instance generated in steady state at the small size, at the large size
@@ -251,6 +253,7 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
         "pause_up_s": statistics.median(e.info["pause_s"] for e in ups),
         "pause_down_s": statistics.median(e.info["pause_s"] for e in downs),
         "prepare_up_s": statistics.median(e.info["prepare_s"] for e in ups),
+        "modelled_load_up_s": statistics.median(e.info["modelled_load_s"] for e in ups),
         "migrated_down": sum(e.info["migrated"] for e in downs),
         "refill_s": statistics.median(refilled - up.end for up, refilled, _ in cycles),
         "throughput_before": small[0], "throughput_between": _mean(large), "throughput_after": small[-1],
@@ -281,7 +284,8 @@ def print_elastic(summary: dict, console) -> None:
                     f"EP {summary['from_ep']} -> {summary['to_ep']} -> {summary['from_ep']}, {summary['cycles']} cycles")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for key in ("scale_up_s", "scale_down_s", "cold_start_s", "scale_up_vs_cold_start", "pause_up_s", "pause_down_s",
+    for key in ("scale_up_s", "modelled_load_up_s", "scale_down_s", "cold_start_s", "scale_up_vs_cold_start",
+                "pause_up_s", "pause_down_s",
                 "throughput_before", "throughput_between", "throughput_after", "throughput_during",
                 "during_vs_steady", "during_vs_before", "serving_lost_s_up", "serving_lost_s_down",
                 "serving_lost_after_s_up", "serving_lost_after_s_down", "requests", "failed"):
