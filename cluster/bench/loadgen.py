@@ -186,13 +186,22 @@ def token_times(res: RequestResult) -> list[float]:
     return [t for t in chunks for _ in range(max(1, round(per)))]
 
 
-async def cluster_stats(cfg: LoadConfig) -> dict | None:
-    """OmniRay's /v1/cluster (None from servers without it)."""
+async def cluster_stats(cfg: LoadConfig, newer_than: float | None = None, wait_s: float = 15.0) -> dict | None:
+    """OmniRay's /v1/cluster (None from servers without it). Waits, up to `wait_s`,
+    while it answers 503 (a fresh server's master has not published its state yet)
+    and, with `newer_than` (wall clock), for a state the master published after
+    then: a snapshot taken right after a run can predate its last requests."""
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    deadline = time.monotonic() + wait_s
     try:
         async with httpx.AsyncClient(base_url=cfg.base, headers=headers, timeout=30) as client:
-            resp = await client.get("/v1/cluster")
-            return resp.json() if resp.status_code == 200 else None
+            while True:
+                resp = await client.get("/v1/cluster")
+                snap = resp.json() if resp.status_code == 200 else None
+                fresh = snap is not None and (newer_than is None or snap.get("time", newer_than) >= newer_than)
+                if fresh or resp.status_code not in (200, 503) or time.monotonic() > deadline:
+                    return snap
+                await asyncio.sleep(0.2)
     except httpx.HTTPError:
         return None
 

@@ -54,9 +54,8 @@ def run_serve_bench(items: list[WorkItem], cfg: LoadConfig, slo: SLO | None = No
         task = progress.add_task(label, total=len(items))
         results, wall_s = asyncio.run(run_load(items, cfg, on_done=lambda _: progress.advance(task)))
     after = None
-    if before is not None:
-        time.sleep(STATS_SETTLE_S)
-        after = asyncio.run(cluster_stats(cfg))
+    if before is not None:  # a state published once the engines' counters include the run
+        after = asyncio.run(cluster_stats(cfg, newer_than=time.time() + STATS_SETTLE_S))
     table = to_table(results)
     summary = summarize(table, wall_s, slo, kv_hit_rate(before, after))
     if after is not None:
