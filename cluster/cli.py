@@ -147,8 +147,10 @@ def cmd_bench_elastic(args) -> int:
     from cluster.bench.report import write_json
 
     manifest = load_manifest(args.manifest)
-    cfg = ElasticBenchConfig(args.instance, args.to_ep, args.concurrency, args.phase_s, args.warmup_s, args.cycles,
-                             args.input_len, args.output_len, args.standby, args.seed)
+    cfg = ElasticBenchConfig(instance=args.instance, to_ep=args.to_ep, concurrency=args.concurrency,
+                             phase_s=args.phase_s, warmup_s=args.warmup_s, cycles=args.cycles,
+                             input_len=args.input_len, output_len=args.output_len, standby=args.standby,
+                             seed=args.seed)
     summary = run_elastic_bench(manifest, cfg, args.address, console)
     print_elastic(summary, console)
     if args.json:

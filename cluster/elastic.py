@@ -140,9 +140,12 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     held = standby is not None and standby.weight_refs is weight_refs
     try:
         # the engine sets them up: their first step then finds its connections open
-        adopting = [inst.engine.adopt.remote(npus, part, refs) for npus, part, refs in (
-            (warm, specs[len(kept):len(kept) + len(warm)], None if held else weight_refs),
-            (cold, specs[len(kept) + len(warm):], weight_refs)) if npus]
+        adopting = []
+        if warm:
+            adopting.append(inst.engine.adopt.remote(warm, specs[len(kept):len(kept) + len(warm)],
+                                                     None if held else weight_refs))
+        if cold:
+            adopting.append(inst.engine.adopt.remote(cold, specs[len(kept) + len(warm):], weight_refs))
         done = ray.get(adopting + staging)
         _await_group(specs)
     except Exception:
@@ -224,7 +227,7 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     done = info.get("first_step_at", time.time())
     return {
         "instance": inst.name, "from_ep": old_ep, "to_ep": ep, "prepare_s": prepared - t0,
-        "modelled_load_s": max((r.get("load_s", 0.0) for r in reports), default=0.0),
+        "modelled_load_s": max((r["load_s"] for r in reports), default=0.0),
         "pause_s": info["pause_s"], "first_step_s": info.get("first_step_s"), "migrated": info["migrated"],
         "total_s": done - t0, "first_step_at": info.get("first_step_at"),
     }

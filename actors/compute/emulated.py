@@ -51,12 +51,10 @@ class EmulatedCompute:
         memory). Records it as `load_s`."""
         t0 = time.perf_counter()
         cfg = self.spec.model
-        replicated = cfg.parameter_counts().replicated * DTYPE_BYTES[cfg.weight_dtype]
-        self.ledger.charge("weights", "replicated", replicated)
+        self.ledger.charge("weights", "replicated", cfg.parameter_counts().replicated * DTYPE_BYTES[cfg.weight_dtype])
         self._charge_experts()
         self.num_blocks = reserve_pool(self.spec, self.ledger)
-        experts = sum(len(held) for held in self.held.values()) * self._expert_bytes()
-        self.load_s = self.cost.load_time(replicated + experts)
+        self.load_s = self.cost.load_time(self.ledger.used_by("weights"))
         remaining = self.load_s * self.spec.time_scale - (time.perf_counter() - t0)
         if remaining > 0:
             time.sleep(remaining)
