@@ -95,6 +95,7 @@ class NPUActor:
         self.forming: dict = {}  # groups still forming in their own thread (collective.PendingGroup), by name
         self.device_time_s = 0.0
         self.steps = 0
+        self.prepares = 0  # prepare calls: experts staged from elsewhere ahead of a switch
 
     def ready(self) -> str:
         return self.spec.name
@@ -167,18 +168,19 @@ class NPUActor:
         return self.groups[name]
 
     @ray.method(concurrency_group="control")
-    def leave_groups_but(self, keep: str | None) -> None:
-        """Leave every collective group but `keep` (after a switch, off its pause),
-        and forget the ones still forming (from a resize that failed: they give
-        up after the collective's timeout)."""
-        for name in [n for n in self.forming if n != keep]:
+    def leave_groups_but(self, keep: list[str]) -> None:
+        """Leave every collective group not in `keep` (after a switch, off its pause:
+        the new group, and the previous one when a scale-up keeps it to scale back
+        to), and forget the ones still forming (from a resize that failed: they
+        give up after the collective's timeout)."""
+        for name in [n for n in self.forming if n not in keep]:
             pending = self.forming.pop(name)
             try:
                 if pending.done():
                     self.groups[name] = pending.wait()
             except Exception:
                 pass  # it failed to form: nothing to leave
-        leaving = [n for n in self.groups if n != keep]
+        leaving = [n for n in self.groups if n not in keep]
         if not leaving:  # (emulated NPUs never import torch)
             return
         from actors import collective
@@ -194,7 +196,7 @@ class NPUActor:
         compute) as the warm replica a standby builds, so the next adoption costs
         only its experts and no process has to start. In the control thread, so
         that an adoption sent after it (setup) runs after it."""
-        self.leave_groups_but(None)
+        self.leave_groups_but([])
         replica = self.compute.release() if self.spec.compute == "real" and self.compute is not None else None
         self._adopt(spec)
         self.warm_replica = replica
@@ -206,6 +208,7 @@ class NPUActor:
     @ray.method(concurrency_group="control")
     def prepare(self, spec: NPUSpec) -> int:
         """Stage the experts `spec` assigns this NPU (while the instance keeps serving)."""
+        self.prepares += 1
         return self.compute.prepare(spec)
 
     @ray.method(concurrency_group="control")
@@ -264,6 +267,7 @@ class NPUActor:
             "node": ray.get_runtime_context().get_node_id(),
             "groups": sorted(self.groups),
             "tensors_fetched": getattr(self.compute, "tensors_fetched", 0),  # at load, from the object store
+            "prepares": self.prepares,
             "torch_imported": "torch" in sys.modules,  # emulated NPUs never need it
             "experts": {str(layer): ids for layer, ids in self.spec.expert_map.held_by(self.spec.rank).items()},
         }

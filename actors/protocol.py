@@ -50,6 +50,10 @@ class NPUSpec:
     kv_memory_fraction: float = 0.9
     kv_cache_name: str | None = None  # the global KV cache actor to publish blocks to
     mtp_acceptance_rate: float = 0.9  # emulated MTP: the share of drafts accepted (real compute measures it)
+    # keep the experts this spec's map drops, as they are (charged to the ledger as
+    # "retained"), until the next switch: a scale-up sets it on the NPUs it keeps,
+    # so that scaling back stages nothing (cluster.elastic)
+    retain_dropped: bool = False
 
     @property
     def ep_size(self) -> int:

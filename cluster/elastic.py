@@ -11,6 +11,9 @@
   through the object store and resume on a kept NPU, and the next step runs on
   M NPUs. The released NPUs go last: back to the standby pool when there is
   one (a later scale-up adopts them without starting a process), else away.
+  A scale-up leaves the kept NPUs in their previous group and has them set the
+  experts they drop aside (ElasticMoE's pre-built communication domains): a
+  scale-down back to that size then stages nothing and forms no group.
 - `remap`: the same switch with the same NPUs and a new expert map (Omni
   Placement's rebalance).
 - `cold_start`: the baseline a resize is measured against — a new instance of
@@ -55,8 +58,38 @@ def resized_specs(inst: Instance, ep: int, expert_map: ExpertMap | None = None) 
     expert_map.validate(cfg.num_experts)
     group = f"{inst.name}-{uuid.uuid4().hex[:8]}"
     base = inst.specs[0]
-    return [replace(base, name=f"{inst.name}.npu{r}", rank=r, expert_map=expert_map, group_name=group)
-            for r in range(ep)]
+    return [replace(base, name=f"{inst.name}.npu{r}", rank=r, expert_map=expert_map, group_name=group,
+                    retain_dropped=False) for r in range(ep)]
+
+
+def _retaining(inst: Instance, specs: list[NPUSpec]) -> list[NPUSpec]:
+    """A scale-up's specs, the NPUs it keeps told to keep the experts they drop
+    (where they gain none: what they hold then stays within what they held)."""
+    out = list(specs)
+    for r, now in enumerate(inst.specs[: len(specs)]):
+        if not any(specs[r].expert_map.gained(r, now.expert_map.held_by(r)).values()):
+            out[r] = replace(specs[r], retain_dropped=True)
+    return out
+
+
+def _back(inst: Instance, ep: int, expert_map: ExpertMap | None) -> list[NPUSpec] | None:
+    """The specs a scale-down to `ep` returns to at no cost: those of the instance's
+    first `ep` NPUs before its last scale-up (their group, the experts they kept)."""
+    if inst.dormant is None or len(inst.dormant) != ep or ep >= inst.ep_size or expert_map is not None:
+        return None
+    return [replace(s, retain_dropped=False) for s in inst.dormant]
+
+
+def _retained(inst: Instance) -> list[dict[int, list[int]]]:
+    """Per NPU of `inst`, what it holds now and kept from before its last switch."""
+    out = []
+    for r, now in enumerate(inst.specs):
+        held = {layer: list(es) for layer, es in now.expert_map.held_by(r).items()}
+        if now.retain_dropped and inst.dormant is not None and r < len(inst.dormant):
+            for layer, es in inst.dormant[r].expert_map.held_by(r).items():
+                held.setdefault(layer, []).extend(es)
+        out.append(held)
+    return out
 
 
 class StandbyPool:
@@ -132,7 +165,7 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     the rest of `specs` (standby first, the others started now), set up by the
     engine, load from the object store and join that group as they finish.
     Returns the new actors and their memory reports; on failure the new actors go."""
-    staging = _stage(kept, inst.specs, specs)
+    staging = _stage(kept, _retained(inst), specs, _groups(inst))
     warm = standby.take(len(specs) - len(kept)) if standby is not None else []
     cold = start_npu_actors(specs[len(kept) + len(warm):])
     fresh = warm + cold
@@ -147,7 +180,8 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
         if cold:
             adopting.append(inst.engine.adopt.remote(cold, specs[len(kept) + len(warm):], weight_refs))
         done = ray.get(adopting + staging)
-        _await_group(specs)
+        if fresh or specs[0].group_name not in _groups(inst):
+            _await_group(specs)
     except Exception:
         for n in fresh:
             ray.kill(n)
@@ -156,16 +190,23 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     return fresh, reports
 
 
-def _stage(npus: list, now: list[NPUSpec], specs: list[NPUSpec]) -> list:
-    """Refs, per kept NPU (serving as `now`), of its starting to form the new
-    group (in a thread of its own: see _await_group) and of its staging the
-    experts `specs` adds to it. No call where there is nothing to do (no group,
-    no expert gained): each costs the controller and a serving NPU CPU."""
+def _groups(inst: Instance) -> set[str]:
+    """The collective groups `inst`'s NPUs are in: its own (all of them), and the
+    one its first NPUs kept through its last scale-up (Instance.dormant)."""
+    names = {inst.specs[0].group_name} | ({inst.dormant[0].group_name} if inst.dormant else set())
+    return {n for n in names if inst.specs[0].has_group}
+
+
+def _stage(npus: list, have: list[dict], specs: list[NPUSpec], groups: set[str]) -> list:
+    """Refs, per kept NPU (holding the experts `have`, in `groups`), of its starting
+    to form the new group (in a thread of its own: see _await_group) and of its
+    staging the experts `specs` adds to it. No call where there is nothing to do
+    (no new group, no expert gained): each costs the controller and a serving NPU CPU."""
     refs = []
-    for npu, old, new in zip(npus, now, specs):
-        if new.has_group:
+    for npu, held, new in zip(npus, have, specs):
+        if new.has_group and new.group_name not in groups:
             refs.append(npu.form_group.remote(new))
-        if any(new.expert_map.gained(new.rank, old.expert_map.held_by(old.rank)).values()):
+        if any(new.expert_map.gained(new.rank, held).values()):
             refs.append(npu.prepare.remote(new))
     return refs
 
@@ -187,14 +228,16 @@ def _await_group(specs: list[NPUSpec]) -> None:
 
 
 def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict], recompute: bool = False,
-            standby: StandbyPool | None = None) -> dict:
+            standby: StandbyPool | None = None, keep_previous: bool = False) -> dict:
     """The engine serves on `npus` (staged, their group formed; `memory` their
     reports) from its next step, whose batches carry the new specs. Then the
     NPUs it no longer uses go back to `standby` (else they go), and the ones it
-    keeps leave their previous group."""
+    keeps leave their previous group, unless `keep_previous` (a scale-up: every
+    NPU of it stays, and the instance may scale back to it)."""
     info = ray.get(inst.engine.reconfigure.remote(npus, specs, memory, recompute))
     if inst.specs[0].has_group or specs[0].has_group:  # else none to leave (emulated, EP 1)
-        ray.get([n.leave_groups_but.remote(specs[0].group_name) for n in npus])
+        keep = [specs[0].group_name] + ([inst.specs[0].group_name] if keep_previous else [])
+        ray.get([n.leave_groups_but.remote(keep) for n in npus])
     using = {n._actor_id.hex() for n in npus}
     leaving = [n for n in inst.npus if n._actor_id.hex() not in using]
     if standby is not None:
@@ -202,6 +245,7 @@ def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict]
     else:
         for n in leaving:
             ray.kill(n)
+    inst.dormant = inst.specs if keep_previous else None
     inst.npus, inst.specs, inst.memory = list(npus), specs, memory
     inst.executor = InstanceExecutor(inst.npus)
     return info
@@ -219,14 +263,18 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     of a new NPU's weights into HBM in prepare_s (emulated compute, else 0)."""
     t0 = time.time()
     old_ep = inst.ep_size
-    specs = resized_specs(inst, ep, expert_map)
+    back = _back(inst, ep, expert_map)
+    specs = back or resized_specs(inst, ep, expert_map)
+    if ep > old_ep:
+        specs = _retaining(inst, specs)
     kept = inst.npus[: min(ep, old_ep)]
     fresh, reports = _new_npus(inst, kept, specs, weight_refs, standby)
     prepared = time.time()
-    info = _switch(inst, kept + fresh, specs, inst.memory[: len(kept)] + reports, standby=standby)
+    info = _switch(inst, kept + fresh, specs, inst.memory[: len(kept)] + reports, standby=standby,
+                   keep_previous=ep > old_ep)
     done = info.get("first_step_at", time.time())
     return {
-        "instance": inst.name, "from_ep": old_ep, "to_ep": ep, "prepare_s": prepared - t0,
+        "instance": inst.name, "from_ep": old_ep, "to_ep": ep, "back": back is not None, "prepare_s": prepared - t0,
         "modelled_load_s": max((r["load_s"] for r in reports), default=0.0),
         "pause_s": info["pause_s"], "first_step_s": info.get("first_step_s"), "migrated": info["migrated"],
         "total_s": done - t0, "first_step_at": info.get("first_step_at"),
@@ -257,7 +305,7 @@ def remap(inst: Instance, expert_map: ExpertMap) -> dict:
     expert_map.validate(inst.specs[0].model.num_experts)
     if expert_map.ep_size != inst.ep_size:
         raise ValueError(f"expert_map: built for EP {expert_map.ep_size}, instance {inst.name} has {inst.ep_size}")
-    specs = [replace(s, expert_map=expert_map) for s in inst.specs]
+    specs = [replace(s, expert_map=expert_map, retain_dropped=False) for s in inst.specs]
     staged = ray.get([n.prepare.remote(s) for n, s in zip(inst.npus, specs)])  # bytes (the group stays)
     info = _switch(inst, inst.npus, specs, inst.memory)
     return {"instance": inst.name, "staged_bytes": sum(staged), "pause_s": info["pause_s"],

@@ -62,6 +62,10 @@ class Instance:
     placement_group: object | None = None  # keeps the NPU actors together (or apart) as the manifest asks
     engine: object | None = None  # the InstanceEngine actor, once launched
     kv_cache: object | None = None  # the global KV cache actor it publishes to (held, so it lives as long)
+    # the specs its first NPUs served with before its last scale-up: they are still
+    # in that collective group and keep the experts it dropped (NPUSpec.retain_dropped),
+    # so that a scale-down back to them stages nothing and forms no group (cluster.elastic)
+    dormant: list[NPUSpec] | None = None
 
     @property
     def ep_size(self) -> int:

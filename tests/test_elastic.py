@@ -80,14 +80,26 @@ def test_ep_2_to_4_to_2_during_generation_keeps_the_reference_tokens(model):
             ray.get(inst.npus[0].form_group.remote(lonely), timeout=30)
             alone = group_status.formed(lonely.group_name, 4)
             up = resize(inst, 4, refs)
+            scaled = inst.stats()
             down = resize(inst, 2, refs)
-            return up, down, alone
+            return up, scaled, down, alone
 
-        tokens, (up, down, alone) = _generate_during(inst, prompts, 24, scale_up_then_down)
+        tokens, (up, scaled, down, alone) = _generate_during(inst, prompts, 24, scale_up_then_down)
         expected = [generate(reference, [p], 24).tokens[0] for p in prompts]
         assert tokens == expected
         assert alone is False
         assert (up["from_ep"], up["to_ep"], down["from_ep"], down["to_ep"]) == (2, 4, 4, 2)
+        # at EP 4 the kept NPUs stayed in the EP-2 group and kept the experts they
+        # dropped (charged, as "retained"); the new ones hold none aside
+        assert [len(s["groups"]) for s in scaled] == [2, 2, 1, 1]
+        assert [launched_group in s["groups"] for s in scaled] == [True, True, False, False]
+        retained = [s["hbm"]["by_category"].get("retained", 0) for s in scaled]
+        assert retained[0] > 0 and retained[1] > 0 and retained[2:] == [0, 0]
+        # so scaling back staged nothing and formed no group: the launch's group again
+        assert down["back"] and not up["back"]
+        assert inst.specs[0].group_name == launched_group
+        assert [s["prepares"] for s in inst.stats()] == [0, 0]
+        assert all("retained" not in s["hbm"]["by_category"] for s in inst.stats())
         stats = ray.get(inst.engine.stats.remote())
         assert stats["reconfigurations"] == 2 and len(stats["free_blocks"]) == 2
         assert len(inst.npus) == 2
@@ -145,9 +157,14 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         adopted = [shard_names(refs, inst.specs[r].expert_map.held_by(r)) for r in (2, 3)]
         experts_only = [sum(expert_of(n) is not None for n in a) for a in adopted]
         assert fetched[2:] == experts_only  # prefetched: experts only
-        # a scale-down gives the released NPUs back; the next scale-up adopts them again
+        # a scale-down gives the released NPUs back; the next scale-up adopts them again.
+        # With a map of its own it returns to no earlier layout: a new group is formed,
+        # while the experts the kept NPUs held aside serve any map (none staged)
         released = [n._actor_id for n in inst.npus[2:]]
-        resize(inst, 2, refs, standby=pool)
+        inst_map = resized_specs(inst, 2)[0].expert_map
+        down = resize(inst, 2, refs, expert_map=inst_map, standby=pool)
+        assert not down["back"] and [len(s["groups"]) for s in inst.stats()] == [1, 1]
+        assert [s["prepares"] for s in inst.stats()] == [0, 0]
         assert [n._actor_id for n in pool.actors] == released
         resize(inst, 4, refs, standby=pool)
         assert [n._actor_id for n in inst.npus[2:]] == released
@@ -177,11 +194,15 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
     try:
         before = [s["hbm"]["by_category"]["weights"] for s in emu.stats()]
         resize(emu, 8, None)
-        after = [s["hbm"]["by_category"]["weights"] for s in emu.stats()]
-        assert len(after) == 8 and after[0] < before[0]  # half the experts per NPU
-        resize(emu, 4, None)
+        after = [s["hbm"]["by_category"] for s in emu.stats()]
+        assert len(after) == 8 and after[0]["weights"] < before[0]  # half the experts per NPU
+        # the kept NPUs keep the other half aside: their HBM holds what it held
+        assert [a["weights"] + a.get("retained", 0) for a in after[:4]] == before
+        assert all("retained" not in a for a in after[4:])
+        assert resize(emu, 4, None)["back"]
         stats = emu.stats()
         assert [s["hbm"]["by_category"]["weights"] for s in stats] == before
+        assert [s["prepares"] for s in stats] == [0] * 4  # nothing to copy from the leaving NPUs
         assert not any(s["torch_imported"] or s["groups"] for s in stats)  # no torch, no group
     finally:
         emu.shutdown()

@@ -39,6 +39,7 @@ class EmulatedCompute:
     def __init__(self, spec: NPUSpec, ledger: HBMLedger, cost: CostModel):
         self.spec, self.ledger, self.cost = spec, ledger, cost
         self.held = spec.expert_map.held_by(spec.rank)
+        self.retained: dict[int, list[int]] = {}  # per layer, what the last switch dropped (spec.retain_dropped)
         self.kv = KVCharges(ledger, spec.model.kv_bytes_per_token())
         self.publisher = BlockPublisher(spec)
         self.num_blocks = 0
@@ -64,24 +65,35 @@ class EmulatedCompute:
         return cfg.expert_params() * DTYPE_BYTES[cfg.weight_dtype]
 
     def _charge_experts(self) -> None:
+        if self.ledger.charged("retained", "experts") is not None:
+            self.ledger.release("retained", "experts")
         for layer, experts in self.held.items():
             key = f"layer{layer}.experts"
             if self.ledger.charged("weights", key) is not None:
                 self.ledger.release("weights", key)
             self.ledger.charge("weights", key, len(experts) * self._expert_bytes())
+        if self.retained:
+            self.ledger.charge("retained", "experts", sum(map(len, self.retained.values())) * self._expert_bytes())
 
     # ---- expert remapping (Omni Placement, elastic EP) ------------------------------------
     def prepare(self, spec: NPUSpec) -> int:
         """Take the experts `spec` adds here from a peer NPU: sleeps the modelled
         device-to-device copy (scaled by time_scale). Returns the bytes moved."""
-        gained = spec.expert_map.gained(spec.rank, self.held)
+        have = {layer: [*experts, *self.retained.get(layer, ())] for layer, experts in self.held.items()}
+        gained = spec.expert_map.gained(spec.rank, have)
         moved = sum(len(experts) for experts in gained.values()) * self._expert_bytes()
         if moved:
             time.sleep(self.cost.transfer_time(moved, intra_node=True) * self.spec.time_scale)
         return moved
 
     def remap(self, spec: NPUSpec, group=None) -> None:
-        self.spec, self.held = spec, spec.expert_map.held_by(spec.rank)
+        """Switch to `spec`'s experts; the ones it drops are kept aside if
+        `spec.retain_dropped` (they stay charged, as "retained")."""
+        held = spec.expert_map.held_by(spec.rank)
+        dropped = {layer: [e for e in experts if e not in set(held.get(layer, ()))]
+                   for layer, experts in self.held.items()}
+        self.retained = {layer: es for layer, es in dropped.items() if es} if spec.retain_dropped else {}
+        self.spec, self.held = spec, held
         self._charge_experts()
 
     def export_blocks(self, blocks: list[int]) -> list:

@@ -41,6 +41,7 @@ class RealCompute:
         self.kv = KVCharges(ledger, cfg.kv_bytes_per_token())
         self.weight_refs: dict | None = None  # kept: experts moved here later load from the object store
         self.staged: dict[tuple[int, int], SwiGLU] = {}  # (layer, expert) modules built for the next map, not in use yet
+        self.retained: dict[tuple[int, int], SwiGLU] = {}  # what the last switch dropped (spec.retain_dropped)
         self.tensors_fetched = 0  # at load, from the object store
         self.replicated_bytes = 0
         self.experts: LocalExperts | EPExperts | None = None
@@ -71,11 +72,16 @@ class RealCompute:
         self.paged = warm.paged
 
     def _charge_experts(self) -> None:
+        if self.ledger.charged("retained", "experts") is not None:
+            self.ledger.release("retained", "experts")
         for moe in self.model.moe_layers():
             key = f"layer{moe.layer}.experts"
             if self.ledger.charged("weights", key) is not None:
                 self.ledger.release("weights", key)
             self.ledger.charge("weights", key, sum(_nbytes(p) for p in moe.experts.parameters()))
+        if self.retained:
+            self.ledger.charge("retained", "experts",
+                               sum(_nbytes(p) for m in self.retained.values() for p in m.parameters()))
 
     # ---- expert remapping (Omni Placement, elastic EP) ------------------------------------
     def prepare(self, spec: NPUSpec) -> int:
@@ -87,6 +93,8 @@ class RealCompute:
     def _stage_experts(self, spec: NPUSpec) -> tuple[int, int]:
         """prepare's work; returns the bytes and the number of tensors it fetched."""
         have = {m.layer: set(map(int, m.experts.keys())) for m in self.model.moe_layers()}
+        for layer, e in self.retained:
+            have[layer].add(e)
         missing = spec.expert_map.gained(spec.rank, have)
         names = [n for n in shard_names(self.weight_refs.keys(), missing) if expert_of(n) is not None]
         tensors = fetch_shared(self.weight_refs, names)
@@ -101,17 +109,22 @@ class RealCompute:
 
     def remap(self, spec: NPUSpec, group) -> None:
         """Switch to `spec`'s expert map (between two steps): drop the experts no longer
-        held, swap in the staged ones, recharge the ledger, and route by the new map."""
+        held (kept aside if `spec.retain_dropped`), swap in the staged or retained
+        ones, recharge the ledger, and route by the new map."""
         want = spec.expert_map.held_by(spec.rank)
+        dropped = {}
         for moe in self.model.moe_layers():
             keep = set(want.get(moe.layer, ()))
             for key in [k for k in moe.experts.keys() if int(k) not in keep]:
+                dropped[(moe.layer, int(key))] = moe.experts[key]
                 del moe.experts[key]
             for e in sorted(keep - set(map(int, moe.experts.keys()))):
-                if (moe.layer, e) not in self.staged:
+                ready = self.staged if (moe.layer, e) in self.staged else self.retained
+                if (moe.layer, e) not in ready:
                     raise RuntimeError(f"NPU {self.spec.name}: expert {e} of layer {moe.layer} was not staged (prepare)")
-                moe.experts[str(e)] = self.staged[(moe.layer, e)]
+                moe.experts[str(e)] = ready[(moe.layer, e)]
         self.staged = {}
+        self.retained = dropped if spec.retain_dropped else {}
         self.spec, self.held = spec, want
         self._charge_experts()
         self.experts = self._executor(group)
@@ -123,6 +136,7 @@ class RealCompute:
         for moe in self.model.moe_layers():
             moe.experts.clear()
             moe.load.zero_()
+        self.retained = {}
         return WarmReplica(self.spec, self.model, self.paged, self.replicated_bytes, 0)
 
     def export_blocks(self, blocks: list[int]) -> list:
