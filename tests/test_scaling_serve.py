@@ -89,6 +89,7 @@ def test_stream_across_ep_resizes_keeps_its_tokens(server, expect):
     assert up.json()["from_ep"] == 2 and up.json()["to_ep"] == 4
     down = _admin(server.url, "/v1/cluster/scale", {"instance": "decode0", "npus": 2})
     assert down.status_code == 200, down.text
+    assert down.json()["back"] and not up.json()["back"]  # back to the launch's layout: nothing staged
     t.join(300)
     assert out["status"] == 200 and out["text"] == expect(prompt, 40)
     from cluster.launcher import engine_name

@@ -255,6 +255,7 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
         "prepare_up_s": statistics.median(e.info["prepare_s"] for e in ups),
         "modelled_load_up_s": statistics.median(e.info["modelled_load_s"] for e in ups),
         "migrated_down": sum(e.info["migrated"] for e in downs),
+        "scaled_back": sum(bool(e.info.get("back")) for e in downs),  # downs that reused the pre-scale-up layout
         "refill_s": statistics.median(refilled - up.end for up, refilled, _ in cycles),
         "throughput_before": small[0], "throughput_between": _mean(large), "throughput_after": small[-1],
         "throughput_during": during_tokens / during_s if during_s > 0 else None,
