@@ -150,7 +150,7 @@ def cmd_bench_elastic(args) -> int:
     cfg = ElasticBenchConfig(instance=args.instance, to_ep=args.to_ep, concurrency=args.concurrency,
                              phase_s=args.phase_s, warmup_s=args.warmup_s, cycles=args.cycles,
                              input_len=args.input_len, output_len=args.output_len, standby=args.standby,
-                             seed=args.seed)
+                             seed=args.seed, direct=args.direct)
     summary = run_elastic_bench(manifest, cfg, args.address, console)
     print_elastic(summary, console)
     if args.json:
@@ -420,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--output-len", type=_positive, default=64)
     bl.add_argument("--standby", type=int, default=None, help="warm NPU actors (default: as many as the scale-up adds)")
     bl.add_argument("--seed", type=int, default=0)
+    bl.add_argument("--direct", action="store_true",
+                    help="the instance alone, its engine fed straight (no HTTP server, proxy or client)")
     bl.add_argument("--json", default=None, help="write the summary here")
     bl.set_defaults(func=cmd_bench_elastic)
     bp = bench.add_parser("placement", help="Omni Placement: expert-load imbalance before/after, on measured load")

@@ -206,3 +206,18 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         assert not any(s["torch_imported"] or s["groups"] for s in stats)  # no torch, no group
     finally:
         emu.shutdown()
+
+
+def test_bench_elastic_direct_scales_the_instance_alone_and_loses_no_request(ray_session):
+    """`omniray bench elastic --direct`: the engine fed straight, scaled up and back
+    (to the launch's layout) under the closed loop; every request completes."""
+    from cluster.bench.elastic import ElasticBenchConfig, run_elastic_bench
+
+    cfg = ElasticBenchConfig(concurrency=4, phase_s=1.0, warmup_s=0.5, cycles=1, input_len=8, output_len=12,
+                             direct=True)
+    summary = run_elastic_bench(load_manifest("local"), cfg)
+    assert summary["direct"] and (summary["from_ep"], summary["to_ep"]) == (2, 4)
+    assert summary["failed"] == 0 and summary["requests"] >= 4
+    assert summary["scaled_back"] == 1
+    assert summary["throughput_before"] > 0 and summary["throughput_between"] > 0
+    assert summary["during_vs_steady"] is not None and summary["cold_start_s"] > 0

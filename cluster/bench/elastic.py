@@ -37,15 +37,22 @@ timed to its first step. Reported (medians over the cycles where it is a time):
 The standby pool (`elastic.standby_npus` of the manifest, by default as many as
 the scale-up adds) is part of what is measured: it is how ElasticMoE-style
 systems avoid starting processes on the critical path. `--standby 0` measures
-the scale-up with actors started on demand instead."""
+the scale-up with actors started on demand instead.
+
+`direct`: the same run on the instance alone (its NPUs, its engine fed requests
+straight, scaled by cluster.elastic.resize from here): no HTTP server, proxy or
+HTTP client, whose CPU on a small host is most of what a scale event competes with."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import ray
@@ -69,6 +76,9 @@ class ElasticBenchConfig:
     output_len: int = 64
     standby: int | None = None  # warm NPU actors; default: as many as the scale-up adds
     seed: int = 0
+    # the instance alone, its engine fed straight (no HTTP server, proxy or HTTP client):
+    # what a scale event costs the instance, without the serving stack's CPU beside it
+    direct: bool = False
 
 
 def _tokens(steps: list[tuple[float, int]], start: float, end: float) -> float:
@@ -176,6 +186,93 @@ def cold_start(manifest, instance_spec, ep: int) -> float:
         inst.shutdown()
 
 
+@dataclass
+class _Target:
+    """What the bench drives: scale the instance to an EP size (the resize's report),
+    whether standby NPUs are still starting, the instance's step log from a wall-clock
+    time on, and a closed-loop load run until stop() (started(t0) gets its clock)."""
+
+    scale: Callable[[int], dict]
+    warming: Callable[[], bool]
+    steps_since: Callable[[float], list]
+    load: Callable[[Callable[[], bool], Callable[[float], None]], list[RequestResult]]
+
+
+@contextmanager
+def _served(manifest, name: str, items, cfg: ElasticBenchConfig, address: str | None) -> Iterator[_Target]:
+    """The whole server: requests over HTTP, scaled through its controller."""
+    with local_server(manifest, address) as server:
+        load = LoadConfig(server.url, concurrency=cfg.concurrency, seed=cfg.seed)
+        yield _Target(
+            scale=lambda ep: ray.get(server.controller.scale.remote(name, ep)),
+            warming=lambda: bool(ray.get(server.controller.describe.remote())["standby_warming"]),
+            steps_since=lambda t: ray.get(server.controller.steps_since.remote(name, t)),
+            load=lambda stop, started: asyncio.run(run_closed_loop(items, load, stop, started)))
+
+
+@contextmanager
+def _direct(manifest, spec, items, cfg: ElasticBenchConfig, address: str | None) -> Iterator[_Target]:
+    """The instance alone: its NPUs, its engine fed EngineRequests straight, a standby
+    pool of the manifest's size, scaled by cluster.elastic.resize from here."""
+    from actors.engine.scheduler import SchedulerConfig
+    from cluster.elastic import StandbyPool, resize
+    from cluster.launcher import connect, launch_engine, launch_instance, publish_weights
+
+    connect(address, log_to_driver=False)
+    eng = manifest.engine
+    refs = publish_weights(manifest.model, manifest.checkpoint) if manifest.compute == "real" else None
+    inst = launch_instance(f"{spec.name}-direct-{uuid.uuid4().hex[:6]}", manifest.model, spec.ep, manifest.compute,
+                           manifest.device, refs, role=spec.role, backend=manifest.collective_backend,
+                           time_scale=manifest.time_scale, block_size=eng.block_size, kv_blocks=eng.kv_blocks,
+                           placement=spec.placement)
+    pool = None
+    try:
+        launch_engine(inst, SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size))
+        size = manifest.elastic.standby_npus
+        pool = StandbyPool(inst.specs[0], size, refs) if size else None
+        yield _Target(
+            scale=lambda ep: resize(inst, ep, refs, standby=pool),
+            warming=lambda: bool(pool and pool.num_warming()),
+            steps_since=lambda t: ray.get(inst.engine.steps_since.remote(t)),
+            load=lambda stop, started: asyncio.run(_engine_loop(inst.engine, items, cfg.concurrency, stop, started)))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        inst.shutdown()
+
+
+async def _engine_loop(engine, items, concurrency: int, stop: Callable[[], bool],
+                       started: Callable[[float], None]) -> list[RequestResult]:
+    """run_closed_loop's twin that streams from the engine actor instead of over HTTP."""
+    from actors.protocol import EngineRequest
+
+    t0 = time.perf_counter()
+    started(t0)
+    results: list[RequestResult] = []
+    counter = itertools.count()
+
+    async def worker() -> None:
+        while not stop():
+            i = next(counter)
+            item = items[i % len(items)]
+            start, first, n, error = time.perf_counter(), None, 0, ""
+            try:
+                req = EngineRequest(f"elastic-{i}-{uuid.uuid4().hex[:6]}", list(item.prompt_ids),
+                                    max_tokens=item.max_tokens, ignore_eos=True)
+                async for ref in engine.generate.remote(req):
+                    n += len((await ref).token_ids)
+                    first = first or (time.perf_counter() if n else None)
+            except Exception as err:  # counted as failed, as an HTTP error would be
+                error = repr(err)
+            end = time.perf_counter()
+            results.append(RequestResult(
+                i, item.group, start - t0, len(item.prompt_ids), n, first - start if first else None,
+                (end - first) / (n - 1) if first and n > 1 else None, end - start, error=error))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return sorted(results, key=lambda r: r.index)
+
+
 def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = None, console=None) -> dict:
     roles = {i.name: i for i in manifest.instances}
     name = cfg.instance or next((i.name for i in manifest.instances if i.role == "decode"),
@@ -193,11 +290,12 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
                           input_len=cfg.input_len, output_len=cfg.output_len)
     say = console.print if console is not None else (lambda *_: None)
 
-    with local_server(manifest, address) as server:
-        load = LoadConfig(server.url, concurrency=cfg.concurrency, seed=cfg.seed)
+    drive = _direct(manifest, roles[name], items, cfg, address) if cfg.direct else \
+        _served(manifest, name, items, cfg, address)
+    with drive as target:
         stop, clock, out = threading.Event(), {}, {}
-        runner = threading.Thread(target=lambda: out.setdefault("results", asyncio.run(
-            run_closed_loop(items, load, stop.is_set, lambda t0: clock.setdefault("t0", t0)))))
+        runner = threading.Thread(target=lambda: out.setdefault(
+            "results", target.load(stop.is_set, lambda t0: clock.setdefault("t0", t0))))
         runner.start()
         try:
             while "t0" not in clock:
@@ -208,7 +306,7 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
             def scale(ep: int) -> ScalingWindow:
                 say(f"scaling {name}: EP -> {ep}")
                 start = now()
-                info = ray.get(server.controller.scale.remote(name, ep))
+                info = target.scale(ep)
                 end = info["first_step_at"] - wall0 if info.get("first_step_at") else now()
                 return ScalingWindow(start, start + info["prepare_s"], end, info=info)
 
@@ -218,7 +316,7 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
             time.sleep(cfg.phase_s)
             for _ in range(cfg.cycles):
                 up = scale(to_ep)
-                while ray.get(server.controller.describe.remote())["standby_warming"]:
+                while target.warming():
                     time.sleep(0.1)
                 refilled = now()
                 time.sleep(cfg.phase_s)
@@ -229,7 +327,7 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
         finally:
             stop.set()
             runner.join()
-        steps = [(t - wall0, n) for t, n in ray.get(server.controller.steps_since.remote(name, wall0))]
+        steps = [(t - wall0, n) for t, n in target.steps_since(wall0)]
         say("cold start of the same instance (the baseline)")
         cold_s = cold_start(manifest, roles[name], to_ep)
 
@@ -246,7 +344,7 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
     ups, downs = [c[0] for c in cycles], [c[2] for c in cycles]
     scale_up_s = statistics.median(e.info["total_s"] for e in ups)
     summary = {
-        "manifest": manifest.name, "instance": name, "from_ep": from_ep, "to_ep": to_ep,
+        "manifest": manifest.name, "instance": name, "direct": cfg.direct, "from_ep": from_ep, "to_ep": to_ep,
         "standby_npus": manifest.elastic.standby_npus, "cycles": len(cycles),
         "scale_up_s": scale_up_s, "scale_down_s": statistics.median(e.info["total_s"] for e in downs),
         "cold_start_s": cold_s, "scale_up_vs_cold_start": cold_s / scale_up_s,
@@ -281,7 +379,7 @@ def _mean(values: list) -> float | None:
 def print_elastic(summary: dict, console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"bench elastic: {summary['manifest']} {summary['instance']} "
+    t = Table(title=f"bench elastic{' --direct' if summary['direct'] else ''}: {summary['manifest']} {summary['instance']} "
                     f"EP {summary['from_ep']} -> {summary['to_ep']} -> {summary['from_ep']}, {summary['cycles']} cycles")
     t.add_column("metric")
     t.add_column("value", justify="right")
