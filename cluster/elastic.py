@@ -75,7 +75,7 @@ def _retaining(inst: Instance, specs: list[NPUSpec]) -> list[NPUSpec]:
 def _back(inst: Instance, ep: int, expert_map: ExpertMap | None) -> list[NPUSpec] | None:
     """The specs a scale-down to `ep` returns to at no cost: those of the instance's
     first `ep` NPUs before its last scale-up (their group, the experts they kept)."""
-    if inst.dormant is None or len(inst.dormant) != ep or ep >= inst.ep_size or expert_map is not None:
+    if inst.dormant is None or len(inst.dormant) != ep or expert_map is not None:
         return None
     return [replace(s, retain_dropped=False) for s in inst.dormant]
 
@@ -165,7 +165,8 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     the rest of `specs` (standby first, the others started now), set up by the
     engine, load from the object store and join that group as they finish.
     Returns the new actors and their memory reports; on failure the new actors go."""
-    staging = _stage(kept, _retained(inst), specs, _groups(inst))
+    groups = _groups(inst)
+    staging = _stage(kept, _retained(inst), specs, groups)
     warm = standby.take(len(specs) - len(kept)) if standby is not None else []
     cold = start_npu_actors(specs[len(kept) + len(warm):])
     fresh = warm + cold
@@ -180,7 +181,7 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
         if cold:
             adopting.append(inst.engine.adopt.remote(cold, specs[len(kept) + len(warm):], weight_refs))
         done = ray.get(adopting + staging)
-        if fresh or specs[0].group_name not in _groups(inst):
+        if fresh or specs[0].group_name not in groups:
             _await_group(specs)
     except Exception:
         for n in fresh:
@@ -191,10 +192,10 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
 
 
 def _groups(inst: Instance) -> set[str]:
-    """The collective groups `inst`'s NPUs are in: its own (all of them), and the
-    one its first NPUs kept through its last scale-up (Instance.dormant)."""
-    names = {inst.specs[0].group_name} | ({inst.dormant[0].group_name} if inst.dormant else set())
-    return {n for n in names if inst.specs[0].has_group}
+    """The collective groups `inst`'s NPUs are in, by name (emulated NPUs form none):
+    its own (all of them), and the one its first NPUs kept through its last
+    scale-up (Instance.dormant)."""
+    return {inst.specs[0].group_name} | ({inst.dormant[0].group_name} if inst.dormant else set())
 
 
 def _stage(npus: list, have: list[dict], specs: list[NPUSpec], groups: set[str]) -> list:

@@ -65,8 +65,7 @@ class EmulatedCompute:
         return cfg.expert_params() * DTYPE_BYTES[cfg.weight_dtype]
 
     def _charge_experts(self) -> None:
-        if self.ledger.charged("retained", "experts") is not None:
-            self.ledger.release("retained", "experts")
+        self.ledger.release_category("retained")
         for layer, experts in self.held.items():
             key = f"layer{layer}.experts"
             if self.ledger.charged("weights", key) is not None:
@@ -90,9 +89,12 @@ class EmulatedCompute:
         """Switch to `spec`'s experts; the ones it drops are kept aside if
         `spec.retain_dropped` (they stay charged, as "retained")."""
         held = spec.expert_map.held_by(spec.rank)
-        dropped = {layer: [e for e in experts if e not in set(held.get(layer, ()))]
-                   for layer, experts in self.held.items()}
-        self.retained = {layer: es for layer, es in dropped.items() if es} if spec.retain_dropped else {}
+        self.retained = {}
+        if spec.retain_dropped:
+            for layer, experts in self.held.items():
+                keep = set(held.get(layer, ()))
+                if dropped := [e for e in experts if e not in keep]:
+                    self.retained[layer] = dropped
         self.spec, self.held = spec, held
         self._charge_experts()
 

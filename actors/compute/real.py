@@ -72,8 +72,7 @@ class RealCompute:
         self.paged = warm.paged
 
     def _charge_experts(self) -> None:
-        if self.ledger.charged("retained", "experts") is not None:
-            self.ledger.release("retained", "experts")
+        self.ledger.release_category("retained")
         for moe in self.model.moe_layers():
             key = f"layer{moe.layer}.experts"
             if self.ledger.charged("weights", key) is not None:

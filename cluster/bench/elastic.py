@@ -46,7 +46,6 @@ HTTP client, whose CPU on a small host is most of what a scale event competes wi
 from __future__ import annotations
 
 import asyncio
-import itertools
 import statistics
 import threading
 import time
@@ -57,7 +56,7 @@ from dataclasses import dataclass, field, replace
 
 import ray
 
-from cluster.bench.loadgen import LoadConfig, RequestResult, run_closed_loop
+from cluster.bench.loadgen import LoadConfig, RequestResult, closed_loop, run_closed_loop
 from cluster.bench.serve import local_server
 from cluster.bench.workloads import make_workload
 
@@ -159,23 +158,40 @@ def serving_lost_after_s(steps: list[tuple[float, int]], windows: list[ScalingWi
                for w in windows) / len(windows)
 
 
+def _launch(manifest, name: str, ep: int, role: str, placement, refs):
+    """An instance of the manifest's model and engine settings, its engine started;
+    killed if the engine fails to start."""
+    from actors.engine.scheduler import SchedulerConfig
+    from cluster.launcher import launch_engine, launch_instance
+
+    eng = manifest.engine
+    inst = launch_instance(name, manifest.model, ep, manifest.compute, manifest.device, refs, role=role,
+                           backend=manifest.collective_backend, time_scale=manifest.time_scale,
+                           block_size=eng.block_size, kv_blocks=eng.kv_blocks, placement=placement)
+    try:
+        launch_engine(inst, SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size))
+    except BaseException:
+        inst.shutdown()
+        raise
+    return inst
+
+
+def _publish(manifest) -> dict | None:
+    """The weights in the object store (real compute; emulated NPUs need none)."""
+    from cluster.launcher import publish_weights
+
+    return publish_weights(manifest.model, manifest.checkpoint) if manifest.compute == "real" else None
+
+
 def cold_start(manifest, instance_spec, ep: int) -> float:
     """Seconds from nothing to the first step of a new instance of `ep` NPUs:
     new actors, weights built from scratch (real compute) or charged (emulated),
     a fresh engine, one token generated."""
-    from actors.engine.scheduler import SchedulerConfig
     from actors.protocol import EngineRequest
-    from cluster.launcher import launch_engine, launch_instance, publish_weights
 
-    eng = manifest.engine
     t0 = time.perf_counter()
-    refs = publish_weights(manifest.model, manifest.checkpoint) if manifest.compute == "real" else None
-    inst = launch_instance(f"cold-{uuid.uuid4().hex[:6]}", manifest.model, ep, manifest.compute, manifest.device, refs,
-                           role="mixed", backend=manifest.collective_backend, time_scale=manifest.time_scale,
-                           block_size=eng.block_size, kv_blocks=eng.kv_blocks, placement=instance_spec.placement)
+    inst = _launch(manifest, f"cold-{uuid.uuid4().hex[:6]}", ep, "mixed", instance_spec.placement, _publish(manifest))
     try:
-        launch_engine(inst, SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size))
-
         async def first_token():
             async for ref in inst.engine.generate.remote(EngineRequest("cold-start", [7, 8, 9], max_tokens=1)):
                 await ref
@@ -214,63 +230,44 @@ def _served(manifest, name: str, items, cfg: ElasticBenchConfig, address: str | 
 def _direct(manifest, spec, items, cfg: ElasticBenchConfig, address: str | None) -> Iterator[_Target]:
     """The instance alone: its NPUs, its engine fed EngineRequests straight, a standby
     pool of the manifest's size, scaled by cluster.elastic.resize from here."""
-    from actors.engine.scheduler import SchedulerConfig
     from cluster.elastic import StandbyPool, resize
-    from cluster.launcher import connect, launch_engine, launch_instance, publish_weights
+    from cluster.launcher import connect
 
     connect(address, log_to_driver=False)
-    eng = manifest.engine
-    refs = publish_weights(manifest.model, manifest.checkpoint) if manifest.compute == "real" else None
-    inst = launch_instance(f"{spec.name}-direct-{uuid.uuid4().hex[:6]}", manifest.model, spec.ep, manifest.compute,
-                           manifest.device, refs, role=spec.role, backend=manifest.collective_backend,
-                           time_scale=manifest.time_scale, block_size=eng.block_size, kv_blocks=eng.kv_blocks,
-                           placement=spec.placement)
+    refs = _publish(manifest)
+    inst = _launch(manifest, f"{spec.name}-direct-{uuid.uuid4().hex[:6]}", spec.ep, spec.role, spec.placement, refs)
     pool = None
     try:
-        launch_engine(inst, SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size))
         size = manifest.elastic.standby_npus
         pool = StandbyPool(inst.specs[0], size, refs) if size else None
         yield _Target(
             scale=lambda ep: resize(inst, ep, refs, standby=pool),
             warming=lambda: bool(pool and pool.num_warming()),
             steps_since=lambda t: ray.get(inst.engine.steps_since.remote(t)),
-            load=lambda stop, started: asyncio.run(_engine_loop(inst.engine, items, cfg.concurrency, stop, started)))
+            load=lambda stop, started: asyncio.run(closed_loop(
+                lambda i, item, t0: _engine_request(inst.engine, i, item, t0), items, cfg.concurrency, stop, started)))
     finally:
         if pool is not None:
             pool.shutdown()
         inst.shutdown()
 
 
-async def _engine_loop(engine, items, concurrency: int, stop: Callable[[], bool],
-                       started: Callable[[float], None]) -> list[RequestResult]:
-    """run_closed_loop's twin that streams from the engine actor instead of over HTTP."""
+async def _engine_request(engine, i: int, item, t0: float) -> RequestResult:
+    """One request streamed from the engine actor (loadgen's _one, without HTTP)."""
     from actors.protocol import EngineRequest
 
-    t0 = time.perf_counter()
-    started(t0)
-    results: list[RequestResult] = []
-    counter = itertools.count()
-
-    async def worker() -> None:
-        while not stop():
-            i = next(counter)
-            item = items[i % len(items)]
-            start, first, n, error = time.perf_counter(), None, 0, ""
-            try:
-                req = EngineRequest(f"elastic-{i}-{uuid.uuid4().hex[:6]}", list(item.prompt_ids),
-                                    max_tokens=item.max_tokens, ignore_eos=True)
-                async for ref in engine.generate.remote(req):
-                    n += len((await ref).token_ids)
-                    first = first or (time.perf_counter() if n else None)
-            except Exception as err:  # counted as failed, as an HTTP error would be
-                error = repr(err)
-            end = time.perf_counter()
-            results.append(RequestResult(
-                i, item.group, start - t0, len(item.prompt_ids), n, first - start if first else None,
-                (end - first) / (n - 1) if first and n > 1 else None, end - start, error=error))
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return sorted(results, key=lambda r: r.index)
+    start, first, n, error = time.perf_counter(), None, 0, ""
+    try:
+        req = EngineRequest(f"elastic-{i}-{uuid.uuid4().hex[:6]}", list(item.prompt_ids),
+                            max_tokens=item.max_tokens, ignore_eos=True)
+        async for ref in engine.generate.remote(req):
+            n += len((await ref).token_ids)
+            first = first or (time.perf_counter() if n else None)
+    except Exception as err:  # counted as failed, as an HTTP error would be
+        error = repr(err)
+    end = time.perf_counter()
+    return RequestResult(i, item.group, start - t0, len(item.prompt_ids), n, first - start if first else None,
+                         (end - first) / (n - 1) if first and n > 1 else None, end - start, error=error)
 
 
 def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = None, console=None) -> dict:

@@ -17,7 +17,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -159,19 +159,27 @@ async def run_closed_loop(items: list[WorkItem], cfg: LoadConfig, stop: Callable
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     async with httpx.AsyncClient(base_url=cfg.base, headers=headers, timeout=cfg.timeout_s, limits=limits) as client:
         model = await _resolve_model(client, cfg.model)
-        t0 = time.perf_counter()
-        if started is not None:
-            started(t0)
-        results: list[RequestResult] = []
-        counter = iter(range(1 << 62))
+        return await closed_loop(lambda i, item, t0: _one(client, cfg, model, i, item, t0),
+                                 items, cfg.concurrency, stop, started)
 
-        async def worker() -> None:
-            while not stop():
-                i = next(counter)
-                results.append(await _one(client, cfg, model, i, items[i % len(items)], t0))
 
-        await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
-        return sorted(results, key=lambda r: r.index)
+async def closed_loop(send: Callable[[int, WorkItem, float], Awaitable[RequestResult]], items: list[WorkItem],
+                      concurrency: int, stop: Callable[[], bool],
+                      started: Callable[[float], None] | None = None) -> list[RequestResult]:
+    """run_closed_loop over any transport: `send(i, item, t0)` runs one request."""
+    t0 = time.perf_counter()
+    if started is not None:
+        started(t0)
+    results: list[RequestResult] = []
+    counter = iter(range(1 << 62))
+
+    async def worker() -> None:
+        while not stop():
+            i = next(counter)
+            results.append(await send(i, items[i % len(items)], t0))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return sorted(results, key=lambda r: r.index)
 
 
 def token_times(res: RequestResult) -> list[float]:
