@@ -140,7 +140,7 @@ class RealCompute:
 
     def export_blocks(self, blocks: list[int]) -> list:
         """KV blocks as arrays, for a sequence that moves to another NPU."""
-        return [self.paged.export_block(b) for b in blocks]
+        return self.paged.export_blocks(blocks)
 
     def _cache_for(self, batch: NPUBatch):
         """The paged store, bound to this step's block tables, or the scratch store."""
@@ -150,15 +150,17 @@ class RealCompute:
             return self.cache
         self.paged.unbind_all()
         loads = [(block, ref) for w in batch.seqs for block, (ref,) in w.load_blocks]
-        for (block, _), data in zip(loads, ray.get([ref for _, ref in loads])):  # one fetch for all
-            self.paged.import_block(block, data)
+        self.paged.import_blocks([b for b, _ in loads], ray.get([ref for _, ref in loads]))  # one fetch for all
         for w in batch.seqs:
             self.paged.bind(w.seq_id, w.block_table, w.start_pos)
         return self.paged
 
     def _save(self, batch: NPUBatch) -> dict[str, list]:
-        blocks = [(w.seq_id, h, self.paged.export_block(b)) for w in batch.seqs for b, h in w.save_blocks]
-        return self.publisher.publish(blocks) if blocks else {}
+        saves = [(w.seq_id, h, b) for w in batch.seqs for b, h in w.save_blocks]
+        if not saves:
+            return {}
+        data = self.paged.export_blocks([b for _, _, b in saves])
+        return self.publisher.publish([(seq_id, h, d) for (seq_id, h, _), d in zip(saves, data)])
 
     @torch.no_grad()
     def step(self, batch: NPUBatch) -> NPUStepResult:

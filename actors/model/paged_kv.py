@@ -57,16 +57,26 @@ class PagedKVStore:
             out.append(pool[all_blocks, all_offsets])
         return tuple(out)
 
-    def export_block(self, block: int) -> np.ndarray:
-        """One block of every layer as one array [layers, tensors..., block_size, ...] flattened per tensor."""
-        parts = [t[block].reshape(self.block_size, -1) for layer in self.pool for t in layer]
-        return torch.cat(parts, dim=1).numpy().copy()
+    def export_blocks(self, blocks: list[int]) -> list[np.ndarray]:
+        """Each block of every layer as one array [block_size, width], every cached
+        tensor of every layer flattened side by side (what import_blocks reads).
+        One gather per tensor for all the blocks: a migrating sequence moves a
+        dozen at once, and a copy per block and tensor is most of what that costs."""
+        idx = torch.tensor(blocks, dtype=torch.long)
+        parts = [t[idx].reshape(len(blocks), self.block_size, -1) for layer in self.pool for t in layer]
+        whole = torch.cat(parts, dim=2).numpy()
+        return [whole[i].copy() for i in range(len(blocks))]
 
-    def import_block(self, block: int, data: np.ndarray) -> None:
-        src = from_shared(data)
+    def import_blocks(self, blocks: list[int], data: list) -> None:
+        """Fill `blocks` from export_blocks' arrays (or the store's read-only views
+        of them), one scatter per tensor."""
+        if not blocks:
+            return
+        idx = torch.tensor(blocks, dtype=torch.long)
+        src = torch.stack([from_shared(d) for d in data])
         col = 0
         for layer in self.pool:
             for t in layer:
                 width = int(np.prod(t.shape[2:]))
-                t[block] = src[:, col : col + width].reshape(t[block].shape).to(t.dtype)
+                t[idx] = src[:, :, col : col + width].reshape(len(blocks), *t.shape[1:]).to(t.dtype)
                 col += width
