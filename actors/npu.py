@@ -65,6 +65,11 @@ def _below_serving(fn, *args):
     return out["value"]
 
 
+def _node() -> str:
+    """The id of the Ray node this process runs on."""
+    return ray.get_runtime_context().get_node_id()
+
+
 def _set_torch_threads() -> None:
     import torch
 
@@ -104,10 +109,11 @@ class NPUActor:
         """A standby NPU: import what its compute needs now (torch and the model
         code, or the emulator) and (real compute) build the part of the model every
         NPU holds, its weights loaded from the object store, and the KV pool (no HBM
-        charged yet), so that joining an instance later costs only its experts."""
+        charged yet), so that joining an instance later costs only its experts.
+        Returns its node's id (where a scale-up may place it)."""
         self.weight_refs = weight_refs
         _below_serving(self._prebuild, weight_refs)
-        return self.spec.name
+        return _node()
 
     def _prebuild(self, weight_refs: dict | None) -> None:
         _import_compute(self.spec.compute)
@@ -151,7 +157,7 @@ class NPUActor:
     def _report(self) -> dict:
         # load_s: the modelled seconds its weights took to load (emulated compute; real compute takes them)
         return self.ledger.report() | {"kv_blocks": self.compute.num_blocks, "block_size": self.spec.block_size,
-                                       "load_s": getattr(self.compute, "load_s", 0.0)}
+                                       "load_s": getattr(self.compute, "load_s", 0.0), "node": _node()}
 
     def _group(self, spec: NPUSpec):
         """spec's collective group (real compute, EP > 1): formed ahead by
@@ -195,12 +201,12 @@ class NPUActor:
         groups, drop its experts, keep the replicated model and the KV pool (real
         compute) as the warm replica a standby builds, so the next adoption costs
         only its experts and no process has to start. In the control thread, so
-        that an adoption sent after it (setup) runs after it."""
+        that an adoption sent after it (setup) runs after it. Returns its node's id."""
         self.leave_groups_but([])
         replica = self.compute.release() if self.spec.compute == "real" and self.compute is not None else None
         self._adopt(spec)
         self.warm_replica = replica
-        return self.spec.name
+        return _node()
 
     # ---- elastic: a new expert map or EP size, applied between two steps ------------------
     # prepare and form_group run in the "control" thread, beside the steps: the
@@ -264,7 +270,7 @@ class NPUActor:
             "device_time_s": self.device_time_s,
             "hbm": self.ledger.report(),
             "expert_load": self.compute.expert_load() if self.compute else {},
-            "node": ray.get_runtime_context().get_node_id(),
+            "node": _node(),
             "groups": sorted(self.groups),
             "tensors_fetched": getattr(self.compute, "tensors_fetched", 0),  # at load, from the object store
             "prepares": self.prepares,

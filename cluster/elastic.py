@@ -36,6 +36,7 @@ from actors.executor import InstanceExecutor
 from actors.expert_map import ExpertMap
 from actors.protocol import NPUSpec
 from cluster.launcher import Instance, start_npu_actors
+from cluster.node_placement import added_group, choose_standby, remove_group
 
 GROUP_WAIT_S = 120.0  # a forming group's members give up after 60 s (actors.collective)
 
@@ -108,6 +109,7 @@ class StandbyPool:
         self.template, self.size, self.weight_refs = template, size, weight_refs
         self.actors = []
         self.warming: list = []  # warm-up refs of actors still starting or recycling
+        self.node_refs: dict[str, ray.ObjectRef] = {}  # per actor id, its warm-up's (or recycling's) ref: its node
         self.drawn_at = time.monotonic()  # the last take
         ray.get(self.refill(size))
 
@@ -115,7 +117,21 @@ class StandbyPool:
         return replace(self.template, name=f"standby{i}", instance="standby", rank=0)
 
     def take(self, n: int) -> list:
-        taken, self.actors = self.actors[:n], self.actors[n:]
+        return self._remove(self.actors[:n])
+
+    def take_placed(self, n: int, choose) -> list[tuple[object, str]]:
+        """Up to n actors, with their nodes, as `choose(candidates, n)` picks them
+        from (actor, node id) in the pool's order (cluster.node_placement)."""
+        nodes = ray.get([self.node_refs[a._actor_id.hex()] for a in self.actors])
+        chosen = choose(list(zip(self.actors, nodes)), n)
+        self._remove([a for a, _ in chosen])
+        return chosen
+
+    def _remove(self, taken: list) -> list:
+        ids = {a._actor_id.hex() for a in taken}
+        self.actors = [a for a in self.actors if a._actor_id.hex() not in ids]
+        for i in ids:
+            self.node_refs.pop(i, None)
         self.drawn_at = time.monotonic()
         return taken
 
@@ -124,6 +140,7 @@ class StandbyPool:
         fresh = start_npu_actors([self._spec(i) for i in range(n)]) if n else []
         self.actors.extend(fresh)
         refs = [a.warm.remote(self.weight_refs) for a in fresh]
+        self.node_refs.update((a._actor_id.hex(), r) for a, r in zip(fresh, refs))
         self.warming.extend(refs)
         return refs
 
@@ -134,7 +151,9 @@ class StandbyPool:
         for n in npus[room:]:
             ray.kill(n)
         back = npus[:room]
-        self.warming.extend(n.recycle.remote(self._spec(i)) for i, n in enumerate(back))
+        refs = [n.recycle.remote(self._spec(i)) for i, n in enumerate(back)]
+        self.node_refs.update((n._actor_id.hex(), r) for n, r in zip(back, refs))
+        self.warming.extend(refs)
         self.actors.extend(back)
 
     def top_up(self, after_s: float = 0.0) -> int:
@@ -155,7 +174,7 @@ class StandbyPool:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
-        self.actors = []
+        self.actors, self.node_refs = [], {}
 
 
 def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dict | None,
@@ -165,11 +184,16 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     the rest of `specs` (standby first, the others started now), set up by the
     engine, load from the object store and join that group as they finish.
     Returns the new actors and their memory reports; on failure the new actors go."""
+    adding = len(specs) - len(kept)
+    # where the added NPUs go first: a placement that cannot be met fails before anything is staged
+    warm, pg = _placed_npus(inst, kept, adding, standby) if inst.placement is not None and kept else \
+        (standby.take(adding) if standby is not None else [], None)
     groups = _groups(inst)
     staging = _stage(kept, _retained(inst), specs, groups)
-    warm = standby.take(len(specs) - len(kept)) if standby is not None else []
-    cold = start_npu_actors(specs[len(kept) + len(warm):])
+    cold = start_npu_actors(specs[len(kept) + len(warm):], pg)
     fresh = warm + cold
+    if pg is not None:
+        inst.added_groups.update((n._actor_id.hex(), pg) for n in cold)
     # standby NPUs hold the refs they warmed with: sent again, they cost milliseconds a call
     held = standby is not None and standby.weight_refs is weight_refs
     try:
@@ -186,9 +210,41 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     except Exception:
         for n in fresh:
             ray.kill(n)
+        _release_groups(inst, cold)
         raise
     reports = [r for part in done[: len(adopting)] for r in part]
     return fresh, reports
+
+
+def _placed_npus(inst: Instance, kept: list, adding: int, standby: StandbyPool | None) -> tuple[list, object]:
+    """For `adding` NPUs an instance with a placement strategy adds beside its
+    `kept` ones: the standby NPUs that strategy allows (best first), and a
+    placement group for the rest (None if none is left to start). See
+    cluster.node_placement; raises its PlacementError when a STRICT strategy
+    cannot be met (the standby NPUs taken go back)."""
+    nodes = [m["node"] for m in inst.memory[: len(kept)]]
+    taken = standby.take_placed(adding, lambda c, n: choose_standby(inst.placement, nodes, c, n)) if standby else []
+    warm = [a for a, _ in taken]
+    if adding == len(warm):
+        return warm, None
+    try:
+        pg = added_group(f"{inst.name}-npus-{uuid.uuid4().hex[:8]}", adding - len(warm), inst.placement,
+                         nodes + [node for _, node in taken])
+    except Exception:
+        if standby is not None:
+            standby.give_back(warm)
+        raise
+    return warm, pg
+
+
+def _release_groups(inst: Instance, npus: list) -> None:
+    """Forget `npus` (gone or going) in the instance's added placement groups, and
+    remove each group none of whose NPUs is left."""
+    groups = [inst.added_groups.pop(n._actor_id.hex()) for n in npus if n._actor_id.hex() in inst.added_groups]
+    left = {id(g) for g in inst.added_groups.values()}
+    for pg in {id(g): g for g in groups}.values():
+        if id(pg) not in left:
+            remove_group(pg)
 
 
 def _groups(inst: Instance) -> set[str]:
@@ -241,6 +297,12 @@ def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict]
         ray.get([n.leave_groups_but.remote(keep) for n in npus])
     using = {n._actor_id.hex() for n in npus}
     leaving = [n for n in inst.npus if n._actor_id.hex() not in using]
+    # NPUs a scale-up placed in a group of their own go with it: a standby NPU is placed by its node alone
+    grouped = [n for n in leaving if n._actor_id.hex() in inst.added_groups]
+    for n in grouped:
+        ray.kill(n)
+    _release_groups(inst, grouped)
+    leaving = [n for n in leaving if n not in grouped]
     if standby is not None:
         standby.give_back(leaving)
     else:

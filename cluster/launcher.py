@@ -18,6 +18,7 @@ from actors.expert_map import ExpertMap
 from actors.model.config import ModelConfig
 from actors.npu import NPU_RESOURCE, NPUActor
 from actors.protocol import ComputeMode, NPUSpec
+from cluster.node_placement import NodePlacement, create_group, remove_group
 
 DEFAULT_LOCAL_NPUS = 64  # omni_npu slots the embedded local Ray offers
 NAMESPACE = "omniray"  # the Ray namespace of a server's named actors, so `omniray status` finds them
@@ -60,6 +61,10 @@ class Instance:
     executor: InstanceExecutor
     memory: list[dict] = field(default_factory=list)  # HBM report per NPU after load
     placement_group: object | None = None  # keeps the NPU actors together (or apart) as the manifest asks
+    placement: NodePlacement | None = None  # the manifest's strategy, which the NPUs a scale-up adds follow too
+    # the placement groups of NPUs a scale-up started, by actor id (cluster.node_placement):
+    # a group goes once none of its NPUs is the instance's any more
+    added_groups: dict[str, object] = field(default_factory=dict)
     engine: object | None = None  # the InstanceEngine actor, once launched
     kv_cache: object | None = None  # the global KV cache actor it publishes to (held, so it lives as long)
     # the specs its first NPUs served with before its last scale-up: they are still
@@ -79,13 +84,9 @@ class Instance:
             ray.kill(self.engine)
         for npu in self.npus:
             ray.kill(npu)
-        if self.placement_group is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            try:
-                remove_placement_group(self.placement_group)
-            except Exception:  # already removed (the controller and the driver both hold the instance)
-                pass
+        for pg in [self.placement_group, *{id(g): g for g in self.added_groups.values()}.values()]:
+            if pg is not None:
+                remove_group(pg)
 
 
 def launch_instance(
@@ -121,7 +122,7 @@ def launch_instance(
         )
         for r in range(ep)
     ]
-    pg = _placement_group(name, ep, placement, placement_timeout_s) if placement else None
+    pg = create_group(f"{name}-npus", ep, placement, placement_timeout_s) if placement else None
     npus = start_npu_actors(specs, pg)
     try:
         memory = ray.get([n.setup.remote(weight_refs) for n in npus])
@@ -129,21 +130,21 @@ def launch_instance(
         for n in npus:
             ray.kill(n)
         if pg is not None:
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(pg)
+            remove_group(pg)
         raise
     finally:
         if specs[0].has_group:  # nobody waits on the members' records: setup returned once all joined
             group_status.forget(group)
-    return Instance(name, role, specs, npus, InstanceExecutor(npus), memory, placement_group=pg)
+    return Instance(name, role, specs, npus, InstanceExecutor(npus), memory, placement_group=pg,
+                    placement=NodePlacement(placement, placement_timeout_s) if placement else None)
 
 
 def start_npu_actors(specs: list[NPUSpec], pg=None) -> list:
-    """One NPU actor per spec, each taking one omni_npu slot (its bundle of `pg`, if any)."""
+    """One NPU actor per spec, each taking one omni_npu slot (the i-th takes the
+    i-th bundle of `pg`, if any)."""
     return [
-        _npu_actor_class().options(num_cpus=0, resources={NPU_RESOURCE: 1}, scheduling_strategy=_bundle(pg, s.rank)).remote(s)
-        for s in specs
+        _npu_actor_class().options(num_cpus=0, resources={NPU_RESOURCE: 1}, scheduling_strategy=_bundle(pg, i)).remote(s)
+        for i, s in enumerate(specs)
     ]
 
 
@@ -163,27 +164,12 @@ def _engine_actor_class():
     return ray.remote(InstanceEngine)
 
 
-def _placement_group(name: str, ep: int, strategy: str, timeout_s: float):
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    pg = placement_group([{NPU_RESOURCE: 1}] * ep, strategy=strategy, name=f"{name}-npus")
-    try:
-        ray.get(pg.ready(), timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        remove_placement_group(pg)
-        raise RuntimeError(
-            f"instance {name}: placement {strategy} of {ep} NPUs cannot be met by the cluster's nodes "
-            f"(each offers its own '{NPU_RESOURCE}' slots; STRICT_PACK needs {ep} on one node)"
-        ) from None
-    return pg
-
-
-def _bundle(pg, rank: int):
+def _bundle(pg, index: int):
     if pg is None:
         return None
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=rank)
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
 
 
 def engine_name(instance: str) -> str:

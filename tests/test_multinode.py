@@ -70,3 +70,45 @@ def test_strict_pack_that_no_node_can_hold_fails_clearly(cluster):
     with pytest.raises(RuntimeError, match="STRICT_PACK"):
         launch_instance("toowide", manifest.model, 4, "emulated", "910B", placement="STRICT_PACK",
                         placement_timeout_s=3)
+
+
+def _nodes(inst) -> list[str]:
+    return [m["node"] for m in inst.memory]
+
+
+def _live_groups(prefix: str) -> list[str]:
+    from ray.util import placement_group_table
+
+    return [g["name"] for g in placement_group_table().values()
+            if g["name"].startswith(prefix) and g["state"] != "REMOVED"]
+
+
+def test_a_scale_up_keeps_the_instance_placement(cluster):
+    """The NPUs a scale-up adds follow the instance's strategy: STRICT_PACK on its
+    node (and a clear error, the instance unharmed, when that node is full),
+    SPREAD on nodes it does not use; scaling back removes their placement group."""
+    from cluster.elastic import resize
+    from cluster.launcher import launch_engine, launch_instance
+    from cluster.node_placement import PlacementError
+
+    manifest = parse_manifest({"model": "models/tiny-gqa-moge.yaml"}, MANIFEST_DIR)
+    packed = launch_instance("packed", manifest.model, 1, "emulated", "910B", placement="STRICT_PACK",
+                             placement_timeout_s=3)
+    spread = launch_instance("spread", manifest.model, 1, "emulated", "910B", placement="SPREAD")
+    try:
+        for inst in (packed, spread):
+            launch_engine(inst)
+        resize(packed, 2, None)
+        assert len(set(_nodes(packed))) == 1 and len(_live_groups("packed-npus-")) == 1
+        with pytest.raises(PlacementError, match="STRICT_PACK"):  # 4 on one node: every node has 2 slots
+            resize(packed, 4, None)
+        assert packed.ep_size == 2 and len(_live_groups("packed-npus-")) == 1  # the failed group was removed
+
+        resize(spread, 2, None)
+        assert len(set(_nodes(spread))) == 2
+        resize(spread, 1, None)
+        resize(packed, 1, None)
+        assert _live_groups("packed-npus-") == [] and _live_groups("spread-npus-") == []
+    finally:
+        packed.shutdown()
+        spread.shutdown()
