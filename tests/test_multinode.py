@@ -86,7 +86,8 @@ def _live_groups(prefix: str) -> list[str]:
 def test_a_scale_up_keeps_the_instance_placement(cluster):
     """The NPUs a scale-up adds follow the instance's strategy: STRICT_PACK on its
     node (and a clear error, the instance unharmed, when that node is full),
-    SPREAD on nodes it does not use; scaling back removes their placement group."""
+    SPREAD on nodes it does not use; scaling back removes their placement group;
+    PACK falls back to other nodes when the instance's is full."""
     from cluster.elastic import resize
     from cluster.launcher import launch_engine, launch_instance
     from cluster.node_placement import PlacementError
@@ -95,6 +96,7 @@ def test_a_scale_up_keeps_the_instance_placement(cluster):
     packed = launch_instance("packed", manifest.model, 1, "emulated", "910B", placement="STRICT_PACK",
                              placement_timeout_s=3)
     spread = launch_instance("spread", manifest.model, 1, "emulated", "910B", placement="SPREAD")
+    instances = [packed, spread]
     try:
         for inst in (packed, spread):
             launch_engine(inst)
@@ -109,6 +111,14 @@ def test_a_scale_up_keeps_the_instance_placement(cluster):
         resize(spread, 1, None)
         resize(packed, 1, None)
         assert _live_groups("packed-npus-") == [] and _live_groups("spread-npus-") == []
+
+        # PACK whose node is full: not an error, the added NPUs go where Ray finds room
+        full = launch_instance("full", manifest.model, 2, "emulated", "910B", placement="PACK")
+        instances.append(full)
+        launch_engine(full)
+        assert len(set(_nodes(full))) == 1  # both on one node, whose two slots they take
+        resize(full, 4, None)
+        assert full.ep_size == 4 and len(set(_nodes(full))) >= 2 and len(_live_groups("full-npus-")) == 1
     finally:
-        packed.shutdown()
-        spread.shutdown()
+        for inst in instances:
+            inst.shutdown()
