@@ -23,6 +23,7 @@ from cluster.autoscaler import AutoscalerPolicy, ClusterSignals, InstanceSignals
 from cluster.config import InstanceSpec, Manifest
 from cluster.elastic import StandbyPool, allowed_ep, measured_expert_load, rebuild, remap, resize
 from cluster.launcher import Instance, launch_manifest_instance
+from cluster.node_placement import home_node
 from cluster.placement import placement_report, plan_placement, slots_needed
 
 logger = logging.getLogger(__name__)
@@ -54,8 +55,9 @@ class ClusterController:
 
         self.metrics = ScalingMetrics()
         if self.manifest.elastic.standby_npus and self.instances:
+            homes = list(dict.fromkeys(home_node([m["node"] for m in i.memory]) for i in self.instances.values()))
             self.standby = StandbyPool(next(iter(self.instances.values())).specs[0], self.manifest.elastic.standby_npus,
-                                       self.weight_refs)
+                                       self.weight_refs, nodes=homes)
         if self.manifest.autoscaler.enabled:
             threading.Thread(target=self._autoscale_loop, daemon=True, name="autoscaler").start()
         threading.Thread(target=self._monitor_loop, daemon=True, name="monitor").start()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import Counter
 from dataclasses import replace
 
 import ray
@@ -105,8 +106,11 @@ class StandbyPool:
     ray` at the raylet's priority, above the workers that serve, and on a small
     host that stalls serving for most of a second."""
 
-    def __init__(self, template: NPUSpec, size: int, weight_refs: dict | None = None):
-        self.template, self.size, self.weight_refs = template, size, weight_refs
+    def __init__(self, template: NPUSpec, size: int, weight_refs: dict | None = None,
+                 nodes: list[str] | None = None):
+        # `nodes`: where standby NPUs should wait, in turn (the instances' nodes: a scale-up
+        # keeping an instance's placement takes only standby NPUs on the right node)
+        self.template, self.size, self.weight_refs, self.nodes = template, size, weight_refs, nodes or []
         self.actors = []
         self.warming: list = []  # warm-up refs of actors still starting or recycling
         self.node_refs: dict[str, ray.ObjectRef] = {}  # per actor id, its warm-up's (or recycling's) ref: its node
@@ -115,6 +119,24 @@ class StandbyPool:
 
     def _spec(self, i: int) -> NPUSpec:
         return replace(self.template, name=f"standby{i}", instance="standby", rank=0)
+
+    def _nodes_for(self, n: int) -> list[str] | None:
+        """Nodes for n new standby NPUs: in turn, starting with those the pool has fewest on."""
+        if not self.nodes:
+            return None
+        refs = list(self.node_refs.values())
+        have = Counter()
+        for ref in ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []:
+            try:
+                have[ray.get(ref)] += 1
+            except ray.exceptions.RayError:  # a standby NPU that failed to warm: on no node
+                pass
+        out = []
+        for _ in range(n):
+            node = min(self.nodes, key=lambda x: have[x])
+            out.append(node)
+            have[node] += 1
+        return out
 
     def take(self, n: int) -> list:
         return self._remove(self.actors[:n])
@@ -137,7 +159,7 @@ class StandbyPool:
 
     def refill(self, n: int) -> list:
         """Start n more; returns their warm-up refs (a caller may go on without waiting)."""
-        fresh = start_npu_actors([self._spec(i) for i in range(n)]) if n else []
+        fresh = start_npu_actors([self._spec(i) for i in range(n)], nodes=self._nodes_for(n)) if n else []
         self.actors.extend(fresh)
         refs = [a.warm.remote(self.weight_refs) for a in fresh]
         self.node_refs.update((a._actor_id.hex(), r) for a, r in zip(fresh, refs))

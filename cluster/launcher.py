@@ -139,11 +139,19 @@ def launch_instance(
                     placement=NodePlacement(placement, placement_timeout_s) if placement else None)
 
 
-def start_npu_actors(specs: list[NPUSpec], pg=None) -> list:
-    """One NPU actor per spec, each taking one omni_npu slot (the i-th takes the
-    i-th bundle of `pg`, if any)."""
+def start_npu_actors(specs: list[NPUSpec], pg=None, nodes: list[str] | None = None) -> list:
+    """One NPU actor per spec, each taking one omni_npu slot: the i-th in the i-th
+    bundle of `pg`, if any, else on the i-th of `nodes` if there is room there
+    (a soft node affinity), else wherever Ray finds room."""
+    def where(i: int):
+        if pg is not None or not nodes:
+            return _bundle(pg, i)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        return NodeAffinitySchedulingStrategy(nodes[i], soft=True)
+
     return [
-        _npu_actor_class().options(num_cpus=0, resources={NPU_RESOURCE: 1}, scheduling_strategy=_bundle(pg, i)).remote(s)
+        _npu_actor_class().options(num_cpus=0, resources={NPU_RESOURCE: 1}, scheduling_strategy=where(i)).remote(s)
         for i, s in enumerate(specs)
     ]
 

@@ -6,6 +6,8 @@ object store, with the reference's tokens."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 import ray
@@ -76,6 +78,13 @@ def _nodes(inst) -> list[str]:
     return [m["node"] for m in inst.memory]
 
 
+def _wait_free(slots: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get(NPU_RESOURCE, 0) < slots:
+        assert time.monotonic() < deadline, f"{slots} {NPU_RESOURCE} slots never came free"
+        time.sleep(0.1)
+
+
 def _live_groups(prefix: str) -> list[str]:
     from ray.util import placement_group_table
 
@@ -93,6 +102,7 @@ def test_a_scale_up_keeps_the_instance_placement(cluster):
     from cluster.node_placement import PlacementError
 
     manifest = parse_manifest({"model": "models/tiny-gqa-moge.yaml"}, MANIFEST_DIR)
+    _wait_free(6)  # the earlier tests' NPUs are gone
     packed = launch_instance("packed", manifest.model, 1, "emulated", "910B", placement="STRICT_PACK",
                              placement_timeout_s=3)
     spread = launch_instance("spread", manifest.model, 1, "emulated", "910B", placement="SPREAD")
@@ -113,6 +123,7 @@ def test_a_scale_up_keeps_the_instance_placement(cluster):
         assert _live_groups("packed-npus-") == [] and _live_groups("spread-npus-") == []
 
         # PACK whose node is full: not an error, the added NPUs go where Ray finds room
+        _wait_free(4)  # the NPUs scaled away have given their slots back (killing an actor is asynchronous)
         full = launch_instance("full", manifest.model, 2, "emulated", "910B", placement="PACK")
         instances.append(full)
         launch_engine(full)
@@ -122,3 +133,39 @@ def test_a_scale_up_keeps_the_instance_placement(cluster):
     finally:
         for inst in instances:
             inst.shutdown()
+
+
+def test_standby_npus_wait_on_the_instances_nodes_and_a_strict_scale_up_takes_them(cluster):
+    from cluster.elastic import StandbyPool, resize
+    from cluster.launcher import launch_engine, launch_instance
+
+    manifest = parse_manifest({"model": "models/tiny-gqa-moge.yaml"}, MANIFEST_DIR)
+    _wait_free(6)
+    inst = launch_instance("pooled", manifest.model, 1, "emulated", "910B", placement="STRICT_PACK",
+                           placement_timeout_s=3)
+    pool = None
+    try:
+        launch_engine(inst)
+        home, head = _nodes(inst)[0], ray.get_runtime_context().get_node_id()
+        other = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] not in (home, head))
+        pool = StandbyPool(inst.specs[0], 2, None, nodes=[other])
+        assert ray.get(list(pool.node_refs.values())) == [other, other]
+        resize(inst, 2, None, standby=pool)  # STRICT_PACK takes neither: they wait on another node
+        assert len(pool.actors) == 2 and len(set(_nodes(inst))) == 1 and len(_live_groups("pooled-npus-")) == 1
+        resize(inst, 1, None, standby=pool)
+        assert len(pool.actors) == 2 and _live_groups("pooled-npus-") == []
+        pool.shutdown()
+        _wait_free(5)
+
+        pool = StandbyPool(inst.specs[0], 1, None, nodes=_nodes(inst))
+        assert ray.get(list(pool.node_refs.values())) == _nodes(inst)  # waiting on the instance's node
+        standby = pool.actors[0]
+        resize(inst, 2, None, standby=pool)
+        assert inst.npus[1] is standby and len(set(_nodes(inst))) == 1
+        assert _live_groups("pooled-npus-") == []  # nothing started: no group of its own
+        resize(inst, 1, None, standby=pool)
+        assert pool.actors == [standby]  # back to standby
+    finally:
+        inst.shutdown()
+        if pool is not None:
+            pool.shutdown()
