@@ -124,13 +124,7 @@ class StandbyPool:
         """Nodes for n new standby NPUs: in turn, starting with those the pool has fewest on."""
         if not self.nodes:
             return None
-        refs = list(self.node_refs.values())
-        have = Counter()
-        for ref in ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []:
-            try:
-                have[ray.get(ref)] += 1
-            except ray.exceptions.RayError:  # a standby NPU that failed to warm: on no node
-                pass
+        have = Counter(node for _, node in self._placed(wait=False))
         out = []
         for _ in range(n):
             node = min(self.nodes, key=lambda x: have[x])
@@ -138,14 +132,34 @@ class StandbyPool:
             have[node] += 1
         return out
 
+    def _placed(self, wait: bool) -> list[tuple[object, str]]:
+        """(actor, node id) of the pool's actors whose node is known (those done
+        warming or recycling; `wait`: all, once they are), in the pool's order.
+        One that failed to warm is on no node."""
+        refs = [self.node_refs[a._actor_id.hex()] for a in self.actors]
+        done = refs if wait else ray.wait(refs, num_returns=len(refs), timeout=0)[0] if refs else []
+        out = []
+        for actor, ref in zip(self.actors, refs):
+            if ref in done:
+                try:
+                    out.append((actor, ray.get(ref)))
+                except ray.exceptions.RayError:
+                    pass
+        return out
+
     def take(self, n: int) -> list:
         return self._remove(self.actors[:n])
 
     def take_placed(self, n: int, choose) -> list[tuple[object, str]]:
         """Up to n actors, with their nodes, as `choose(candidates, n)` picks them
-        from (actor, node id) in the pool's order (cluster.node_placement)."""
-        nodes = ray.get([self.node_refs[a._actor_id.hex()] for a in self.actors])
-        chosen = choose(list(zip(self.actors, nodes)), n)
+        from (actor, node id) in the pool's order (cluster.node_placement): from
+        those whose node is known, else, if that is not enough and some are still
+        warming or recycling, from all of them once they are done."""
+        if n <= 0:
+            return []
+        chosen = choose(self._placed(wait=False), n)
+        if len(chosen) < n and len(self.actors) > len(chosen):
+            chosen = choose(self._placed(wait=True), n)
         self._remove([a for a, _ in chosen])
         return chosen
 
