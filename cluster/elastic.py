@@ -157,8 +157,9 @@ class StandbyPool:
         warming or recycling, from all of them once they are done."""
         if n <= 0:
             return []
-        chosen = choose(self._placed(wait=False), n)
-        if len(chosen) < n and len(self.actors) > len(chosen):
+        known = self._placed(wait=False)
+        chosen = choose(known, n)
+        if len(chosen) < n and len(known) < len(self.actors):
             chosen = choose(self._placed(wait=True), n)
         self._remove([a for a, _ in chosen])
         return chosen
