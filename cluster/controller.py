@@ -55,9 +55,8 @@ class ClusterController:
 
         self.metrics = ScalingMetrics()
         if self.manifest.elastic.standby_npus and self.instances:
-            homes = list(dict.fromkeys(home_node([m["node"] for m in i.memory]) for i in self.instances.values()))
             self.standby = StandbyPool(next(iter(self.instances.values())).specs[0], self.manifest.elastic.standby_npus,
-                                       self.weight_refs, nodes=homes)
+                                       self.weight_refs, nodes=self._home_nodes())
         if self.manifest.autoscaler.enabled:
             threading.Thread(target=self._autoscale_loop, daemon=True, name="autoscaler").start()
         threading.Thread(target=self._monitor_loop, daemon=True, name="monitor").start()
@@ -70,7 +69,9 @@ class ClusterController:
 
     def describe(self) -> dict:
         return {
-            "instances": [{"name": i.name, "role": i.role, "npus": i.ep_size,
+            # reserve_npus: NPUs a scale-down released inside the instance's placement group,
+            # kept for its next scale-up (they hold their slots: a group cannot shrink)
+            "instances": [{"name": i.name, "role": i.role, "npus": i.ep_size, "reserve_npus": len(i.reserve),
                            "experts": {str(k): v for k, v in i.specs[0].expert_map.slots.items()}}
                           for i in self.instances.values()],
             "standby_npus": len(self.standby.actors) if self.standby else 0,
@@ -174,6 +175,10 @@ class ClusterController:
         if self.metrics is not None:
             self.metrics.sizes(self.instances.values(), len(self.standby.actors) if self.standby else 0)
 
+    def _home_nodes(self) -> list[str]:
+        """The instances' home nodes, once each: where standby NPUs wait (StandbyPool.nodes)."""
+        return list(dict.fromkeys(home_node([m["node"] for m in i.memory]) for i in self.instances.values()))
+
     def _master(self):
         from cluster.proxy.master import MASTER_NAME
 
@@ -188,6 +193,8 @@ class ClusterController:
             inst.shutdown()
             raise
         self.instances[name] = inst
+        if self.standby is not None:  # standby NPUs start on its node too from now on
+            self.standby.nodes = self._home_nodes()
         return {"instance": name, "role": role, "npus": npus}
 
     def _drain_and_remove(self, inst: Instance) -> dict:
@@ -208,6 +215,8 @@ class ClusterController:
         ray.get(master.remove_instance.remote(inst.name))
         del self.instances[inst.name]
         inst.shutdown()
+        if self.standby is not None:
+            self.standby.nodes = self._home_nodes()
         return {"instance": inst.name, "role": inst.role, "npus": inst.ep_size}
 
     def _rebalance_one(self, inst: Instance) -> dict:

@@ -37,7 +37,7 @@ from actors.executor import InstanceExecutor
 from actors.expert_map import ExpertMap
 from actors.protocol import NPUSpec
 from cluster.launcher import Instance, start_npu_actors
-from cluster.node_placement import added_group, choose_standby, remove_group
+from cluster.node_placement import added_group, choose_standby
 
 GROUP_WAIT_S = 120.0  # a forming group's members give up after 60 s (actors.collective)
 
@@ -215,24 +215,35 @@ class StandbyPool:
 
 
 def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dict | None,
-              standby: StandbyPool | None) -> tuple[list, list[dict]]:
+              standby: StandbyPool | None, nodes: list[str] | None = None) -> tuple[list, list[dict]]:
     """Everything before the switch, while the instance serves: the `kept` NPUs
     stage their experts for `specs` and form its collective group; NPU actors for
-    the rest of `specs` (standby first, the others started now), set up by the
-    engine, load from the object store and join that group as they finish.
-    Returns the new actors and their memory reports; on failure the new actors go."""
+    the rest of `specs`, set up by the engine, load from the object store and join
+    that group as they finish. Those come from the instance's reserve first, then
+    from the standby pool, and the others start now: see _placed for where, next
+    to its NPUs on `nodes` (default: the kept ones'). Returns the new actors and
+    their memory reports; on failure the new actors go (the reserve's back to it)."""
     adding = len(specs) - len(kept)
-    # where the added NPUs go first: a placement that cannot be met fails before anything is staged
-    warm, pg = _placed_npus(inst, kept, adding, standby) if inst.placement is not None and kept else \
-        (standby.take(adding) if standby is not None else [], None)
+    reserved = _take_reserve(inst, adding)
+    # where the rest go first: a placement that cannot be met fails before anything is staged
+    try:
+        nodes = (nodes if nodes is not None else [m["node"] for m in inst.memory[: len(kept)]]) + \
+            ray.get([r for _, r in reserved])
+        pooled, bundles = _placed(inst, nodes, adding - len(reserved), standby)
+    except Exception:
+        inst.reserve = reserved + inst.reserve
+        raise
+    back = [a for a, _ in reserved]
+    warm = back + pooled
     groups = _groups(inst)
     staging = _stage(kept, _retained(inst), specs, groups)
-    cold = start_npu_actors(specs[len(kept) + len(warm):], pg)
+    cold_specs = specs[len(kept) + len(warm):]
+    cold = start_npu_actors(cold_specs, bundles)
     fresh = warm + cold
-    if pg is not None:
-        inst.added_groups.update((n._actor_id.hex(), pg) for n in cold)
-    # standby NPUs hold the refs they warmed with: sent again, they cost milliseconds a call
-    held = standby is not None and standby.weight_refs is weight_refs
+    if bundles:
+        inst.bundles.update((n._actor_id.hex(), b) for n, b in zip(cold, bundles))
+    # warm NPUs hold the refs they warmed (or were set up) with: sent again, they cost milliseconds a call
+    held = not pooled or (standby is not None and standby.weight_refs is weight_refs)
     try:
         # the engine sets them up: their first step then finds its connections open
         adopting = []
@@ -240,48 +251,66 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
             adopting.append(inst.engine.adopt.remote(warm, specs[len(kept):len(kept) + len(warm)],
                                                      None if held else weight_refs))
         if cold:
-            adopting.append(inst.engine.adopt.remote(cold, specs[len(kept) + len(warm):], weight_refs))
+            adopting.append(inst.engine.adopt.remote(cold, cold_specs, weight_refs))
         done = ray.get(adopting + staging)
         if fresh or specs[0].group_name not in groups:
             _await_group(specs)
     except Exception:
-        for n in fresh:
+        for n in pooled + cold:
             ray.kill(n)
-        _release_groups(inst, cold)
+        inst.release(cold)
+        _to_reserve(inst, back)
         raise
     reports = [r for part in done[: len(adopting)] for r in part]
     return fresh, reports
 
 
-def _placed_npus(inst: Instance, kept: list, adding: int, standby: StandbyPool | None) -> tuple[list, object]:
-    """For `adding` NPUs an instance with a placement strategy adds beside its
-    `kept` ones: the standby NPUs that strategy allows (best first), and a
-    placement group for the rest (None if none is left to start). See
-    cluster.node_placement; raises its PlacementError when a STRICT strategy
-    cannot be met (the standby NPUs taken go back)."""
-    nodes = [m["node"] for m in inst.memory[: len(kept)]]
-    taken = standby.take_placed(adding, lambda c, n: choose_standby(inst.placement, nodes, c, n)) if standby else []
+def _take_reserve(inst: Instance, n: int) -> list[tuple[object, object]]:
+    """Up to n of the instance's reserve NPUs (actor, ref of its recycling: its node);
+    one whose recycling failed (its process died) goes."""
+    taken = []
+    while inst.reserve and len(taken) < n:
+        actor, ref = inst.reserve.pop(0)
+        try:
+            ray.get(ref)
+            taken.append((actor, ref))
+        except ray.exceptions.RayError:
+            ray.kill(actor)
+            inst.release([actor])
+    return taken
+
+
+def _to_reserve(inst: Instance, npus: list) -> None:
+    """NPUs of the instance's placement groups it no longer serves on: recycled
+    (experts and HBM charges dropped, groups left) into its reserve."""
+    spec = replace(inst.specs[0], name=f"{inst.name}.reserve", rank=0, retain_dropped=False)
+    inst.reserve += [(n, n.recycle.remote(spec)) for n in npus]
+
+
+def _placed(inst: Instance, nodes: list[str], n: int, standby: StandbyPool | None) -> tuple[list, list | None]:
+    """For n NPUs an instance adds beside its NPUs on `nodes`: standby NPUs, and the
+    placement-group bundles (group, index) to start the rest in (None: anywhere).
+    With a placement strategy (cluster.node_placement): the standby NPUs it allows
+    (best first), then bundles of the instance's groups whose NPU died (a rebuild's:
+    the same nodes), then a new group of its own; raises PlacementError when a
+    STRICT strategy cannot be met (the standby NPUs taken go back)."""
+    if inst.placement is None:
+        return (standby.take(n) if standby is not None else []), None
+    taken = standby.take_placed(n, lambda c, k: choose_standby(inst.placement, nodes, c, k)) if standby else []
     warm = [a for a, _ in taken]
-    if adding == len(warm):
-        return warm, None
+    free = inst.free_bundles()[: n - len(warm)]
+    left = n - len(warm) - len(free)
+    if not left:
+        return warm, free
     try:
-        pg = added_group(f"{inst.name}-npus-{uuid.uuid4().hex[:8]}", adding - len(warm), inst.placement,
+        pg = added_group(f"{inst.name}-npus-{uuid.uuid4().hex[:8]}", left, inst.placement,
                          nodes + [node for _, node in taken])
     except Exception:
         if standby is not None:
             standby.give_back(warm)
         raise
-    return warm, pg
-
-
-def _release_groups(inst: Instance, npus: list) -> None:
-    """Forget `npus` (gone or going) in the instance's added placement groups, and
-    remove each group none of whose NPUs is left."""
-    groups = [inst.added_groups.pop(n._actor_id.hex()) for n in npus if n._actor_id.hex() in inst.added_groups]
-    left = {id(g) for g in inst.added_groups.values()}
-    for pg in {id(g): g for g in groups}.values():
-        if id(pg) not in left:
-            remove_group(pg)
+    inst.groups.append(pg)
+    return warm, free + [(pg, i) for i in range(left)]
 
 
 def _groups(inst: Instance) -> set[str]:
@@ -334,12 +363,18 @@ def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict]
         ray.get([n.leave_groups_but.remote(keep) for n in npus])
     using = {n._actor_id.hex() for n in npus}
     leaving = [n for n in inst.npus if n._actor_id.hex() not in using]
-    # NPUs a scale-up placed in a group of their own go with it: a standby NPU is placed by its node alone
-    grouped = [n for n in leaving if n._actor_id.hex() in inst.added_groups]
-    for n in grouped:
+    # NPUs in the instance's placement groups die with their group: one whose group still
+    # holds an NPU it serves on (whose slot would not come free) stays its own, in its
+    # reserve; the others go, and their group with them. A standby NPU is placed by its
+    # node alone and goes back.
+    bound = [n for n in leaving if n._actor_id.hex() in inst.bundles]
+    serving = {inst.bundles[k][0].id for k in using if k in inst.bundles}
+    gone = [n for n in bound if inst.bundles[n._actor_id.hex()][0].id not in serving]
+    for n in gone:
         ray.kill(n)
-    _release_groups(inst, grouped)
-    leaving = [n for n in leaving if n not in grouped]
+    inst.release(gone)
+    _to_reserve(inst, [n for n in bound if n not in gone])
+    leaving = [n for n in leaving if n not in bound]
     if standby is not None:
         standby.give_back(leaving)
     else:
@@ -385,17 +420,26 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
 
 def rebuild(inst: Instance, weight_refs: dict | None, standby: StandbyPool | None = None) -> dict:
     """A new set of NPUs for an instance that lost one (its collective group is
-    broken with it): same EP size and expert map, every NPU new (standby first),
-    the engine kept. Sequences it still holds recompute their KV on the new NPUs."""
+    broken with it): same EP size and expert map, every NPU new (as a scale-up
+    finds them; with a placement strategy the ones started now take the bundles of
+    the ones they replace: the same nodes), the engine kept. Sequences it still
+    holds recompute their KV on the new NPUs."""
     t0 = time.perf_counter()
     specs = resized_specs(inst, inst.ep_size, inst.specs[0].expert_map)
-    fresh, reports = _new_npus(inst, [], specs, weight_refs, standby)
+    nodes = [m["node"] for m in inst.memory]
+    # the broken NPUs go first: their bundles (the instance's placement) take the new ones
+    for n in inst.npus:
+        ray.kill(n)
+        inst.bundles.pop(n._actor_id.hex(), None)  # not released: their groups stay, for the new NPUs
+    fresh, reports = _new_npus(inst, [], specs, weight_refs, standby, nodes)
     try:
         info = _switch(inst, fresh, specs, reports, recompute=True)
     except Exception:
         for n in fresh:
             ray.kill(n)
+        inst.release(fresh)
         raise
+    inst.release([])  # a group whose bundles no new NPU took (standby ones were) goes
     return {"instance": inst.name, "npus": len(specs), "recomputed": info["migrated"],
             "total_s": time.perf_counter() - t0}
 

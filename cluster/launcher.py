@@ -60,11 +60,17 @@ class Instance:
     npus: list
     executor: InstanceExecutor
     memory: list[dict] = field(default_factory=list)  # HBM report per NPU after load
-    placement_group: object | None = None  # keeps the NPU actors together (or apart) as the manifest asks
     placement: NodePlacement | None = None  # the manifest's strategy, which the NPUs a scale-up adds follow too
-    # the placement groups of NPUs a scale-up started, by actor id (cluster.node_placement):
-    # a group goes once none of its NPUs is the instance's any more
-    added_groups: dict[str, object] = field(default_factory=dict)
+    # the placement groups it holds (its launch's, with the manifest's strategy, and those a
+    # scale-up started NPUs in: cluster.node_placement) and the bundle each of its NPU actors
+    # sits in, by actor id. An actor in a bundle dies with its group, so it stays the
+    # instance's (serving, or in `reserve`), never the standby pool's; a group goes once
+    # none of its bundles holds one (release); a bundle whose actor died takes its successor
+    groups: list = field(default_factory=list)
+    bundles: dict[str, tuple[object, int]] = field(default_factory=dict)
+    # NPUs a scale-down released from their bundles, each with the ref of its recycling (its
+    # node): no HBM charged, in no collective group; the first ones a scale-up takes again
+    reserve: list[tuple[object, object]] = field(default_factory=list)
     engine: object | None = None  # the InstanceEngine actor, once launched
     kv_cache: object | None = None  # the global KV cache actor it publishes to (held, so it lives as long)
     # the specs its first NPUs served with before its last scale-up: they are still
@@ -79,14 +85,28 @@ class Instance:
     def stats(self) -> list[dict]:
         return ray.get([n.stats.remote() for n in self.npus])
 
+    def free_bundles(self) -> list[tuple[object, int]]:
+        """Bundles of its placement groups that hold none of its actors (theirs died)."""
+        used = {(pg.id, i) for pg, i in self.bundles.values()}
+        return [(pg, i) for pg in self.groups for i in range(pg.bundle_count) if (pg.id, i) not in used]
+
+    def release(self, npus: list) -> None:
+        """Forget `npus` (killed or dying) in their bundles, and remove each placement
+        group none of whose bundles holds an actor of the instance any more."""
+        for n in npus:
+            self.bundles.pop(n._actor_id.hex(), None)
+        used = {pg.id for pg, _ in self.bundles.values()}
+        for pg in [g for g in self.groups if g.id not in used]:
+            remove_group(pg)
+        self.groups = [g for g in self.groups if g.id in used]
+
     def shutdown(self) -> None:
         if self.engine is not None:
             ray.kill(self.engine)
-        for npu in self.npus:
+        everything = self.npus + [a for a, _ in self.reserve]
+        for npu in everything:
             ray.kill(npu)
-        for pg in [self.placement_group, *{id(g): g for g in self.added_groups.values()}.values()]:
-            if pg is not None:
-                remove_group(pg)
+        self.release(everything)
 
 
 def launch_instance(
@@ -123,7 +143,8 @@ def launch_instance(
         for r in range(ep)
     ]
     pg = create_group(f"{name}-npus", ep, placement, placement_timeout_s) if placement else None
-    npus = start_npu_actors(specs, pg)
+    bundles = [(pg, i) for i in range(ep)] if pg is not None else None
+    npus = start_npu_actors(specs, bundles)
     try:
         memory = ray.get([n.setup.remote(weight_refs) for n in npus])
     except Exception:
@@ -135,17 +156,22 @@ def launch_instance(
     finally:
         if specs[0].has_group:  # nobody waits on the members' records: setup returned once all joined
             group_status.forget(group)
-    return Instance(name, role, specs, npus, InstanceExecutor(npus), memory, placement_group=pg,
-                    placement=NodePlacement(placement, placement_timeout_s) if placement else None)
+    return Instance(name, role, specs, npus, InstanceExecutor(npus), memory,
+                    placement=NodePlacement(placement, placement_timeout_s) if placement else None,
+                    groups=[pg] if pg is not None else [],
+                    bundles={n._actor_id.hex(): b for n, b in zip(npus, bundles or [])})
 
 
-def start_npu_actors(specs: list[NPUSpec], pg=None, nodes: list[str] | None = None) -> list:
+def start_npu_actors(specs: list[NPUSpec], bundles: list[tuple[object, int]] | None = None,
+                     nodes: list[str] | None = None) -> list:
     """One NPU actor per spec, each taking one omni_npu slot: the i-th in the i-th
-    bundle of `pg`, if any, else on the i-th of `nodes` if there is room there
-    (a soft node affinity), else wherever Ray finds room."""
+    of `bundles` (placement group, bundle index), if given, else on the i-th of
+    `nodes` if there is room there (a soft node affinity), else wherever Ray finds room."""
     def where(i: int):
-        if pg is not None or not nodes:
-            return _bundle(pg, i)
+        if bundles:
+            return _bundle(*bundles[i])
+        if not nodes:
+            return None
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         return NodeAffinitySchedulingStrategy(nodes[i], soft=True)
@@ -173,8 +199,6 @@ def _engine_actor_class():
 
 
 def _bundle(pg, index: int):
-    if pg is None:
-        return None
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)

@@ -208,6 +208,44 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         emu.shutdown()
 
 
+def test_npus_of_a_placement_group_stay_the_instances_and_a_rebuild_takes_their_bundles(ray_session):
+    """An NPU in an instance's placement group dies with that group. A scale-down keeps it
+    in the instance's reserve, not the standby pool (which would lose it when the
+    instance goes); the next scale-up takes it back. A rebuild starts the new NPUs in the
+    bundles of the ones they replace: the same group, no new one."""
+    from cluster.elastic import rebuild
+
+    cfg = load_manifest("local").model
+    inst = launch_instance(f"pg-{uuid.uuid4().hex[:6]}", cfg, 4, "emulated", "910B", time_scale=0.0,
+                           placement="PACK")
+    launch_engine(inst, SchedulerConfig(block_size=BS, max_num_batched_tokens=64))
+    pool = StandbyPool(inst.specs[0], 2, None)
+    for a in pool.take(2):  # drawn by another instance: the pool has room for two
+        ray.kill(a)
+    launch_group = inst.groups[0]
+    try:
+        prompt = _prompts(1, seed=5)[0]
+        before, _ = _generate_during(inst, [prompt], 4, lambda: None)
+        released = inst.npus[2:]
+        resize(inst, 2, None, standby=pool)
+        assert pool.actors == [] and [a for a, _ in inst.reserve] == released
+        resize(inst, 4, None, standby=pool)
+        assert inst.npus[2:] == released and inst.reserve == [] and inst.groups == [launch_group]
+
+        old = list(inst.npus)
+        ray.kill(old[1])  # an NPU dies: the group is broken
+        rebuild(inst, None, standby=pool)
+        assert not set(inst.npus) & set(old)
+        assert inst.groups == [launch_group]
+        assert sorted(i for pg, i in inst.bundles.values()) == [0, 1, 2, 3]
+        after, _ = _generate_during(inst, [prompt], 4, lambda: None)
+        assert after == before
+    finally:
+        inst.shutdown()
+        pool.shutdown()
+    assert inst.groups == [] and inst.bundles == {}
+
+
 def test_bench_elastic_direct_scales_the_instance_alone_and_loses_no_request(ray_session):
     """`omniray bench elastic --direct`: the engine fed straight, scaled up and back
     (to the launch's layout) under the closed loop; every request completes."""
