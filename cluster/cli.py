@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from rich.console import Console
 from rich.table import Table
 
 from cluster.config import ManifestError, load_manifest
+
+SHUTDOWN_TIMEOUT_S = 45.0  # `omniray serve`: Ctrl-C waits this long for a clean shutdown, then exits
 
 console = Console()
 
@@ -247,13 +250,24 @@ def cmd_serve(args) -> int:
     grpc = f", gRPC at {server.grpc_address}" if server.grpc_address else ""
     console.print(f"[green]OmniRay serving {manifest.model.name}[/green] at {server.url}/v1{grpc} "
                   f"({len(server.instances)} instances, {manifest.compute} compute) — Ctrl-C to stop")
-    stop = threading.Event()
+    signals = []  # one per SIGINT/SIGTERM received
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):  # a timed wait lets the handler run promptly
-        pass
-    console.print("shutting down")
-    server.shutdown()
+        signal.signal(sig, lambda *_: signals.append(1))
+    while not signals:
+        time.sleep(0.2)  # a short sleep lets the handler run promptly
+    console.print("shutting down (Ctrl-C again to stop at once)")
+    # in a thread, bounded: a stuck step (a replica that never stops) must not keep the
+    # command from exiting; exiting tears down an embedded Ray with everything in it
+    done = threading.Thread(target=server.shutdown, daemon=True, name="shutdown")
+    done.start()
+    deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+    while done.is_alive() and len(signals) < 2 and time.monotonic() < deadline:
+        done.join(0.2)
+    if done.is_alive():
+        why = "interrupted again" if len(signals) > 1 else f"not done after {SHUTDOWN_TIMEOUT_S:g} s"
+        console.print(f"[yellow]shutdown {why} while {server.stage}: exiting[/yellow]"
+                      + (f" (actors of the cluster at {args.address} may be left: `ray stop` clears them)"
+                         if args.address else ""))
     return 0
 
 

@@ -26,14 +26,18 @@ class Server:
     url: str
     grpc_address: str | None = None
     controller: object | None = None  # owns the instances once serving (scaling adds and removes some)
+    stage: str = "serving"  # what shutdown is doing (`omniray serve` names it if that takes too long)
 
     def shutdown(self, stop_serve: bool = True) -> None:
         """Tear everything down; named actors are gone (their names free) on return."""
+        self.stage = "deleting the Serve application"
         serve.delete(APP_NAME, _blocking=True)
         if stop_serve:
+            self.stage = "stopping Ray Serve"
             serve.shutdown()
         from actors.kv_cache import KV_CACHE_NAME
 
+        self.stage = "stopping the master, the controller and the instances"
         ray.kill(self.master, no_restart=True)
         caches = {id(i.kv_cache): i.kv_cache for i in self.instances if i.kv_cache is not None}
         names = [i.name for i in self.instances]
@@ -45,6 +49,7 @@ class Server:
             inst.shutdown()
         for cache in caches.values():  # the next server starts with a cold cache
             ray.kill(cache, no_restart=True)
+        self.stage = "waiting for the named actors to go"
         _wait_names_free([MASTER_NAME, KV_CACHE_NAME, CONTROLLER_NAME] + [engine_name(n) for n in set(names)])
 
 
