@@ -226,7 +226,6 @@ def cmd_status(args) -> int:
 
 def cmd_serve(args) -> int:
     import signal
-    import threading
 
     from cluster.launcher import connect
     from cluster.server import start_server
@@ -256,19 +255,29 @@ def cmd_serve(args) -> int:
     while not signals:
         time.sleep(0.2)  # a short sleep lets the handler run promptly
     console.print("shutting down (Ctrl-C again to stop at once)")
-    # in a thread, bounded: a stuck step (a replica that never stops) must not keep the
-    # command from exiting; exiting tears down an embedded Ray with everything in it
-    done = threading.Thread(target=server.shutdown, daemon=True, name="shutdown")
-    done.start()
-    deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
-    while done.is_alive() and len(signals) < 2 and time.monotonic() < deadline:
-        done.join(0.2)
-    if done.is_alive():
-        why = "interrupted again" if len(signals) > 1 else f"not done after {SHUTDOWN_TIMEOUT_S:g} s"
+    why = bounded_teardown(server.shutdown, signals, SHUTDOWN_TIMEOUT_S)
+    if why is not None:
         console.print(f"[yellow]shutdown {why} while {server.stage}: exiting[/yellow]"
                       + (f" (actors of the cluster at {args.address} may be left: `ray stop` clears them)"
                          if args.address else ""))
     return 0
+
+
+def bounded_teardown(shutdown, signals: list, timeout_s: float) -> str | None:
+    """Run `shutdown` in a thread until it returns, a second signal arrives (`signals`
+    grows past one) or `timeout_s` pass; None if it finished, else why it was left.
+    A stuck step (a replica that never stops) must not keep `omniray serve` from
+    exiting, and exiting tears down an embedded Ray with everything in it."""
+    import threading
+
+    done = threading.Thread(target=shutdown, daemon=True, name="shutdown")
+    done.start()
+    deadline = time.monotonic() + timeout_s
+    while done.is_alive() and len(signals) < 2 and time.monotonic() < deadline:
+        done.join(0.05)
+    if not done.is_alive():
+        return None
+    return "interrupted again" if len(signals) > 1 else f"not done after {timeout_s:g} s"
 
 
 def _admin_post(url: str, path: str, body: dict, admin_key: str | None) -> int:

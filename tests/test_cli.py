@@ -41,3 +41,25 @@ def test_mtp_without_heads_names_the_field(tmp_path, capsys):
     bad.write_text(f"model: {MODELS}/tiny-gqa-moge.yaml\nengine: {{mtp: true}}\n")
     assert main(["verify", "--manifest", str(bad)]) == 2
     assert "engine.mtp" in capsys.readouterr().out
+
+
+def test_serve_teardown_is_left_when_stuck_or_interrupted_again():
+    """`omniray serve` after Ctrl-C: waits for a teardown that finishes; leaves one
+    that hangs after its bound, or at once on a second Ctrl-C, saying which."""
+    import threading
+    import time
+
+    from cluster.cli import bounded_teardown
+
+    finished = []
+    assert bounded_teardown(lambda: finished.append(1), [1], 10.0) is None and finished == [1]
+    hang = threading.Event()  # a teardown stuck until the test ends
+    t0 = time.monotonic()
+    assert bounded_teardown(hang.wait, [1], 0.3) == "not done after 0.3 s"
+    assert 0.3 <= time.monotonic() - t0 < 5
+    signals = [1]
+    threading.Timer(0.2, signals.append, (1,)).start()  # the second Ctrl-C
+    t0 = time.monotonic()
+    assert bounded_teardown(hang.wait, signals, 60.0) == "interrupted again"
+    assert time.monotonic() - t0 < 30
+    hang.set()
