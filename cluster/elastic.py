@@ -10,7 +10,9 @@
   NPU swaps to the new group, sequences on NPUs that leave export their KV
   through the object store and resume on a kept NPU, and the next step runs on
   M NPUs. The released NPUs go last: back to the standby pool when there is
-  one (a later scale-up adopts them without starting a process), else away.
+  one (a later scale-up adopts them without starting a process), else away;
+  those of a placement group the instance still serves in (they would die with
+  it) stay in its reserve instead, which its next scale-up takes first.
   A scale-up leaves the kept NPUs in their previous group and has them set the
   experts they drop aside (ElasticMoE's pre-built communication domains): a
   scale-down back to that size then stages nothing and forms no group.
