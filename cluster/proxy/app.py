@@ -10,6 +10,7 @@ with the right status. Builder: `build_app(manifest)`.
 import asyncio
 import hmac
 import json
+import logging
 import time
 
 import ray
@@ -46,6 +47,8 @@ from cluster.proxy.responses import (
     stream,
 )
 from cluster.proxy.tokens import TokenCache, Tokenizer
+
+logger = logging.getLogger(__name__)
 
 SNAPSHOT_POLL_S = 0.2  # how often a slave reads the master's published state
 
@@ -95,7 +98,10 @@ class OmniProxySlave:
         """Read the master's snapshot from the object store every SNAPSHOT_POLL_S, not
         per request. While the master restarts the last snapshot stays in use."""
         while True:
-            await self._read_snapshot()
+            try:
+                await self._read_snapshot()
+            except Exception:  # an unexpected error must not leave the snapshot stale for good
+                logger.exception("slave: reading the master's snapshot failed")
             await asyncio.sleep(SNAPSHOT_POLL_S)
 
     async def _read_snapshot(self) -> None:

@@ -350,10 +350,13 @@ class OmniMaster:
         snapshot for the slaves."""
         n = 0
         while True:
-            await self.refresh(sync_cache=n % cache_sync_every == 0)
-            self.metrics.instances(len(self.queue), self.instances.values())
-            if n % max(1, round(self.publish_period_s / period_s)) == 0:
-                self._published = ray.put(self.snapshot())
+            try:
+                await self.refresh(sync_cache=n % cache_sync_every == 0)
+                self.metrics.instances(len(self.queue), self.instances.values())
+                if n % max(1, round(self.publish_period_s / period_s)) == 0:
+                    self._published = ray.put(self.snapshot())
+            except Exception:  # one bad round must not leave routing and /v1/cluster stale for good
+                logger.exception("master: refreshing the instances' state failed")
             n += 1
             await asyncio.sleep(period_s)
 
