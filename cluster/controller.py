@@ -179,6 +179,11 @@ class ClusterController:
         """The instances' home nodes, once each: where standby NPUs wait (StandbyPool.nodes)."""
         return list(dict.fromkeys(home_node([m["node"] for m in i.memory]) for i in self.instances.values()))
 
+    def _standby_follows_instances(self) -> None:
+        """After an instance was added or removed: new standby NPUs start on the nodes of those there are now."""
+        if self.standby is not None:
+            self.standby.nodes = self._home_nodes()
+
     def _master(self):
         from cluster.proxy.master import MASTER_NAME
 
@@ -193,8 +198,7 @@ class ClusterController:
             inst.shutdown()
             raise
         self.instances[name] = inst
-        if self.standby is not None:  # standby NPUs start on its node too from now on
-            self.standby.nodes = self._home_nodes()
+        self._standby_follows_instances()
         return {"instance": name, "role": role, "npus": npus}
 
     def _drain_and_remove(self, inst: Instance) -> dict:
@@ -215,8 +219,7 @@ class ClusterController:
         ray.get(master.remove_instance.remote(inst.name))
         del self.instances[inst.name]
         inst.shutdown()
-        if self.standby is not None:
-            self.standby.nodes = self._home_nodes()
+        self._standby_follows_instances()
         return {"instance": inst.name, "role": inst.role, "npus": inst.ep_size}
 
     def _rebalance_one(self, inst: Instance) -> dict:

@@ -226,11 +226,10 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     to its NPUs on `nodes` (default: the kept ones'). Returns the new actors and
     their memory reports; on failure the new actors go (the reserve's back to it)."""
     adding = len(specs) - len(kept)
-    reserved = _take_reserve(inst, adding)
+    reserved, reserved_nodes = _take_reserve(inst, adding)
     # where the rest go first: a placement that cannot be met fails before anything is staged
     try:
-        nodes = (nodes if nodes is not None else [m["node"] for m in inst.memory[: len(kept)]]) + \
-            ray.get([r for _, r in reserved])
+        nodes = (nodes if nodes is not None else [m["node"] for m in inst.memory[: len(kept)]]) + reserved_nodes
         pooled, bundles = _placed(inst, nodes, adding - len(reserved), standby)
     except Exception:
         inst.reserve = reserved + inst.reserve
@@ -267,19 +266,20 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     return fresh, reports
 
 
-def _take_reserve(inst: Instance, n: int) -> list[tuple[object, object]]:
-    """Up to n of the instance's reserve NPUs (actor, ref of its recycling: its node);
-    one whose recycling failed (its process died) goes."""
-    taken = []
+def _take_reserve(inst: Instance, n: int) -> tuple[list[tuple[object, object]], list[str]]:
+    """Up to n of the instance's reserve entries (actor, ref of its recycling), and
+    their nodes (what the recycling returned); one whose recycling failed (its
+    process died) goes."""
+    taken, nodes = [], []
     while inst.reserve and len(taken) < n:
         actor, ref = inst.reserve.pop(0)
         try:
-            ray.get(ref)
+            nodes.append(ray.get(ref))
             taken.append((actor, ref))
         except ray.exceptions.RayError:
             ray.kill(actor)
             inst.release([actor])
-    return taken
+    return taken, nodes
 
 
 def _to_reserve(inst: Instance, npus: list) -> None:
