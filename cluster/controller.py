@@ -68,17 +68,25 @@ class ClusterController:
         return [(i.name, i.role, self.manifest.engine.max_num_seqs) for i in self.instances.values()]
 
     def describe(self) -> dict:
+        view = self.elastic_view()
         return {
             # reserve_npus: NPUs a scale-down released inside the instance's placement group,
             # kept for its next scale-up (they hold their slots: a group cannot shrink)
-            "instances": [{"name": i.name, "role": i.role, "npus": i.ep_size, "reserve_npus": len(i.reserve),
+            "instances": [{"name": i.name, "role": i.role, "npus": i.ep_size, "reserve_npus": view["reserve_npus"][i.name],
                            "experts": {str(k): v for k, v in i.specs[0].expert_map.slots.items()}}
                           for i in self.instances.values()],
-            "standby_npus": len(self.standby.actors) if self.standby else 0,
-            "standby_warming": self.standby.num_warming() if self.standby else 0,
+            "standby_npus": view["standby_npus"],
+            "standby_warming": view["standby_warming"],
             "autoscaler": self.manifest.autoscaler.model_dump(),
             "events": list(self.events),
         }
+
+    def elastic_view(self) -> dict:
+        """NPUs outside the instances' current sets (`/v1/cluster`'s "elastic"): the
+        standby pool, and per instance its reserve."""
+        return {"standby_npus": len(self.standby.actors) if self.standby else 0,
+                "standby_warming": self.standby.num_warming() if self.standby else 0,
+                "reserve_npus": {i.name: len(i.reserve) for i in self.instances.values()}}
 
     def steps_since(self, instance: str, t: float) -> list[tuple[float, int]]:
         """The instance's step log (step end on the wall clock, tokens)

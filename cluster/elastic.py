@@ -217,14 +217,17 @@ class StandbyPool:
 
 
 def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dict | None,
-              standby: StandbyPool | None, nodes: list[str] | None = None) -> tuple[list, list[dict]]:
+              standby: StandbyPool | None, nodes: list[str] | None = None,
+              keep_groups: bool = False) -> tuple[list, list[dict]]:
     """Everything before the switch, while the instance serves: the `kept` NPUs
     stage their experts for `specs` and form its collective group; NPU actors for
     the rest of `specs`, set up by the engine, load from the object store and join
     that group as they finish. Those come from the instance's reserve first, then
     from the standby pool, and the others start now: see _placed for where, next
     to its NPUs on `nodes` (default: the kept ones'). Returns the new actors and
-    their memory reports; on failure the new actors go (the reserve's back to it)."""
+    their memory reports; on failure the new actors go (the reserve's back to it),
+    and so does a placement group left empty, unless `keep_groups` (a rebuild's:
+    the instance's own placement, for its next try)."""
     adding = len(specs) - len(kept)
     reserved, reserved_nodes = _take_reserve(inst, adding)
     # where the rest go first: a placement that cannot be met fails before anything is staged
@@ -259,7 +262,7 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     except Exception:
         for n in pooled + cold:
             ray.kill(n)
-        inst.release(cold)
+        inst.release(cold, keep_groups)
         _to_reserve(inst, back)
         raise
     reports = [r for part in done[: len(adopting)] for r in part]
@@ -433,13 +436,13 @@ def rebuild(inst: Instance, weight_refs: dict | None, standby: StandbyPool | Non
     for n in inst.npus:
         ray.kill(n)
         inst.bundles.pop(n._actor_id.hex(), None)  # not released: their groups stay, for the new NPUs
-    fresh, reports = _new_npus(inst, [], specs, weight_refs, standby, nodes)
+    fresh, reports = _new_npus(inst, [], specs, weight_refs, standby, nodes, keep_groups=True)
     try:
         info = _switch(inst, fresh, specs, reports, recompute=True)
     except Exception:
         for n in fresh:
             ray.kill(n)
-        inst.release(fresh)
+        inst.release(fresh, keep_groups=True)
         raise
     inst.release([])  # a group whose bundles no new NPU took (standby ones were) goes
     return {"instance": inst.name, "npus": len(specs), "recomputed": info["migrated"],

@@ -90,11 +90,14 @@ class Instance:
         used = {(pg.id, i) for pg, i in self.bundles.values()}
         return [(pg, i) for pg in self.groups for i in range(pg.bundle_count) if (pg.id, i) not in used]
 
-    def release(self, npus: list) -> None:
+    def release(self, npus: list, keep_groups: bool = False) -> None:
         """Forget `npus` (killed or dying) in their bundles, and remove each placement
-        group none of whose bundles holds an actor of the instance any more."""
+        group none of whose bundles holds an actor of the instance any more (unless
+        `keep_groups`: a rebuild that failed keeps the bundles for its next try)."""
         for n in npus:
             self.bundles.pop(n._actor_id.hex(), None)
+        if keep_groups:
+            return
         used = {pg.id for pg, _ in self.bundles.values()}
         for pg in [g for g in self.groups if g.id not in used]:
             remove_group(pg)

@@ -30,6 +30,7 @@ def fetch_ray(address: str | None) -> dict:
     import ray
 
     from actors.kv_cache import KV_CACHE_NAME
+    from cluster.controller import CONTROLLER_NAME
     from cluster.launcher import NAMESPACE, connect
     from cluster.proxy.master import MASTER_NAME
 
@@ -45,6 +46,11 @@ def fetch_ray(address: str | None) -> dict:
         snap["kv_cache"] = ray.get(ray.get_actor(KV_CACHE_NAME, namespace=NAMESPACE).stats.remote(), timeout=10)
     except ValueError:
         snap["kv_cache"] = None
+    try:
+        snap["elastic"] = ray.get(ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE).elastic_view.remote(),
+                                  timeout=10)
+    except ValueError:
+        snap["elastic"] = None
     return snap
 
 
@@ -83,7 +89,12 @@ def render(snap: dict):
     kv_line = "global KV cache: off" if not kv else (
         f"global KV cache: {kv['blocks']} blocks, {_gib(kv['bytes'])} of {_gib(kv['capacity_bytes'])} GiB, "
         f"hits {kv['hits']}, misses {kv['misses']}, evictions {kv['evictions']}")
-    return Panel(Group(head, inst, npus, kv_line), title=f"OmniRay {snap.get('model', '')}")
+    el = snap.get("elastic")
+    reserve = ", ".join(f"{k} {v}" for k, v in (el or {}).get("reserve_npus", {}).items() if v)
+    el_line = "elastic: no controller" if not el else (
+        f"elastic: {el['standby_npus']} standby NPUs ({el['standby_warming']} warming), "
+        f"reserve: {reserve or 'none'}")
+    return Panel(Group(head, inst, npus, kv_line, el_line), title=f"OmniRay {snap.get('model', '')}")
 
 
 

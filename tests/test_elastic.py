@@ -9,6 +9,7 @@ import random
 import threading
 import uuid
 
+import pytest
 import ray
 
 from actors import group_status
@@ -208,11 +209,13 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         emu.shutdown()
 
 
-def test_npus_of_a_placement_group_stay_the_instances_and_a_rebuild_takes_their_bundles(ray_session):
+def test_npus_of_a_placement_group_stay_the_instances_and_a_rebuild_takes_their_bundles(ray_session, monkeypatch):
     """An NPU in an instance's placement group dies with that group. A scale-down keeps it
     in the instance's reserve, not the standby pool (which would lose it when the
     instance goes); the next scale-up takes it back. A rebuild starts the new NPUs in the
-    bundles of the ones they replace: the same group, no new one."""
+    bundles of the ones they replace: the same group, no new one, also after a try that
+    failed (which kept the group)."""
+    import cluster.elastic
     from cluster.elastic import rebuild
 
     cfg = load_manifest("local").model
@@ -234,6 +237,15 @@ def test_npus_of_a_placement_group_stay_the_instances_and_a_rebuild_takes_their_
 
         old = list(inst.npus)
         ray.kill(old[1])  # an NPU dies: the group is broken
+
+        def group_fails(specs):
+            raise RuntimeError("injected: the new group did not form")
+
+        with monkeypatch.context() as m:
+            m.setattr(cluster.elastic, "_await_group", group_fails)
+            with pytest.raises(RuntimeError, match="injected"):
+                rebuild(inst, None, standby=pool)
+        assert inst.groups == [launch_group] and inst.bundles == {}
         rebuild(inst, None, standby=pool)
         assert not set(inst.npus) & set(old)
         assert inst.groups == [launch_group]

@@ -296,9 +296,20 @@ class OmniProxySlave:
             snap["kv_cache"] = await ray.get_actor(KV_CACHE_NAME, namespace=self.namespace).stats.remote()
         except ValueError:
             snap["kv_cache"] = None
+        snap["elastic"] = await self._elastic_view()
         snap["model"] = self.model_name
         snap["tokenizer"] = self.tokens.stats()
         return snap
+
+    async def _elastic_view(self) -> dict | None:
+        """The cluster controller's NPUs outside the instances' current sets: its
+        standby pool, and per instance its reserve (NPUs a scale-down released
+        inside the instance's placement group). None without a controller."""
+        try:
+            ctl = self._controller()
+        except APIError:
+            return None
+        return await ctl.elastic_view.remote()
 
 
     # ---- admin: ElasticMoE and Omni Placement --------------------------------------------------
