@@ -241,9 +241,9 @@ class NPUActor:
         return self._report()
 
     def export_blocks(self, blocks: list[int]):
-        """KV blocks of a sequence leaving this NPU (one return value per block)."""
-        out = self.compute.export_blocks(blocks)
-        return out[0] if len(out) == 1 else tuple(out)
+        """KV blocks of a sequence leaving this NPU, as one array (a row each): one
+        object to fetch, not one a block (each costs its owner and its reader calls)."""
+        return self.compute.export_blocks(blocks)
 
     def step(self, batch: NPUBatch) -> NPUStepResult:
         if batch.spec is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import ray
 import torch
 
@@ -138,9 +139,9 @@ class RealCompute:
         self.retained = {}
         return WarmReplica(self.spec, self.model, self.paged, self.replicated_bytes, 0)
 
-    def export_blocks(self, blocks: list[int]) -> list:
-        """KV blocks as arrays, for a sequence that moves to another NPU."""
-        return self.paged.export_blocks(blocks)
+    def export_blocks(self, blocks: list[int]) -> np.ndarray:
+        """A sequence's KV blocks, moving to another NPU, as one array (one object)."""
+        return self.paged.export_stacked(blocks)
 
     def _cache_for(self, batch: NPUBatch):
         """The paged store, bound to this step's block tables, or the scratch store."""
@@ -149,8 +150,12 @@ class RealCompute:
                 self.kv.charge(w.seq_id, w.start_pos, len(w.token_ids))
             return self.cache
         self.paged.unbind_all()
-        loads = [(block, ref) for w in batch.seqs for block, (ref,) in w.load_blocks]
-        self.paged.import_blocks([b for b, _ in loads], ray.get([ref for _, ref in loads]))  # one fetch for all
+        # a block's source: [ref] of the block, or [ref, i]: row i of a migrated sequence's blocks
+        loads = [(block, src) for w in batch.seqs for block, src in w.load_blocks]
+        refs = list(dict.fromkeys(src[0] for _, src in loads))
+        got = dict(zip(refs, ray.get(refs)))  # one fetch for all
+        self.paged.import_blocks([b for b, _ in loads],
+                                 [got[src[0]] if len(src) == 1 else got[src[0]][src[1]] for _, src in loads])
         for w in batch.seqs:
             self.paged.bind(w.seq_id, w.block_table, w.start_pos)
         return self.paged

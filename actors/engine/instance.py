@@ -383,8 +383,8 @@ class InstanceEngine:
                         moving.append((seq, [], 0))
                         continue
                     blocks = seq.block_table[: -(-seq.num_computed // bs)]
-                    refs = old[seq.rank].export_blocks.options(num_returns=len(blocks)).remote(blocks) if blocks else []
-                    moving.append((seq, [refs] if len(blocks) == 1 else list(refs), seq.num_computed))
+                    ref = old[seq.rank].export_blocks.remote(blocks) if blocks else None
+                    moving.append((seq, [ref] if blocks else [], seq.num_computed))
             if not self.scheduler.has_work():  # no step to carry the specs: switch the NPUs now
                 await asyncio.gather(*(n.commit.remote(s) for n, s in zip(npus, specs)))
                 specs = None
@@ -403,9 +403,10 @@ class InstanceEngine:
         for seq in self.scheduler.running:
             if seq.rank is not None and old[seq.rank]._actor_id.hex() in new_rank:
                 seq.rank = new_rank[old[seq.rank]._actor_id.hex()]
-        for seq, blocks, tokens in moving:
-            if not seq.finish_reason:
-                self.scheduler.migrate(seq, [[r] for r in blocks], tokens)
+        for seq, exported, tokens in moving:
+            if not seq.finish_reason:  # block i of its KV: row i of the one array its old NPU exported
+                n = -(-tokens // bs) if exported else 0
+                self.scheduler.migrate(seq, [[exported[0], i] for i in range(n)], tokens)
         self.managers = self.scheduler.managers = bs_managers
         self.executor = InstanceExecutor(npus, specs)
         self.counters["reconfigurations"] += 1

@@ -57,14 +57,19 @@ class PagedKVStore:
             out.append(pool[all_blocks, all_offsets])
         return tuple(out)
 
-    def export_blocks(self, blocks: list[int]) -> list[np.ndarray]:
-        """Each block of every layer as one array [block_size, width], every cached
-        tensor of every layer flattened side by side (what import_blocks reads).
-        One gather per tensor for all the blocks: a migrating sequence moves a
-        dozen at once, and a copy per block and tensor is most of what that costs."""
+    def export_stacked(self, blocks: list[int]) -> np.ndarray:
+        """The blocks as one array [len(blocks), block_size, width], every cached
+        tensor of every layer flattened side by side; each row is what
+        import_blocks reads for a block. One gather per tensor for all the
+        blocks: a migrating sequence moves a dozen at once, and a copy per block
+        and tensor is most of what that costs."""
         idx = torch.tensor(blocks, dtype=torch.long)
         parts = [t[idx].reshape(len(blocks), self.block_size, -1) for layer in self.pool for t in layer]
-        whole = torch.cat(parts, dim=2).numpy()
+        return torch.cat(parts, dim=2).numpy()
+
+    def export_blocks(self, blocks: list[int]) -> list[np.ndarray]:
+        """Each block as an array of its own (the global KV cache keeps one object a block)."""
+        whole = self.export_stacked(blocks)
         return [whole[i].copy() for i in range(len(blocks))]
 
     def import_blocks(self, blocks: list[int], data: list) -> None:
