@@ -271,3 +271,4 @@ def test_bench_elastic_direct_scales_the_instance_alone_and_loses_no_request(ray
     assert summary["scaled_back"] == 1
     assert summary["throughput_before"] > 0 and summary["throughput_between"] > 0
     assert summary["during_vs_steady"] is not None and summary["cold_start_s"] > 0
+    assert summary["during_vs_steady_up"] is not None and summary["during_vs_steady_down"] is not None

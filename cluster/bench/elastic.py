@@ -355,6 +355,9 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
         "throughput_before": small[0], "throughput_between": _mean(large), "throughput_after": small[-1],
         "throughput_during": during_tokens / during_s if during_s > 0 else None,
         "during_vs_steady": during_vs_steady(steps, windows),
+        # the same, scale-ups and scale-downs apart (their windows and costs differ)
+        "during_vs_steady_up": during_vs_steady(steps, windows[0::2]),
+        "during_vs_steady_down": during_vs_steady(steps, windows[1::2]),
         "during_vs_steady_per_window": [during_vs_steady(steps, [w]) for w in windows],
         "serving_lost_s_up": serving_lost_s(steps, windows[0::2]),
         "serving_lost_s_down": serving_lost_s(steps, windows[1::2]),
@@ -383,7 +386,8 @@ def print_elastic(summary: dict, console) -> None:
     for key in ("scale_up_s", "modelled_load_up_s", "scale_down_s", "cold_start_s", "scale_up_vs_cold_start",
                 "pause_up_s", "pause_down_s",
                 "throughput_before", "throughput_between", "throughput_after", "throughput_during",
-                "during_vs_steady", "during_vs_before", "serving_lost_s_up", "serving_lost_s_down",
+                "during_vs_steady", "during_vs_steady_up", "during_vs_steady_down", "during_vs_before",
+                "serving_lost_s_up", "serving_lost_s_down",
                 "serving_lost_after_s_up", "serving_lost_after_s_down", "requests", "failed"):
         v = summary.get(key)
         t.add_row(key, "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
