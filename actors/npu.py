@@ -242,7 +242,8 @@ class NPUActor:
 
     def export_blocks(self, blocks: list[int]):
         """KV blocks of a sequence leaving this NPU, as one array (a row each): one
-        object to fetch, not one a block (each costs its owner and its reader calls)."""
+        object to fetch, not one a block (each costs its owner and its reader calls).
+        Real compute only: an emulated NPU holds no KV data (the engine asks none)."""
         return self.compute.export_blocks(blocks)
 
     def step(self, batch: NPUBatch) -> NPUStepResult:

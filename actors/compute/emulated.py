@@ -98,9 +98,6 @@ class EmulatedCompute:
         self.spec, self.held = spec, held
         self._charge_experts()
 
-    def export_blocks(self, blocks: list[int]) -> np.ndarray:
-        return np.zeros((len(blocks), 0), dtype=np.uint8)  # a marker per block, as the blocks it publishes
-
     def step(self, batch: NPUBatch) -> NPUStepResult:
         t0 = time.perf_counter()
         cfg = self.spec.model

@@ -376,6 +376,8 @@ class InstanceEngine:
             old_rank = {n._actor_id.hex(): r for r, n in enumerate(old)}
             new_rank = {n._actor_id.hex(): r for r, n in enumerate(npus)}
             bs = self.config.scheduler.block_size
+            # emulated NPUs hold no KV data: the kept NPU models the copy from the block count alone
+            holds_data = specs[0].compute == "real"
             moving = []
             for seq in self.scheduler.running:
                 if seq.rank is not None and old[seq.rank]._actor_id.hex() not in new_rank:
@@ -383,7 +385,7 @@ class InstanceEngine:
                         moving.append((seq, [], 0))
                         continue
                     blocks = seq.block_table[: -(-seq.num_computed // bs)]
-                    ref = old[seq.rank].export_blocks.remote(blocks) if blocks else None
+                    ref = old[seq.rank].export_blocks.remote(blocks) if blocks and holds_data else None
                     moving.append((seq, [ref] if blocks else [], seq.num_computed))
             if not self.scheduler.has_work():  # no step to carry the specs: switch the NPUs now
                 await asyncio.gather(*(n.commit.remote(s) for n, s in zip(npus, specs)))
@@ -413,7 +415,7 @@ class InstanceEngine:
         self.healthy = True
         self.counters["migrated_seqs"] += len(moving)
         # the exports finish beside the first step (whose imports wait for them), not in the pause
-        exports = [r for _, rs, _ in moving for r in rs]
+        exports = [r for _, rs, _ in moving for r in rs if r is not None]
         done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "migrated": len(moving), "exports": exports})
 
     # ---- state for the master ---------------------------------------------------------
