@@ -382,11 +382,11 @@ class InstanceEngine:
             for seq in self.scheduler.running:
                 if seq.rank is not None and old[seq.rank]._actor_id.hex() not in new_rank:
                     if recompute:
-                        moving.append((seq, [], 0))
+                        moving.append((seq, None, 0))
                         continue
                     blocks = seq.block_table[: -(-seq.num_computed // bs)]
                     ref = old[seq.rank].export_blocks.remote(blocks) if blocks and holds_data else None
-                    moving.append((seq, [ref] if blocks else [], seq.num_computed))
+                    moving.append((seq, ref, seq.num_computed))
             if not self.scheduler.has_work():  # no step to carry the specs: switch the NPUs now
                 await asyncio.gather(*(n.commit.remote(s) for n, s in zip(npus, specs)))
                 specs = None
@@ -407,15 +407,14 @@ class InstanceEngine:
                 seq.rank = new_rank[old[seq.rank]._actor_id.hex()]
         for seq, exported, tokens in moving:
             if not seq.finish_reason:  # block i of its KV: row i of the one array its old NPU exported
-                n = -(-tokens // bs) if exported else 0
-                self.scheduler.migrate(seq, [[exported[0], i] for i in range(n)], tokens)
+                self.scheduler.migrate(seq, [[exported, i] for i in range(-(-tokens // bs))], tokens)
         self.managers = self.scheduler.managers = bs_managers
         self.executor = InstanceExecutor(npus, specs)
         self.counters["reconfigurations"] += 1
         self.healthy = True
         self.counters["migrated_seqs"] += len(moving)
         # the exports finish beside the first step (whose imports wait for them), not in the pause
-        exports = [r for _, rs, _ in moving for r in rs if r is not None]
+        exports = [r for _, r, _ in moving if r is not None]
         done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "migrated": len(moving), "exports": exports})
 
     # ---- state for the master ---------------------------------------------------------
