@@ -6,6 +6,7 @@ Wiring only: no scheduling decisions here."""
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor, wait
 import uuid
 from dataclasses import dataclass, field
 
@@ -253,15 +254,18 @@ def launch_manifest(manifest, weight_refs: dict | None = None) -> list[Instance]
     refs = weight_refs
     if refs is None and manifest.compute == "real":
         refs = publish_weights(manifest.model, manifest.checkpoint)
-    instances = []
-    try:
-        for spec in manifest.instances:
-            instances.append(launch_manifest_instance(manifest, spec, refs, cache))
-    except Exception:
-        for inst in instances:
-            inst.shutdown()
-        raise
-    return instances
+    # all at once: an instance's start is mostly its processes starting and importing,
+    # which a second instance's overlaps (its engine starts while the next one's NPUs load)
+    with ThreadPoolExecutor(max_workers=len(manifest.instances), thread_name_prefix="launch") as pool:
+        futures = [pool.submit(launch_manifest_instance, manifest, spec, refs, cache) for spec in manifest.instances]
+        wait(futures)
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:
+        for f in futures:
+            if f.exception() is None:
+                f.result().shutdown()
+        raise failed[0]
+    return [f.result() for f in futures]
 
 
 def launch_manifest_instance(manifest, spec, weight_refs: dict | None, kv_cache=None) -> Instance:

@@ -6,16 +6,30 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import ray
 import pyarrow.parquet as pq
 
 from cluster.cli import main
 
 
-def test_bench_serve_summary_matches_parquet(ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def server(ray_session):
+    """One mixed EP-1 instance, local prefix caching only, a pool big enough to
+    evict nothing: shared by the tests that need a server (each starts in ~20 s here)."""
+    from cluster.bench.serve import local_server
+    from cluster.config import MANIFEST_DIR, parse_manifest
+
+    manifest = parse_manifest({"model": "models/tiny-gqa-moge.yaml", "instances": [{"role": "mixed", "ep": 1}],
+                               "engine": {"global_kv_cache": False, "kv_blocks": 2048}}, MANIFEST_DIR)
+    with local_server(manifest) as srv:
+        yield srv
+
+
+def test_bench_serve_summary_matches_parquet(server, tmp_path):
     out, png, js = tmp_path / "r.parquet", tmp_path / "r.png", tmp_path / "s.json"
-    rc = main(["bench", "serve", "--workload", "shared-prefix", "--requests", "16", "--concurrency", "4",
-               "--output-len", "6", "--slo-ttft-ms", "60000", "--out", str(out), "--plot", str(png),
+    rc = main(["bench", "serve", "--url", server.url, "--workload", "shared-prefix", "--requests", "16",
+               "--concurrency", "4", "--output-len", "6", "--slo-ttft-ms", "60000", "--out", str(out), "--plot", str(png),
                "--json", str(js)])
     assert rc == 0
     rows = pq.read_table(out).to_pylist()
@@ -46,8 +60,6 @@ def test_simulate_reports_cost_model_throughput(ray_session, tmp_path):
 
 
 def test_simulate_refuses_real_compute(ray_session):
-    import pytest
-
     from cluster.bench.simulate import run_simulation
     from cluster.config import load_manifest
 
@@ -55,15 +67,14 @@ def test_simulate_refuses_real_compute(ray_session):
         run_simulation(load_manifest("local"), 2, 8, 4)
 
 
-def test_trace_replay_hits_the_prefixes_the_hash_ids_imply(ray_session):
+def test_trace_replay_hits_the_prefixes_the_hash_ids_imply(server):
     """One mixed instance with a pool big enough to evict nothing, one request at a
     time: the engine reuses exactly the prefix blocks the trace's hash ids share
     (less the last block when a repeat covers the whole prompt: its last token is
     always recomputed to produce the next one)."""
     from cluster.bench.loadgen import LoadConfig
-    from cluster.bench.serve import local_server, run_serve_bench
+    from cluster.bench.serve import run_serve_bench
     from cluster.bench.workloads import expected_prefix_hits, make_workload
-    from cluster.config import MANIFEST_DIR, parse_manifest
 
     bs = 16
     items = make_workload("trace:cluster/bench/traces/sample_mooncake.jsonl", block_tokens=bs, time_scale=1e6,
@@ -73,11 +84,11 @@ def test_trace_replay_hits_the_prefixes_the_hash_ids_imply(ray_session):
         hits = expected_prefix_hits(items[: i + 1], bs) - expected_prefix_hits(items[:i], bs)
         implied += min(hits, (len(item.prompt_ids) - 1) // bs)
     assert implied > 20  # the sample trace shares prefixes
-    manifest = parse_manifest({"model": "models/tiny-gqa-moge.yaml", "instances": [{"role": "mixed", "ep": 1}],
-                               "engine": {"global_kv_cache": False, "kv_blocks": 2048}}, MANIFEST_DIR)
-    with local_server(manifest) as server:
-        result = run_serve_bench(items, LoadConfig(server.url, concurrency=1))
-        engine = ray.get(server.instances[0].engine.stats.remote())
+    engine = server.instances[0].engine
+    before = ray.get(engine.stats.remote())  # the server is the module's: count this run's part
+    result = run_serve_bench(items, LoadConfig(server.url, concurrency=1))
+    after = ray.get(engine.stats.remote())
+    cached, prompt = (after[k] - before[k] for k in ("cached_tokens", "prompt_tokens"))
     assert result.summary["failed"] == 0
-    assert engine["cached_tokens"] == implied * bs
-    assert result.summary["kv_hit_rate"] == implied * bs / engine["prompt_tokens"]
+    assert cached == implied * bs
+    assert result.summary["kv_hit_rate"] == implied * bs / prompt

@@ -216,3 +216,30 @@ def test_launch_manifest_serves_pd_through_the_global_cache(model):
         prefill.shutdown()
         decode.shutdown()
     assert _tokens(pre) + _tokens(dec) == generate(reference, [prompt], 5).tokens[0]
+
+
+def test_launch_manifest_starts_instances_together_and_a_failure_takes_the_others_down(ray_session, monkeypatch):
+    """Instances start side by side; when one fails to start, the ones that did are
+    shut down (their engines and NPUs go) and the failure is raised, not a half-built
+    cluster."""
+    import cluster.launcher as launcher
+    from cluster.config import MANIFEST_DIR, parse_manifest
+
+    manifest = parse_manifest({"model": "models/tiny-gqa-moge.yaml", "compute": "emulated", "instances": [
+        {"name": "broken", "role": "mixed", "ep": 1}, {"name": "fine", "role": "mixed", "ep": 1}],
+        "engine": {"global_kv_cache": False}}, MANIFEST_DIR)
+    real, started = launcher.launch_manifest_instance, []
+
+    def launch(m, spec, refs, cache=None):
+        if spec.name == "broken":
+            raise RuntimeError("broken: could not start")
+        started.append(real(m, spec, refs, cache))
+        return started[-1]
+
+    monkeypatch.setattr(launcher, "launch_manifest_instance", launch)
+    with pytest.raises(RuntimeError, match="broken: could not start"):
+        launcher.launch_manifest(manifest)
+    (fine,) = started  # it started beside the broken one, listed before it
+    for actor in (fine.engine, *fine.npus):
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.__ray_ready__.remote(), timeout=30)
