@@ -333,10 +333,10 @@ class ClusterController:
                 logger.exception("autoscaler round failed")
 
 
-def start_controller(manifest: Manifest, instances: list[Instance], weight_refs: dict | None, kv_cache=None):
-    """The named controller actor (threaded: an action may run while state is read)."""
+def create_controller(manifest: Manifest, instances: list[Instance], weight_refs: dict | None, kv_cache=None):
+    """The named controller actor (threaded: an action may run while state is read)
+    and the ref its start returns."""
     ctl = ray.remote(ClusterController).options(name=CONTROLLER_NAME, num_cpus=0, max_concurrency=16).remote(
         manifest, instances, weight_refs, kv_cache)
-    ray.get(ctl.start.remote())
-    return ctl
+    return ctl, ctl.start.remote()
 

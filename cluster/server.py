@@ -10,9 +10,9 @@ import ray
 from ray import serve
 
 from cluster.config import Manifest
-from cluster.controller import CONTROLLER_NAME, start_controller
+from cluster.controller import CONTROLLER_NAME, create_controller
 from cluster.launcher import Instance, engine_name, launch_manifest, publish_weights
-from cluster.proxy.master import MASTER_NAME, start_master
+from cluster.proxy.master import MASTER_NAME, create_master
 from cluster.proxy.sorting import SortingConfig
 
 APP_NAME = "omniray"
@@ -30,11 +30,12 @@ class Server:
 
     def shutdown(self, stop_serve: bool = True) -> None:
         """Tear everything down; named actors are gone (their names free) on return."""
-        self.stage = "deleting the Serve application"
-        serve.delete(APP_NAME, _blocking=True)
-        if stop_serve:
+        if stop_serve:  # deletes the application too, without delete's 3 s of polling
             self.stage = "stopping Ray Serve"
             serve.shutdown()
+        else:
+            self.stage = "deleting the Serve application"
+            serve.delete(APP_NAME, _blocking=True)
         from actors.kv_cache import KV_CACHE_NAME
 
         self.stage = "stopping the master, the controller and the instances"
@@ -72,18 +73,19 @@ def launch_backend(manifest: Manifest) -> tuple[list[Instance], object, object]:
     p = manifest.proxy
     sorting = SortingConfig(enabled=p.weighted_sorting, token_weight=p.token_weight, time_weight=p.time_weight,
                             starvation_ms=p.starvation_ms)
+    # the master and the controller come up side by side (each is a new worker process)
+    started = []
     try:
-        master = start_master(instances, policy=p.policy, pd_mode=p.pd_mode, sorting=sorting,
-                              block_size=manifest.engine.block_size, max_queue=p.max_queue,
-                              max_num_seqs=manifest.engine.max_num_seqs)
+        master, master_ready = create_master(instances, policy=p.policy, pd_mode=p.pd_mode, sorting=sorting,
+                                             block_size=manifest.engine.block_size, max_queue=p.max_queue,
+                                             max_num_seqs=manifest.engine.max_num_seqs)
+        started.append(master)
+        controller, controller_ready = create_controller(manifest, instances, refs, instances[0].kv_cache)
+        started.append(controller)
+        ray.get([master_ready, controller_ready])
     except Exception:
-        for inst in instances:
-            inst.shutdown()
-        raise
-    try:
-        controller = start_controller(manifest, instances, refs, instances[0].kv_cache)
-    except Exception:
-        ray.kill(master, no_restart=True)
+        for actor in started:
+            ray.kill(actor, no_restart=True)
         for inst in instances:
             inst.shutdown()
         raise

@@ -3,7 +3,7 @@ variant of a proxy setting (routing policy, weighted sorting, tokenizer reuse,
 P/D mode), one table side by side.
 
 Every variant gets a freshly deployed cluster (instances, cold local and global
-KV caches, master, slaves), so no variant inherits another's cached prefixes;
+KV caches, master, slaves; Ray Serve itself stays up between them), so no variant inherits another's cached prefixes;
 the runs are sequential on the same machine in one invocation.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.bench.serve import ServeBenchResult, local_server, run_serve_bench
+from cluster.bench.serve import ServeBenchResult, free_port, local_server, run_serve_bench
 from cluster.config import Manifest, ProxySettings
 
 COLUMNS = (  # (summary key, header, unit scale)
@@ -51,12 +51,17 @@ def variant_manifest(manifest: Manifest, variant: Variant) -> Manifest:
 def run_compare(manifest: Manifest, variants: list[Variant], items, cfg_for, console=None,
                 address: str | None = None) -> dict[str, ServeBenchResult]:
     """`cfg_for(url)`: the load config for a server at url. Variants run in order."""
-    results = {}
-    for v in variants:
-        with local_server(variant_manifest(manifest, v), address) as server:
-            if console is not None:
-                console.print(f"[bold]{v.name}[/bold]: {len(items)} requests against {server.url}")
-            results[v.name] = run_serve_bench(items, cfg_for(server.url), console=console, label=v.name)
+    from ray import serve
+
+    results, port = {}, free_port()
+    try:  # one Ray Serve (and port) for all variants; each gets fresh instances, master and slaves
+        for v in variants:
+            with local_server(variant_manifest(manifest, v), address, port=port, keep_serve=True) as server:
+                if console is not None:
+                    console.print(f"[bold]{v.name}[/bold]: {len(items)} requests against {server.url}")
+                results[v.name] = run_serve_bench(items, cfg_for(server.url), console=console, label=v.name)
+    finally:
+        serve.shutdown()
     return results
 
 

@@ -30,17 +30,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_server(manifest, address: str | None = None):
-    """An OmniRay server of `manifest` on a free port, for the length of the block."""
+def local_server(manifest, address: str | None = None, port: int | None = None, keep_serve: bool = False):
+    """An OmniRay server of `manifest` on `port` (default: a free one), for the length
+    of the block. `keep_serve`: Ray Serve stays up afterwards (a next server on the same
+    port skips its ~5 s start; the caller shuts Serve down)."""
     from cluster.launcher import connect
     from cluster.server import start_server
 
     connect(address, log_to_driver=False)  # the replicas' access logs would drown the progress bar
-    server = start_server(manifest, port=free_port())
+    server = start_server(manifest, port=port or free_port())
     try:
         yield server
     finally:
-        server.shutdown()
+        server.shutdown(stop_serve=not keep_serve)
 
 
 def run_serve_bench(items: list[WorkItem], cfg: LoadConfig, slo: SLO | None = None, console=None,

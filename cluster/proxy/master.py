@@ -446,14 +446,21 @@ def _current_membership(initial: list[tuple[str, str, int]]) -> list[tuple[str, 
         return initial
 
 
-def start_master(instances, **kwargs):
-    """The named master actor, started and its view built. It restarts on failure
-    (calls in flight are retried on the new one) and rebuilds its view from its
-    arguments — instance names only — and the engines, found by name."""
+def create_master(instances, **kwargs):
+    """The named master actor and the ref its start returns: a caller can start
+    other actors while it comes up. It restarts on failure (calls in flight are
+    retried on the new one) and rebuilds its view from its arguments — instance
+    names only — and the engines, found by name."""
     seqs = kwargs.pop("max_num_seqs", 32)
     spec = [(i.name, i.role, seqs) for i in instances]
     master = ray.remote(OmniMaster).options(
         name=MASTER_NAME, num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=10_000
     ).remote(spec, **kwargs)
-    ray.get(master.start.remote())
+    return master, master.start.remote()
+
+
+def start_master(instances, **kwargs):
+    """The named master actor, started and its view built (see create_master)."""
+    master, ready = create_master(instances, **kwargs)
+    ray.get(ready)
     return master
