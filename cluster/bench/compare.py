@@ -3,8 +3,9 @@ variant of a proxy setting (routing policy, weighted sorting, tokenizer reuse,
 P/D mode), one table side by side.
 
 Every variant gets a freshly deployed cluster (instances, cold local and global
-KV caches, master, slaves; Ray Serve itself stays up between them), so no variant inherits another's cached prefixes;
-the runs are sequential on the same machine in one invocation.
+KV caches, master, slaves; Ray Serve itself stays up between them), so no variant
+inherits another's cached prefixes; the runs are sequential on the same machine
+in one invocation.
 """
 
 from __future__ import annotations
