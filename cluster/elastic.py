@@ -362,7 +362,7 @@ def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict]
     NPUs it no longer uses go back to `standby` (else they go), and the ones it
     keeps leave their previous group, unless `keep_previous` (a scale-up: every
     NPU of it stays, and the instance may scale back to it)."""
-    info = ray.get(inst.engine.reconfigure.remote(npus, specs, memory, recompute))
+    info = ray.get(inst.engine.reconfigure.remote([n._actor_id.hex() for n in npus], specs, memory, recompute))
     if inst.specs[0].has_group or specs[0].has_group:  # else none to leave (emulated, EP 1)
         keep = [specs[0].group_name] + ([inst.specs[0].group_name] if keep_previous else [])
         ray.get([n.leave_groups_but.remote(keep) for n in npus])
@@ -398,8 +398,9 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     prepare_s (new NPUs loaded, experts staged, the new group formed), pause_s
     (the switch between two steps), first_step_s (the switch's start to the
     first step on the new size; None when idle), total_s (the command to that
-    step, or to the switch when idle) and first_step_at (that step's end, wall
-    clock, as the engine's step log); modelled_load_s, the longest modelled copy
+    step, or to the switch when idle); switch_at and first_step_at (wall clock,
+    as the engine's step log: the end of the last step on the old size, where
+    the pause starts, and the end of the first on the new); modelled_load_s, the longest modelled copy
     of a new NPU's weights into HBM in prepare_s (emulated compute, else 0);
     back, whether it returned to the layout of before the last scale-up
     (Instance.dormant: nothing staged, no group formed)."""
@@ -419,7 +420,7 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
         "instance": inst.name, "from_ep": old_ep, "to_ep": ep, "back": back is not None, "prepare_s": prepared - t0,
         "modelled_load_s": max((r["load_s"] for r in reports), default=0.0),
         "pause_s": info["pause_s"], "first_step_s": info.get("first_step_s"), "migrated": info["migrated"],
-        "total_s": done - t0, "first_step_at": info.get("first_step_at"),
+        "total_s": done - t0, "switch_at": info["switch_at"], "first_step_at": info.get("first_step_at"),
     }
 
 

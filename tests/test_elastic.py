@@ -205,6 +205,11 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         assert [s["hbm"]["by_category"]["weights"] for s in stats] == before
         assert [s["prepares"] for s in stats] == [0] * 4  # nothing to copy from the leaving NPUs
         assert not any(s["torch_imported"] or s["groups"] for s in stats)  # no torch, no group
+        # a switch names its NPUs by actor id: one the engine neither steps nor adopted
+        # is refused before anything changes
+        with pytest.raises(ValueError, match="npus: 00ff neither serve in nor were adopted"):
+            ray.get(emu.engine.reconfigure.remote(["00ff"], emu.specs[:1], emu.memory[:1]))
+        assert ray.get(emu.engine.stats.remote())["reconfigurations"] == 2
     finally:
         emu.shutdown()
 

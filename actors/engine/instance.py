@@ -60,6 +60,7 @@ class InstanceEngine:
         self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
         self._reconfig: tuple | None = None  # (npus, specs, memory, future, recompute): applied between two steps
         self._after_step: list[asyncio.Future] = []  # resolved when the next step completes
+        self._adopted: dict[str, object] = {}  # NPUs set up for the next switch, by actor id
         # (time.time() at the step's end, tokens it generated): throughput over any window,
         # on the wall clock so that a controller or benchmark on another host can line it up
         self.step_log: deque[tuple[float, int]] = deque(maxlen=STEP_LOG_LEN)
@@ -320,9 +321,12 @@ class InstanceEngine:
         return not stopped and len(seq.output_ids) < req.max_tokens
 
     # ---- elastic: new NPUs or a new expert map, switched between two steps -------------
-    async def reconfigure(self, npus: list, specs: list, memory: list[dict], recompute: bool = False) -> dict:
+    async def reconfigure(self, npus: list[str], specs: list, memory: list[dict], recompute: bool = False) -> dict:
         """Serve on `npus` (one spec and one memory report each) from the next step
-        on: an EP resize (ElasticMoE) or a new expert map (Omni Placement). The
+        on: an EP resize (ElasticMoE) or a new expert map (Omni Placement). NPUs
+        are named by actor id: each is one this engine steps now or adopted since
+        its last switch, whose handle it holds (sending 8 handles and resolving
+        them here costs 2.5 ms of CPU on an idle host, during the step in flight). The
         caller staged the new experts and formed the new group beforehand
         (NPU.prepare, form_group), so the switch is bookkeeping here and the spec
         riding on each NPU's next batch: no round trip of its own. NPUs kept from
@@ -337,10 +341,14 @@ class InstanceEngine:
         self._ensure_loop()
         if self._reconfig is not None:
             raise RuntimeError(f"engine {self.config.name}: a reconfiguration is already in progress")
+        known = {n._actor_id.hex(): n for n in self.executor.npus} | self._adopted
+        missing = [i for i in npus if i not in known]
+        if missing:
+            raise ValueError(f"npus: {', '.join(missing)} neither serve in nor were adopted by engine {self.config.name}")
         loop = asyncio.get_running_loop()
         t0 = time.time()
         switched = loop.create_future()
-        self._reconfig = (npus, specs, memory, switched, recompute)
+        self._reconfig = ([known[i] for i in npus], specs, memory, switched, recompute)
         self._wake.set()
         info = await switched
         first = None
@@ -363,14 +371,17 @@ class InstanceEngine:
         it still serves on the current ones; returns their memory reports. Called
         from this process, so the setup also opens the connections the first step
         on them needs: a process's first call to an actor resolves it through the
-        GCS (milliseconds each), which would otherwise stall that step."""
-        return list(await asyncio.gather(*(n.setup.remote(weight_refs, s) for n, s in zip(npus, specs))))
+        GCS (milliseconds each), which would otherwise stall that step. The engine
+        keeps their handles: the switch names them by actor id."""
+        reports = list(await asyncio.gather(*(n.setup.remote(weight_refs, s) for n, s in zip(npus, specs))))
+        self._adopted.update((n._actor_id.hex(), n) for n in npus)
+        return reports
 
     async def _switch(self, npus: list, specs: list, memory: list[dict], done: asyncio.Future,
                       recompute: bool) -> None:
         import ray
 
-        t0 = time.monotonic()
+        t0, switch_at = time.monotonic(), time.time()  # the old size's last step is in the step log
         try:
             old = self.executor.npus
             old_rank = {n._actor_id.hex(): r for r, n in enumerate(old)}
@@ -410,12 +421,14 @@ class InstanceEngine:
                 self.scheduler.migrate(seq, [[exported, i] for i in range(-(-tokens // bs))], tokens)
         self.managers = self.scheduler.managers = bs_managers
         self.executor = InstanceExecutor(npus, specs)
+        self._adopted = {}  # the ones not switched to went back to the standby pool or away
         self.counters["reconfigurations"] += 1
         self.healthy = True
         self.counters["migrated_seqs"] += len(moving)
         # the exports finish beside the first step (whose imports wait for them), not in the pause
         exports = [r for _, r, _ in moving if r is not None]
-        done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "migrated": len(moving), "exports": exports})
+        done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "switch_at": switch_at,
+                         "migrated": len(moving), "exports": exports})
 
     # ---- state for the master ---------------------------------------------------------
     async def npu_stats(self) -> list[dict]:

@@ -100,8 +100,9 @@ def _window_rate(steps: list[tuple[float, int]], start: float, end: float) -> fl
 
 @dataclass
 class ScalingWindow:
-    """One scale event on the run's clock: the command, the switch (staging done),
-    the first step on the new size; the steady rates of the old and new size (once
+    """One scale event on the run's clock: the command, the switch (the end of the
+    old size's last step: staging is done and the engine's pause starts; the old
+    size serves until then), the first step on the new size; the steady rates of the old and new size (once
     measured), and the resize's own report."""
 
     start: float
@@ -305,7 +306,7 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
                 start = now()
                 info = target.scale(ep)
                 end = info["first_step_at"] - wall0 if info.get("first_step_at") else now()
-                return ScalingWindow(start, start + info["prepare_s"], end, info=info)
+                return ScalingWindow(start, min(max(info["switch_at"] - wall0, start), end), end, info=info)
 
             cycles = []
             time.sleep(cfg.warmup_s)
