@@ -42,31 +42,6 @@ def _lower_this_thread() -> None:
         pass
 
 
-EMULATED_NPU_NICENESS = 19  # OMNIRAY_EMULATED_NPU_NICE overrides it
-
-
-def _below_the_engine() -> None:
-    """Nice this emulated NPU's threads below the rest of the serving stack (the
-    engine, the proxy and Serve's replicas run at Ray's worker niceness, 15). Its
-    CPU is bookkeeping for a device that is not there, and on a host with fewer
-    cores than NPU processes it took the CPU from the engine's per-step fan-out
-    to every NPU, the serial section of each step: a 72B scale-down 16 -> 8 lost
-    12-15 ms of serving at 15, 7-8 ms at 19 (BENCHMARKS.md). Linux nices per
-    thread: every thread there now (the ones started later inherit it). Never
-    raises a thread's priority, elsewhere or when not allowed changes nothing."""
-    target = int(os.environ.get("OMNIRAY_EMULATED_NPU_NICE", EMULATED_NPU_NICENESS))
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]  # not Linux: the process
-    for tid in tids:
-        try:
-            if os.getpriority(os.PRIO_PROCESS, tid) < target:
-                os.setpriority(os.PRIO_PROCESS, tid, target)
-        except (AttributeError, OSError):
-            pass
-
-
 def _below_serving(fn, *args):
     """Run fn in a short-lived thread below every serving thread: a new NPU
     loading its weights shares its host's cores with the NPUs that serve, and
@@ -114,8 +89,6 @@ class NPUActor:
         self.warm_replica = None  # a standby NPU's replicated model and KV pool, built while it waited
         self.weight_refs: dict | None = None  # the object-store refs it warmed with (setup need not resend them)
         self._adopt(spec)
-        if spec.compute == "emulated":
-            _below_the_engine()
 
     def _adopt(self, spec: NPUSpec) -> None:
         self.spec = spec

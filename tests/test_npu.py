@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import replace
 
 import pytest
 
@@ -127,30 +126,3 @@ def test_loading_runs_below_serving_and_never_above_it():
     policy, nice = out["v"]
     assert policy == os.SCHED_IDLE or nice == 19
     assert nice >= 15
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="per-thread niceness is Linux's")
-def test_an_emulated_npu_runs_below_the_engine_and_a_real_one_does_not(ray_session):
-    """Every thread of an emulated NPU's process is niced below Ray's workers (the
-    engine, proxy and replicas run at 15): its CPU is emulation bookkeeping, and the
-    engine's fan-out to the NPUs is each step's serial section. A real NPU computes:
-    it stays where Ray put it."""
-    import ray
-
-    from actors.npu import EMULATED_NPU_NICENESS
-    from cluster.launcher import start_npu_actors
-
-    def nice_of_threads(actor) -> set[int]:
-        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
-        return {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
-
-    m = load_manifest("local")
-    inst = launch_instance("nice", m.model, 1, "real", "910B", publish_weights(m.model))
-    emulated = start_npu_actors([replace(inst.specs[0], name="nice.emu", compute="emulated")])[0]
-    try:
-        assert nice_of_threads(emulated) == {EMULATED_NPU_NICENESS}
-        real = nice_of_threads(inst.npus[0])
-        assert max(real) < EMULATED_NPU_NICENESS
-    finally:
-        ray.kill(emulated)
-        inst.shutdown()
