@@ -342,6 +342,23 @@ def test_gained_is_what_a_rank_must_stage():
     assert ExpertMap.contiguous([1], 8, 2).gained(0, {1: [0, 1]}) == {1: [2, 3]}
 
 
+def test_a_kept_npu_stages_only_experts_none_of_its_maps_hold():
+    """cluster.elastic._gains: what a kept NPU holds is its map's experts and those
+    it kept aside from before its last switch (rank 1 here: EP 2's 4-7 under EP 4's 4, 5)."""
+    from dataclasses import replace
+
+    from actors.protocol import NPUSpec
+    from cluster.elastic import _gains
+
+    ep2 = ExpertMap.contiguous([1, 3], 8, 2)
+    ep4 = ep2.resized(8, 4)
+    spec = NPUSpec("x.npu1", "x", 1, "910B", "emulated", None, ep2, "x-group")
+    assert not _gains(spec, [ep4, ep2])  # back to the map it kept: nothing compared
+    assert not _gains(replace(spec, expert_map=ExpertMap.contiguous([1, 3], 8, 2)), [ep4, ep2])  # an equal one
+    assert _gains(spec, [ep4])  # 6 and 7 were not kept aside
+    assert not _gains(replace(spec, expert_map=ep4), [ep4])
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.dictionaries(st.integers(0, 95), st.lists(st.lists(st.integers(0, 300), max_size=6), min_size=1, max_size=5),
                        max_size=6))
