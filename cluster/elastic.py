@@ -412,8 +412,9 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     first step on the new size; None when idle), total_s (the command to that
     step, or to the switch when idle); switch_at and first_step_at (wall clock,
     as the engine's step log: the end of the last step on the old size, where
-    the pause starts, and the end of the first on the new); modelled_load_s, the longest modelled copy
-    of a new NPU's weights into HBM in prepare_s (emulated compute, else 0);
+    the pause starts, and the end of the first on the new); modelled_load_s,
+    the longest modelled copy of a new NPU's weights into HBM in prepare_s
+    (emulated compute, else 0);
     back, whether it returned to the layout of before the last scale-up
     (Instance.dormant: nothing staged, no group formed)."""
     t0 = time.time()

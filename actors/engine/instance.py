@@ -344,7 +344,8 @@ class InstanceEngine:
         known = {n._actor_id.hex(): n for n in self.executor.npus} | self._adopted
         missing = [i for i in npus if i not in known]
         if missing:
-            raise ValueError(f"npus: {', '.join(missing)} neither serve in nor were adopted by engine {self.config.name}")
+            raise ValueError(f"npus: {', '.join(missing)} neither serve in nor were adopted by "
+                             f"engine {self.config.name}")
         loop = asyncio.get_running_loop()
         t0 = time.time()
         switched = loop.create_future()

@@ -101,9 +101,9 @@ def _window_rate(steps: list[tuple[float, int]], start: float, end: float) -> fl
 @dataclass
 class ScalingWindow:
     """One scale event on the run's clock: the command, the switch (the end of the
-    old size's last step: staging is done and the engine's pause starts; the old
-    size serves until then), the first step on the new size; the steady rates of the old and new size (once
-    measured), and the resize's own report."""
+    old size's last step, where the engine's pause starts: the old size serves
+    until then), the first step on the new size; the steady rates of the old and
+    new size (once measured), and the resize's own report."""
 
     start: float
     switch: float
