@@ -457,10 +457,3 @@ def create_master(instances, **kwargs):
         name=MASTER_NAME, num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=10_000
     ).remote(spec, **kwargs)
     return master, master.start.remote()
-
-
-def start_master(instances, **kwargs):
-    """The named master actor, started and its view built (see create_master)."""
-    master, ready = create_master(instances, **kwargs)
-    ray.get(ready)
-    return master
