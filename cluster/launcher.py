@@ -19,9 +19,10 @@ from actors.expert_map import ExpertMap
 from actors.model.config import ModelConfig
 from actors.npu import NPU_RESOURCE, NPUActor
 from actors.protocol import ComputeMode, NPUSpec
-from cluster.node_placement import NodePlacement, create_group, remove_group
+from cluster.node_placement import NodePlacement, create_group, remove_group, reserve_groups
 
 DEFAULT_LOCAL_NPUS = 64  # omni_npu slots the embedded local Ray offers
+PLACEMENT_TIMEOUT_S = 60.0  # how long a launch waits for Ray to place an instance's NPUs
 NAMESPACE = "omniray"  # the Ray namespace of a server's named actors, so `omniray status` finds them
 
 
@@ -129,12 +130,14 @@ def launch_instance(
     kv_cache_name: str | None = None,
     mtp_acceptance_rate: float = 0.9,
     placement: str | None = None,
-    placement_timeout_s: float = 60.0,
+    placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+    placement_group=None,
 ) -> Instance:
     """Start EP `ep` NPU actors, join them into a fresh collective group and load
     their shards. Raises the NPU's HBMOutOfMemory if a shard does not fit.
     `placement` (STRICT_PACK, PACK, SPREAD, STRICT_SPREAD) places the NPUs with a
-    placement group of one omni_npu bundle each; None schedules them freely."""
+    placement group of one omni_npu bundle each (`placement_group`, if reserved already:
+    launch_manifest); None schedules them freely."""
     expert_map = expert_map or ExpertMap.contiguous(cfg.moe_layers, cfg.num_experts, ep)
     expert_map.validate(cfg.num_experts)
     group = f"{name}-{uuid.uuid4().hex[:8]}"
@@ -146,10 +149,13 @@ def launch_instance(
         )
         for r in range(ep)
     ]
-    pg = create_group(f"{name}-npus", ep, placement, placement_timeout_s) if placement else None
+    pg = placement_group
+    if pg is None and placement:
+        pg = create_group(f"{name}-npus", ep, placement, placement_timeout_s)
     bundles = [(pg, i) for i in range(ep)] if pg is not None else None
-    npus = start_npu_actors(specs, bundles)
+    npus = []
     try:
+        npus = start_npu_actors(specs, bundles)
         memory = ray.get([n.setup.remote(weight_refs) for n in npus])
     except Exception:
         for n in npus:
@@ -254,24 +260,33 @@ def launch_manifest(manifest, weight_refs: dict | None = None) -> list[Instance]
     refs = weight_refs
     if refs is None and manifest.compute == "real":
         refs = publish_weights(manifest.model, manifest.checkpoint)
+    # the nodes first, strictest strategy first: instances started side by side would
+    # ask for their placement groups in a race that can leave a STRICT_PACK group no node
+    groups = reserve_groups([(s.name, s.ep, s.placement) for s in manifest.instances if s.placement],
+                            PLACEMENT_TIMEOUT_S)
     # all at once: an instance's start is mostly its processes starting and importing,
     # which a second instance's overlaps (its engine starts while the next one's NPUs load)
     with ThreadPoolExecutor(max_workers=len(manifest.instances), thread_name_prefix="launch") as pool:
-        futures = [pool.submit(launch_manifest_instance, manifest, spec, refs, cache) for spec in manifest.instances]
+        futures = [pool.submit(launch_manifest_instance, manifest, spec, refs, cache, groups.get(spec.name))
+                   for spec in manifest.instances]
         wait(futures)
     failed = [f.exception() for f in futures if f.exception() is not None]
     if failed:
         for f in futures:
             if f.exception() is None:
                 f.result().shutdown()
+        for pg in groups.values():  # the failed instances' (a removed one again is a no-op)
+            remove_group(pg)
         raise failed[0]
     return [f.result() for f in futures]
 
 
-def launch_manifest_instance(manifest, spec, weight_refs: dict | None, kv_cache=None) -> Instance:
+def launch_manifest_instance(manifest, spec, weight_refs: dict | None, kv_cache=None,
+                             placement_group=None) -> Instance:
     """One instance of a manifest (InstanceSpec `spec`) with its engine, publishing
-    to `kv_cache` (the global KV cache actor) if given; at start-up and when the
-    cluster controller adds one while serving."""
+    to `kv_cache` (the global KV cache actor) if given, its NPUs in
+    `placement_group` if reserved already; at start-up and when the cluster controller adds
+    one while serving."""
     from actors.kv_cache import KV_CACHE_NAME
 
     eng = manifest.engine
@@ -280,7 +295,7 @@ def launch_manifest_instance(manifest, spec, weight_refs: dict | None, kv_cache=
         spec.name, manifest.model, spec.ep, manifest.compute, manifest.device, weight_refs, role=spec.role,
         backend=manifest.collective_backend, time_scale=manifest.time_scale, block_size=eng.block_size,
         kv_blocks=eng.kv_blocks, kv_cache_name=cache_name, mtp_acceptance_rate=eng.mtp_acceptance_rate,
-        placement=spec.placement,
+        placement=spec.placement, placement_group=placement_group,
     )
     inst.kv_cache = kv_cache
     try:

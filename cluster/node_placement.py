@@ -2,7 +2,7 @@
 
 A manifest gives each instance a Ray placement strategy (STRICT_PACK, PACK,
 SPREAD, STRICT_SPREAD): at launch, a placement group of one `omni_npu` bundle
-per NPU. Placement groups cannot grow, so the NPUs a scale-up adds are placed
+per NPU, the strict groups reserved before the soft ones (reserve_groups). Placement groups cannot grow, so the NPUs a scale-up adds are placed
 relative to the ones the instance has (their nodes: each NPU's memory report):
 
 - standby NPUs (already running somewhere) are chosen by their node: on the
@@ -98,6 +98,29 @@ def create_group(name: str, n: int, strategy: str, timeout_s: float, selector: d
             f"{timeout_s:g} s (each node offers its own '{NPU_RESOURCE}' slots)"
         ) from None
     return pg
+
+
+# the order a launch reserves its instances' groups in: those Ray must meet exactly first
+# (a soft group placed before a strict one may split the free slots the strict one needs
+# across nodes), the larger first within a strategy
+RESERVE_ORDER = ("STRICT_PACK", "STRICT_SPREAD", "PACK", "SPREAD")
+
+
+def reserve_groups(requests: list[tuple[str, int, str]], timeout_s: float) -> dict[str, object]:
+    """Placement groups, by name, for instances launched together: `requests` of
+    (name, NPUs, strategy), made one at a time in RESERVE_ORDER, each ready before
+    the next is asked for (Ray places pending groups in no order of ours). On a
+    PlacementError, the groups made so far are removed."""
+    ordered = sorted(requests, key=lambda r: (RESERVE_ORDER.index(r[2]), -r[1]))
+    groups: dict[str, object] = {}
+    try:
+        for name, n, strategy in ordered:
+            groups[name] = create_group(f"{name}-npus", n, strategy, timeout_s)
+    except BaseException:
+        for pg in groups.values():
+            remove_group(pg)
+        raise
+    return groups
 
 
 def added_group(name: str, n: int, placement: NodePlacement, nodes: list[str]):

@@ -230,10 +230,10 @@ def test_launch_manifest_starts_instances_together_and_a_failure_takes_the_other
         "engine": {"global_kv_cache": False}}, MANIFEST_DIR)
     real, started = launcher.launch_manifest_instance, []
 
-    def launch(m, spec, refs, cache=None):
+    def launch(m, spec, refs, cache=None, placement_group=None):
         if spec.name == "broken":
             raise RuntimeError("broken: could not start")
-        started.append(real(m, spec, refs, cache))
+        started.append(real(m, spec, refs, cache, placement_group))
         return started[-1]
 
     monkeypatch.setattr(launcher, "launch_manifest_instance", launch)
@@ -243,3 +243,6 @@ def test_launch_manifest_starts_instances_together_and_a_failure_takes_the_other
     for actor in (fine.engine, *fine.npus):
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(actor.__ray_ready__.remote(), timeout=30)
+    # the placement groups reserved for both (the manifest's default PACK) are gone too
+    live = [g["name"] for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+    assert not [n for n in live if n in ("broken-npus", "fine-npus")]

@@ -65,6 +65,22 @@ def test_instances_span_nodes_and_pd_crosses_them(cluster):
         server.shutdown()
 
 
+def test_a_launch_reserves_strict_groups_before_soft_ones(cluster):
+    """Listed soft-first, two SPREAD pairs could take one slot of every node and leave
+    the STRICT_PACK pair no node: a launch asks for the strict group first."""
+    from cluster.node_placement import remove_group, reserve_groups
+
+    _wait_free(6)  # the first test's NPUs are gone
+    groups = reserve_groups([("soft0", 2, "SPREAD"), ("soft1", 2, "SPREAD"), ("strict", 2, "STRICT_PACK")], 5)
+    try:
+        table = {name: ray.util.placement_group_table(pg) for name, pg in groups.items()}
+        assert len(set(table["strict"]["bundles_to_node_id"].values())) == 1
+        assert all(t["state"] == "CREATED" for t in table.values())
+    finally:
+        for pg in groups.values():
+            remove_group(pg)
+
+
 def test_strict_pack_that_no_node_can_hold_fails_clearly(cluster):
     from cluster.launcher import launch_instance
 
