@@ -4,6 +4,7 @@ and the Serve application of the slaves. Used by `omniray serve` and the tests."
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import ray
@@ -100,12 +101,20 @@ def start_server(manifest: Manifest, host: str = "127.0.0.1", port: int = 8000, 
     from cluster.proxy.app import build_app
     from cluster.proxy.grpc_ingress import SERVICER
 
-    instances, master, controller = launch_backend(manifest)
+    grpc = gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER]) if grpc_port else None
+    # Serve's controller and HTTP proxy start while the backend launches (a third of a
+    # small server's start-up, mostly processes starting); one HTTP proxy, on the head
+    # node: the simulated multi-node clusters of the tests share one machine (and one
+    # port); put a load balancer before EveryNode proxies instead
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-start") as pool:
+        serve_started = pool.submit(serve.start, proxy_location="HeadOnly",
+                                    http_options={"host": host, "port": port}, grpc_options=grpc)
+        try:
+            instances, master, controller = launch_backend(manifest)
+        finally:
+            wait([serve_started])
     try:
-        grpc = gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER]) if grpc_port else None
-        # one HTTP proxy, on the head node: the simulated multi-node clusters of the tests
-        # share one machine (and one port); put a load balancer before EveryNode proxies instead
-        serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": port}, grpc_options=grpc)
+        serve_started.result()
         namespace = ray.get_runtime_context().namespace
         serve.run(build_app(manifest, namespace), name=APP_NAME, route_prefix="/")
     except Exception:
