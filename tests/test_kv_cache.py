@@ -198,6 +198,33 @@ def test_get_or_create_returns_same_actor(ray_session):
     ray.kill(a)
 
 
+def test_an_npu_publishes_through_a_cache_that_died_and_indexes_in_its_successor(ray_session):
+    """The prefix index is an optimisation: an NPU's step must not fail because the
+    cache actor is restarting or gone (it did, under a killed cache: a step raised
+    ActorUnavailableError and took a request's failover down with it)."""
+    from actors.compute.kv_pool import BlockPublisher
+    from actors.expert_map import ExpertMap
+    from actors.protocol import NPUSpec
+    from cluster.config import load_manifest
+
+    cfg = load_manifest("local").model
+    name = f"omniray.kv_cache.test-{uuid.uuid4().hex[:6]}"
+    spec = NPUSpec("x.npu0", "x", 0, "910B", "emulated", cfg, ExpertMap.contiguous(cfg.moe_layers, cfg.num_experts, 1),
+                   "x-group", kv_cache_name=name)
+    publisher = BlockPublisher(spec)
+    first = get_or_create_kv_cache(1 << 20, name=name)
+    h1, h2 = block_hashes(list(range(2 * BS)), BS)
+    assert list(publisher.publish([("s1", h1, np.zeros(BS))])) == ["s1"]
+    assert ray.get(first.contains.remote([h1])) == [True]
+    ray.kill(first, no_restart=True)
+    exported = publisher.publish([("s1", h2, np.ones(BS))])  # no error: the block is the sequence's still
+    assert len(exported["s1"]) == 1 and (ray.get(exported["s1"][0][0]) == 1).all()
+    second = get_or_create_kv_cache(1 << 20, name=name)  # a successor under the name is found again
+    publisher.publish([("s2", h2, np.ones(BS))])
+    assert ray.get(second.contains.remote([h2])) == [True]
+    ray.kill(second)
+
+
 def test_plain_class_sync_methods():
     c = GlobalKVCache(2)
     assert c.contains([1]) == [False]

@@ -60,5 +60,10 @@ class BlockPublisher:
             if block_hash is not None and cache is not None:
                 entries.append((block_hash, [ref], self.nbytes))
         if entries:
-            ray.get(cache.put.remote(entries))  # indexed before the step returns: a later match sees them
+            try:
+                ray.get(cache.put.remote(entries))  # indexed before the step returns: a later match sees them
+            except ray.exceptions.RayActorError:
+                # the cache is restarting or gone: blocks not indexed cost only a later miss,
+                # never the step (the sequences keep their blocks); a gone one is looked up again
+                self._cache = None
         return exported
