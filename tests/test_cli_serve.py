@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+import ray
 from openai import OpenAI
 
 from actors.model.reference import build_reference, generate
@@ -29,7 +31,16 @@ proxy: {{policy: round_robin}}
 
 
 
-def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path):
+@pytest.fixture
+def no_other_local_ray():
+    """As on a user's machine, the server's Ray is the only one here: `omniray status`
+    joins the local Ray it finds ("auto"), and the tests' shared one, if an earlier
+    module left it up, could be the one it finds."""
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path, no_other_local_ray):
     path = tmp_path / "mixed.yaml"
     path.write_text(MANIFEST)
     port = free_port()
