@@ -2,8 +2,9 @@
 
 A manifest gives each instance a Ray placement strategy (STRICT_PACK, PACK,
 SPREAD, STRICT_SPREAD): at launch, a placement group of one `omni_npu` bundle
-per NPU, the strict groups reserved before the soft ones (reserve_groups). Placement groups cannot grow, so the NPUs a scale-up adds are placed
-relative to the ones the instance has (their nodes: each NPU's memory report):
+per NPU, the strict groups reserved before the soft ones (reserve_groups).
+Placement groups cannot grow, so the NPUs a scale-up adds are placed relative
+to the ones the instance has (their nodes: each NPU's memory report):
 
 - standby NPUs (already running somewhere) are chosen by their node: on the
   instance's node first for PACK, on nodes it uses least for SPREAD; the STRICT
@@ -109,8 +110,8 @@ RESERVE_ORDER = ("STRICT_PACK", "STRICT_SPREAD", "PACK", "SPREAD")
 def reserve_groups(requests: list[tuple[str, int, str]], timeout_s: float) -> dict[str, object]:
     """Placement groups, by name, for instances launched together: `requests` of
     (name, NPUs, strategy), made one at a time in RESERVE_ORDER, each ready before
-    the next is asked for (Ray places pending groups in no order of ours). On a
-    PlacementError, the groups made so far are removed."""
+    the next is asked for (Ray places pending groups in no order of ours). If one
+    fails (a PlacementError, or the wait is interrupted), those made so far are removed."""
     ordered = sorted(requests, key=lambda r: (RESERVE_ORDER.index(r[2]), -r[1]))
     groups: dict[str, object] = {}
     try:

@@ -4,7 +4,7 @@ and the Serve application of the slaves. Used by `omniray serve` and the tests."
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import ray
@@ -106,13 +106,10 @@ def start_server(manifest: Manifest, host: str = "127.0.0.1", port: int = 8000, 
     # small server's start-up, mostly processes starting); one HTTP proxy, on the head
     # node: the simulated multi-node clusters of the tests share one machine (and one
     # port); put a load balancer before EveryNode proxies instead
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-start") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-start") as pool:  # leaving it waits
         serve_started = pool.submit(serve.start, proxy_location="HeadOnly",
                                     http_options={"host": host, "port": port}, grpc_options=grpc)
-        try:
-            instances, master, controller = launch_backend(manifest)
-        finally:
-            wait([serve_started])
+        instances, master, controller = launch_backend(manifest)
     try:
         serve_started.result()
         namespace = ray.get_runtime_context().namespace
