@@ -275,6 +275,7 @@ class NPUActor:
             "groups": sorted(self.groups),
             "tensors_fetched": getattr(self.compute, "tensors_fetched", 0),  # at load, from the object store
             "prepares": self.prepares,
+            "kv_blocks_loaded": dict(getattr(self.compute, "kv_blocks_loaded", {})),  # by link: see kv_pool.blocks_loaded
             "torch_imported": "torch" in sys.modules,  # emulated NPUs never need it
             "experts": {str(layer): ids for layer, ids in self.spec.expert_map.held_by(self.spec.rank).items()},
         }

@@ -78,6 +78,9 @@ class SeqWork:
     output_index: int = 0  # index of the token to sample in the output (seeds sampling)
     block_table: list[int] | None = None  # paged KV: the sequence's blocks (None: a scratch per-sequence cache)
     load_blocks: list = field(default_factory=list)  # (block id, [ref]): fill from the object store before the step
+    # the blocks come from an NPU on this one's node (an elastic migration within the
+    # instance): emulated compute charges the intra-node link, not RoCE
+    load_intra_node: bool = False
     save_blocks: list = field(default_factory=list)  # (block id, prefix hash or None): put into the object store
     # MTP speculative decoding (greedy): the last `num_drafts` token_ids are drafts to
     # verify in this forward; `propose` asks the MTP head for the next step's draft,

@@ -200,8 +200,16 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         # the kept NPUs keep the other half aside: their HBM holds what it held
         assert [a["weights"] + a.get("retained", 0) for a in after[:4]] == before
         assert all("retained" not in a for a in after[4:])
-        assert resize(emu, 4, None)["back"]
+        # back to EP 4 while 8 sequences generate, one on each NPU: the leaving NPUs'
+        # sequences move to kept ones on the same node, over its intra-node link
+        prompts = _prompts(8, seed=5)
+        tokens, down = _generate_during(emu, prompts, 64, lambda: resize(emu, 4, None))
+        assert down["back"] and down["migrated"] > 0
+        again, _ = _generate_during(emu, prompts, 64, lambda: None)
+        assert tokens == again  # (emulated tokens depend on the token and position only)
         stats = emu.stats()
+        loaded = [s["kv_blocks_loaded"] for s in stats]
+        assert sum(d.get("intra_node", 0) for d in loaded) > 0 and not any("inter_node" in d for d in loaded)
         assert [s["hbm"]["by_category"]["weights"] for s in stats] == before
         assert [s["prepares"] for s in stats] == [0] * 4  # nothing to copy from the leaving NPUs
         assert not any(s["torch_imported"] or s["groups"] for s in stats)  # no torch, no group

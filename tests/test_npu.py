@@ -66,6 +66,41 @@ def test_an_emulated_npu_takes_the_modelled_time_to_load_its_weights():
     assert loads[device.host_bandwidth / 4] == pytest.approx(4 * loads[device.host_bandwidth], rel=1e-3)
 
 
+def test_an_emulated_npu_charges_migrated_kv_to_the_link_it_crosses():
+    """KV a scale-in moves between NPUs of one node crosses HCCS, not RoCE: 16x the
+    bandwidth on a 910B (the switch's first step is that much shorter). No Ray."""
+    from actors.compute.emulated import EmulatedCompute
+    from actors.compute.kv_pool import block_bytes
+    from actors.cost_model import CostModel
+    from actors.devices import get_device
+    from actors.expert_map import ExpertMap
+    from actors.hbm import HBMLedger
+    from actors.protocol import NPUBatch, NPUSpec
+
+    m = load_manifest("pangu-pro-moe-72b")
+    cfg, device = m.model, get_device(m.device)
+    spec = NPUSpec("x.npu0", "x", 0, m.device, "emulated", cfg,
+                   ExpertMap.contiguous(cfg.moe_layers, cfg.num_experts, 8), "g", "gloo", time_scale=0.0)
+    compute = EmulatedCompute(spec, HBMLedger(spec.name, device.hbm_bytes), CostModel(device))
+    compute.load_weights(None)
+    cost = CostModel(device)
+
+    def step(loads: list[tuple[int, bool]]) -> float:  # (blocks, intra-node) per sequence
+        seqs = [SeqWork(f"s{i}", [7], 64, block_table=list(range(5)), load_blocks=[(b, [None, b]) for b in range(n)],
+                        load_intra_node=intra) for i, (n, intra) in enumerate(loads)]
+        return compute.step(NPUBatch(1, seqs)).device_time_s
+
+    base = step([(0, False), (0, True)])
+    nbytes = 4 * block_bytes(spec)
+    intra, inter = step([(4, True), (0, False)]) - base, step([(0, True), (4, False)]) - base
+    assert intra == pytest.approx(cost.transfer_time(nbytes, intra_node=True))
+    assert inter == pytest.approx(cost.transfer_time(nbytes, intra_node=False))
+    assert inter > 10 * intra
+    both = step([(4, True), (4, False)]) - base  # each link charged for its own blocks
+    assert both == pytest.approx(intra + inter)
+    assert compute.kv_blocks_loaded == {"intra_node": 8, "inter_node": 8}
+
+
 def test_oversize_load_is_refused_naming_npu_what_and_size(ray_session):
     m = load_manifest("pangu-ultra-moe-718b")
     with pytest.raises(HBMOutOfMemory) as info:

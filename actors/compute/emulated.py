@@ -14,7 +14,9 @@ import time
 import numpy as np
 
 from actors.compute.kv_ledger import KVCharges
-from actors.compute.kv_pool import BlockPublisher, block_bytes, reserve_pool
+from collections import Counter
+
+from actors.compute.kv_pool import BlockPublisher, block_bytes, blocks_loaded, reserve_pool
 from actors.cost_model import CostModel
 from actors.hbm import HBMLedger
 from actors.model.config import DTYPE_BYTES
@@ -44,6 +46,7 @@ class EmulatedCompute:
         self.publisher = BlockPublisher(spec)
         self.num_blocks = 0
         self.load_s = 0.0  # modelled seconds of the last load_weights
+        self.kv_blocks_loaded: Counter[str] = Counter()  # by link (kv_pool.blocks_loaded)
 
     def load_weights(self, weight_refs: dict | None) -> None:
         """Charge the weights and reserve the KV pool, and sleep the modelled copy of
@@ -104,7 +107,6 @@ class EmulatedCompute:
         for w in batch.seqs:
             if w.block_table is None:
                 self.kv.charge(w.seq_id, w.start_pos, len(w.token_ids))
-        loaded = sum(len(w.load_blocks) for w in batch.seqs)
         num_tokens = sum(len(w.token_ids) for w in batch.seqs)
         device_s = self.cost.step_time(
             cfg,
@@ -114,8 +116,7 @@ class EmulatedCompute:
             ep_size=self.spec.ep_size,
             num_local_experts=len(next(iter(self.held.values()), [])),
         ).total_s
-        # KV blocks pulled from another instance cross the inter-node link
-        device_s += self.cost.transfer_time(loaded * block_bytes(self.spec))
+        device_s += self._load_time(batch)
         tokens, accepted, drafts = {}, {}, {}
         for w in batch.seqs:
             if w.num_drafts:  # the draft's value is not modelled, only whether it is accepted
@@ -144,6 +145,14 @@ class EmulatedCompute:
         return NPUStepResult(
             self.spec.rank, tokens, None, device_s, time.perf_counter() - t0, exported, accepted, drafts
         )
+
+    def _load_time(self, batch: NPUBatch) -> float:
+        """The modelled copy of the KV blocks the batch loads, over the link each
+        crosses (kv_pool.blocks_loaded: HCCS within the node, else RoCE); 0 when none."""
+        loaded = blocks_loaded(batch)
+        self.kv_blocks_loaded.update(loaded)
+        return sum(self.cost.transfer_time(n * block_bytes(self.spec), intra_node=link == "intra_node")
+                   for link, n in loaded.items())
 
     def free(self, seq_id: str) -> None:
         self.kv.release(seq_id)

@@ -10,9 +10,21 @@ from __future__ import annotations
 import ray
 
 from actors.hbm import HBMLedger
-from actors.protocol import NPUSpec
+from actors.protocol import NPUBatch, NPUSpec
 
 REAL_DEFAULT_KV_BLOCKS = 512  # real compute allocates host tensors: keep the default pool small
+
+
+def blocks_loaded(batch: NPUBatch) -> dict[str, int]:
+    """KV blocks the batch loads, by the link they cross: "intra_node" from an NPU
+    on this one's node (an elastic migration within the instance), "inter_node"
+    otherwise (another instance's, or the global cache's); only links used."""
+    out: dict[str, int] = {}
+    for w in batch.seqs:
+        if w.load_blocks:
+            link = "intra_node" if w.load_intra_node else "inter_node"
+            out[link] = out.get(link, 0) + len(w.load_blocks)
+    return out
 
 
 def block_bytes(spec: NPUSpec) -> int:

@@ -7,13 +7,14 @@ reached through the EP group (actors.ep.EPExperts)."""
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import numpy as np
 import ray
 import torch
 
 from actors.compute.kv_ledger import KVCharges
-from actors.compute.kv_pool import BlockPublisher, pool_blocks, reserve_pool
+from actors.compute.kv_pool import BlockPublisher, blocks_loaded, pool_blocks, reserve_pool
 from actors.compute.speculative import propose_drafts, verify_drafts
 from actors.cost_model import CostModel
 from actors.ep import EPExperts
@@ -39,6 +40,7 @@ class RealCompute:
         self.cache = SequenceKVStore()  # scratch cache of the static-batch path (verify, bench ep)
         self.paged: PagedKVStore | None = None  # the engine's paged cache
         self.publisher = BlockPublisher(spec)
+        self.kv_blocks_loaded: Counter[str] = Counter()  # by link (kv_pool.blocks_loaded)
         self.kv = KVCharges(ledger, cfg.kv_bytes_per_token())
         self.weight_refs: dict | None = None  # kept: experts moved here later load from the object store
         self.staged: dict[tuple[int, int], SwiGLU] = {}  # (layer, expert) modules built for the next map, not in use yet
@@ -152,6 +154,7 @@ class RealCompute:
         self.paged.unbind_all()
         # a block's source: [ref] of the block, or [ref, i]: row i of a migrated sequence's blocks
         loads = [(block, src) for w in batch.seqs for block, src in w.load_blocks]
+        self.kv_blocks_loaded.update(blocks_loaded(batch))
         refs = list(dict.fromkeys(src[0] for _, src in loads))
         got = dict(zip(refs, ray.get(refs)))  # one fetch for all
         self.paged.import_blocks([b for b, _ in loads],

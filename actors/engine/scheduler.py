@@ -97,14 +97,14 @@ class Scheduler:
         self.waiting.insert(0, seq)
         self.num_preemptions += 1
 
-    def migrate(self, seq: Sequence, blocks: list, num_tokens: int) -> None:
+    def migrate(self, seq: Sequence, blocks: list, num_tokens: int, node: str | None = None) -> None:
         """Its NPU left the instance (elastic scale-in): the sequence waits, first in
         line, to be placed on another NPU, which loads its KV (`blocks`, [[ref]] of the
-        first num_tokens tokens) instead of recomputing it. Its old blocks went with
-        the old NPU's block manager."""
+        first num_tokens tokens, on `node`) instead of recomputing it. Its old blocks
+        went with the old NPU's block manager."""
         seq.status, seq.rank, seq.num_computed, seq.registered_blocks = Status.WAITING, None, 0, 0
         seq.block_table, seq.draft = [], None
-        seq.remote_blocks, seq.remote_tokens = blocks, num_tokens
+        seq.remote_blocks, seq.remote_tokens, seq.remote_node = blocks, num_tokens, node
         self.running.remove(seq)
         self.waiting.insert(0, seq)
 

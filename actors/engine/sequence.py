@@ -30,6 +30,7 @@ class Sequence:
     emitted: int = 0  # output tokens already streamed out
     remote_blocks: list = field(default_factory=list)  # [[ref]] of KV blocks to load (global cache hit, P/D)
     remote_tokens: int = 0  # tokens the remote blocks cover
+    remote_node: str | None = None  # the node they are on, where known (a migration's source NPU)
     draft: int | None = None  # MTP draft of the token after the next one, to verify in the next step
 
     def __post_init__(self):
