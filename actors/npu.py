@@ -230,15 +230,15 @@ class NPUActor:
 
             self.forming[spec.group_name] = collective.PendingGroup(spec.ep_size, spec.rank, spec.group_name)
 
-    def commit(self, spec: NPUSpec) -> dict:
+    def commit(self, spec: NPUSpec) -> None:
         """Switch to `spec` between two steps (called by the step whose batch carries
         it, or by the engine when it is idle): its collective group (formed ahead
         by form_group, else now) and the staged experts; the previous group stays
-        until leave_groups_but, after the switch."""
+        until leave_groups_but, after the switch. No report: it would cost the
+        switch's first step, and the controller has the NPU's from its setup."""
         group = self._group(spec)
         self.compute.remap(spec, group)
         self.spec = spec
-        return self._report()
 
     def export_blocks(self, blocks: list[int]):
         """KV blocks of a sequence leaving this NPU, as one array (a row each): one
