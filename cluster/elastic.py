@@ -416,7 +416,8 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     the longest modelled copy of a new NPU's weights into HBM in prepare_s
     (emulated compute, else 0);
     back, whether it returned to the layout of before the last scale-up
-    (Instance.dormant: nothing staged, no group formed)."""
+    (Instance.dormant: nothing staged, no group formed); first_step_error, why
+    the first step on the new size failed, if it did (InstanceEngine.reconfigure)."""
     t0 = time.time()
     old_ep = inst.ep_size
     back = _back(inst, ep, expert_map)
@@ -434,6 +435,7 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
         "modelled_load_s": max((r["load_s"] for r in reports), default=0.0),
         "pause_s": info["pause_s"], "first_step_s": info.get("first_step_s"), "migrated": info["migrated"],
         "total_s": done - t0, "switch_at": info["switch_at"], "first_step_at": info.get("first_step_at"),
+        "first_step_error": info.get("first_step_error"),
     }
 
 

@@ -222,6 +222,53 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         emu.shutdown()
 
 
+def test_a_first_step_that_fails_on_a_lost_npu_does_not_hold_the_switch(model):
+    """An NPU lost between its adoption and the switch: the first step on the new
+    size fails. Its request fails loudly, the engine goes unhealthy (a rebuild's
+    cue), and the switch's caller (the controller, under its lock) gets the reason
+    instead of waiting for a step that never comes."""
+    cfg, _, _ = model
+    inst = _instance(cfg, None, ep=1, compute="emulated")
+    pool = StandbyPool(inst.specs[0], 1, None)
+    got: dict = {}
+    try:
+        specs = resized_specs(inst, 2)
+        new = pool.take(1)
+        reports = ray.get(inst.engine.adopt.remote(new, specs[1:], None))
+        ray.kill(new[0])
+
+        def switch():
+            try:
+                got["info"] = ray.get(inst.engine.reconfigure.remote(
+                    [n._actor_id.hex() for n in inst.npus + new], specs, inst.memory + reports), timeout=30)
+            except Exception as err:  # noqa: BLE001 (the assertion below names it)
+                got["error"] = err
+
+        async def stream():
+            req = EngineRequest(f"lost-{uuid.uuid4().hex[:4]}", [7, 8, 9], max_tokens=5000, ignore_eos=True)
+            n = 0
+            try:
+                async for ref in inst.engine.generate.remote(req):
+                    n += len((await ref).token_ids)
+                    if n >= 3 and "thread" not in got:  # running when the switch comes
+                        got["thread"] = threading.Thread(target=switch)
+                        got["thread"].start()
+            except Exception as err:  # noqa: BLE001
+                return err
+            return n
+
+        streamed = asyncio.run(stream())
+        got["thread"].join(60)
+        assert "error" not in got, got.get("error")
+        assert "step failed on an NPU" in got["info"]["first_step_error"]
+        assert "first_step_at" not in got["info"]
+        assert isinstance(streamed, Exception) and "step failed on an NPU" in str(streamed)
+        assert not ray.get(inst.engine.stats.remote())["healthy"]
+    finally:
+        pool.shutdown()
+        inst.shutdown()
+
+
 def test_npus_of_a_placement_group_stay_the_instances_and_a_rebuild_takes_their_bundles(ray_session, monkeypatch):
     """An NPU in an instance's placement group dies with that group. A scale-down keeps it
     in the instance's reserve, not the standby pool (which would lose it when the

@@ -60,7 +60,9 @@ class InstanceEngine:
         self.device_time_s = 0.0
         self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
         self._reconfig: tuple | None = None  # (npus, specs, memory, future, recompute): applied between two steps
-        self._after_step: list[asyncio.Future] = []  # resolved when the next step completes
+        # resolved when the next step ends: (its end, None); (None, why) when it failed;
+        # (None, None) when the work ran out first. Never left pending (a resize waits on it)
+        self._after_step: list[asyncio.Future] = []
         self._adopted: dict[str, tuple[object, BlockManager]] = {}  # NPUs set up for the next switch, and
         # their block managers (built then: in the switch they would be its pause), by actor id
         self._retired: tuple | None = None  # what the last switch replaced: freed beside the next step, not in its pause
@@ -174,7 +176,14 @@ class InstanceEngine:
             logger.exception("engine %s: loop crashed", self.config.name)
             for seq in list(self.seqs.values()):
                 self._fail(seq, f"engine {self.config.name}: loop crashed: {err!r}")
+            self._step_done(None, f"loop crashed: {err!r}")
             self._loop_task = None
+
+    def _step_done(self, ended: float | None, error: str | None = None) -> None:
+        for fut in self._after_step:
+            if not fut.done():
+                fut.set_result((ended, error))
+        self._after_step = []
 
     async def _steps(self) -> None:
         while True:
@@ -182,6 +191,7 @@ class InstanceEngine:
                 await self._switch(*self._reconfig)
                 self._reconfig = None
             if not self.scheduler.has_work():
+                self._step_done(None)  # (aborted, or finished by a failed step): no step to wait for
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -202,6 +212,7 @@ class InstanceEngine:
                     self.healthy = False
                 for s in scheduled:
                     self._fail(s.seq, f"engine {self.config.name}: step failed on an NPU: {err}")
+                self._step_done(None, f"step failed on an NPU: {err}")
                 continue
             self.device_time_s += out.device_time_s
             self.counters["steps"] += 1
@@ -209,10 +220,7 @@ class InstanceEngine:
             self._update(scheduled, out)
             ended = time.time()
             self.step_log.append((ended, self.counters["generated_tokens"] - generated))
-            for fut in self._after_step:
-                if not fut.done():
-                    fut.set_result(ended)
-            self._after_step = []
+            self._step_done(ended)
 
     def _work(self, s: Scheduled) -> SeqWork:
         seq, bs = s.seq, self.config.scheduler.block_size
@@ -342,7 +350,10 @@ class InstanceEngine:
         read, so their sequences recompute their KV from their tokens. Returns
         when the first step on the new NPUs ran (at once when there is no work)
         and the leaving NPUs' exports are done (they run beside that step, whose
-        imports wait for them: not in the pause); the instance is healthy again."""
+        imports wait for them: not in the pause); the instance is healthy again.
+        A first step that failed (an NPU lost in the switch) does not hold the
+        caller: the switch stands, its requests failed loudly, and the reason is
+        in `first_step_error`."""
         self._ensure_loop()
         if self._reconfig is not None:
             raise RuntimeError(f"engine {self.config.name}: a reconfiguration is already in progress")
@@ -367,8 +378,12 @@ class InstanceEngine:
 
             await asyncio.to_thread(ray.wait, exports, num_returns=len(exports), fetch_local=False)
         if first is not None:
-            info["first_step_at"] = await first  # wall clock, as the step log
-            info["first_step_s"] = info["first_step_at"] - t0
+            at, error = await first
+            if at is not None:
+                info["first_step_at"] = at  # wall clock, as the step log
+                info["first_step_s"] = at - t0
+            elif error is not None:  # switched all the same: its requests failed loudly, a lost NPU marks it unhealthy
+                info["first_step_error"] = error
         return info
 
     async def adopt(self, npus: list, specs: list, weight_refs: dict | None) -> list[dict]:
