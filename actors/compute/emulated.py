@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections import Counter
 
 import numpy as np
 
 from actors.compute.kv_ledger import KVCharges
-from collections import Counter
-
 from actors.compute.kv_pool import BlockPublisher, block_bytes, blocks_loaded, reserve_pool
 from actors.cost_model import CostModel
 from actors.hbm import HBMLedger
