@@ -115,7 +115,9 @@ class EmulatedCompute:
             ep_size=self.spec.ep_size,
             num_local_experts=len(next(iter(self.held.values()), [])),
         ).total_s
-        device_s += self._load_time(batch)
+        loaded = blocks_loaded(batch)
+        self.kv_blocks_loaded.update(loaded)
+        device_s += self._load_time(loaded)
         tokens, accepted, drafts = {}, {}, {}
         for w in batch.seqs:
             if w.num_drafts:  # the draft's value is not modelled, only whether it is accepted
@@ -145,11 +147,9 @@ class EmulatedCompute:
             self.spec.rank, tokens, None, device_s, time.perf_counter() - t0, exported, accepted, drafts
         )
 
-    def _load_time(self, batch: NPUBatch) -> float:
-        """The modelled copy of the KV blocks the batch loads, over the link each
-        crosses (kv_pool.blocks_loaded: HCCS within the node, else RoCE); 0 when none."""
-        loaded = blocks_loaded(batch)
-        self.kv_blocks_loaded.update(loaded)
+    def _load_time(self, loaded: dict[str, int]) -> float:
+        """The modelled copy of KV blocks loaded per link (kv_pool.blocks_loaded):
+        HCCS within the node, else RoCE; 0 when none."""
         return sum(self.cost.transfer_time(n * block_bytes(self.spec), intra_node=link == "intra_node")
                    for link, n in loaded.items())
 

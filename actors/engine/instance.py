@@ -415,11 +415,11 @@ class InstanceEngine:
             for seq in self.scheduler.running:
                 if seq.rank is not None and old[seq.rank]._actor_id.hex() not in new_rank:
                     if recompute:
-                        moving.append((seq, None, 0, None))
+                        moving.append((seq, None, 0))
                         continue
                     blocks = seq.block_table[: -(-seq.num_computed // bs)]
                     ref = old[seq.rank].export_blocks.remote(blocks) if blocks and holds_data else None
-                    moving.append((seq, ref, seq.num_computed, self.nodes[seq.rank]))
+                    moving.append((seq, ref, seq.num_computed))
             if not self.scheduler.has_work():  # no step to carry the specs: switch the NPUs now
                 await asyncio.gather(*(n.commit.remote(s) for n, s in zip(npus, specs)))
                 specs = None
@@ -439,9 +439,10 @@ class InstanceEngine:
         for seq in self.scheduler.running:
             if seq.rank is not None and old[seq.rank]._actor_id.hex() in new_rank:
                 seq.rank = new_rank[old[seq.rank]._actor_id.hex()]
-        for seq, exported, tokens, node in moving:
-            if not seq.finish_reason:  # block i of its KV: row i of the one array its old NPU exported
-                self.scheduler.migrate(seq, [[exported, i] for i in range(-(-tokens // bs))], tokens, node)
+        for seq, exported, tokens in moving:
+            if not seq.finish_reason:  # block i of its KV: row i of the one array its old NPU exported (on its node)
+                self.scheduler.migrate(seq, [[exported, i] for i in range(-(-tokens // bs))], tokens,
+                                       self.nodes[seq.rank])
         self._retired = (self.executor, self.managers, self._adopted)
         self.managers = self.scheduler.managers = bs_managers
         self.nodes = [m.get("node") for m in memory]
@@ -451,7 +452,7 @@ class InstanceEngine:
         self.healthy = True
         self.counters["migrated_seqs"] += len(moving)
         # the exports finish beside the first step (whose imports wait for them), not in the pause
-        exports = [r for _, r, _, _ in moving if r is not None]
+        exports = [r for _, r, _ in moving if r is not None]
         done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "switch_at": switch_at,
                          "migrated": len(moving), "exports": exports})
 
