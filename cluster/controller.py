@@ -93,6 +93,11 @@ class ClusterController:
         from `t` on, whichever NPUs it ran on: throughput across scaling events."""
         return ray.get(self._instance(instance).engine.steps_since.remote(t))
 
+    def after_steps(self, instance: str, n: int = 2) -> list[float | None]:
+        """The wall-clock ends of the instance's next n steps: the control command of
+        `omniray bench elastic` (it travels as a scale command does, and changes nothing)."""
+        return ray.get(self._instance(instance).engine.after_steps.remote(n))
+
     def npu_handles(self, instance: str) -> list:
         """The instance's NPU actors now (fault injection: `omniray bench chaos`)."""
         return list(self._instance(instance).npus)

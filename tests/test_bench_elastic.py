@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.bench.elastic import ScalingWindow, during_vs_steady, serving_lost_after_s, serving_lost_s
+from cluster.bench.elastic import ScalingWindow, _rate_outside, during_vs_steady, serving_lost_after_s, serving_lost_s
 
 
 def _steps(start, end, period, tokens=8, skip=()):
@@ -63,3 +63,15 @@ def test_a_stall_after_the_window_is_counted_after_it_not_in_it():
     assert during_vs_steady(steps, [w]) == pytest.approx(1.0, abs=0.02)
     assert serving_lost_after_s(steps, [w]) == pytest.approx(0.3, abs=0.01)
     assert serving_lost_after_s(steps, [replace(w, rate_new=None)]) is None
+
+
+def test_a_steady_phase_rate_leaves_its_control_window_out():
+    """A stall inside the phase's control window does not lower the phase's steady rate
+    (against which every window, the control's too, is held); outside it, it does."""
+    steps = _steps(0.05, 10, 0.05, skip=[(4.0, 4.2)])  # 160 tokens/s but for 0.2 s inside the control window
+    control = ScalingWindow(3.9, 4.0, 4.3)
+    assert _rate_outside(steps, 2.0, 6.0, control) == pytest.approx(160.0, abs=1.0)
+    assert _rate_outside(steps, 2.0, 6.0, None) == pytest.approx(160.0 * 3.8 / 4.0, abs=1.0)
+    assert _rate_outside(steps, 2.0, 6.0, ScalingWindow(5.0, 5.1, 5.2)) == pytest.approx(160.0 * 3.6 / 3.8, abs=1.0)
+    # half the window's tokens are missing: 4 step ends fall in the stall, the step after it brings only its own 8
+    assert during_vs_steady(steps, [replace(control, rate_old=160.0, rate_new=160.0)]) == pytest.approx(0.5, abs=0.02)

@@ -332,3 +332,6 @@ def test_bench_elastic_direct_scales_the_instance_alone_and_loses_no_request(ray
     assert summary["throughput_before"] > 0 and summary["throughput_between"] > 0
     assert summary["during_vs_steady"] is not None and summary["cold_start_s"] > 0
     assert summary["during_vs_steady_up"] is not None and summary["during_vs_steady_down"] is not None
+    # the control command in each of the 3 steady phases (small, large, small) returned two step ends
+    assert len(summary["control_vs_steady_per_window"]) == 3 and None not in summary["control_vs_steady_per_window"]
+    assert summary["serving_lost_s_control"] is not None

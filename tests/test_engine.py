@@ -189,6 +189,7 @@ def test_emulated_mode_runs_the_same_engine():
     try:
         outs = asyncio.run(_run(inst.engine, _req(0, prompt, 6)))
         stats = ray.get(inst.engine.stats.remote())
+        idle = ray.get(inst.engine.after_steps.remote(2), timeout=30)  # no work: no step to wait for
     finally:
         inst.shutdown()
     expected, last = [], prompt[-1]
@@ -197,6 +198,7 @@ def test_emulated_mode_runs_the_same_engine():
         expected.append(last)
     assert _tokens(outs) == expected
     assert stats["device_time_s"] > 0 and stats["steps"] == 6
+    assert idle == [None, None]
 
 
 def test_launch_manifest_serves_pd_through_the_global_cache(model):

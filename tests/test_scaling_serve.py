@@ -84,6 +84,9 @@ def test_stream_across_ep_resizes_keeps_its_tokens(server, expect):
     progress, out = threading.Event(), {}
     t = _stream_in_thread(server.url, prompt, 40, progress, out)
     assert progress.wait(120)
+    # the bench's control command: the ends of the decode instance's next two steps, the stream's
+    first, second = ray.get(server.controller.after_steps.remote("decode0", 2))
+    assert first is not None and second is not None and first < second
     up = _admin(server.url, "/v1/cluster/scale", {"instance": "decode0", "npus": 4})
     assert up.status_code == 200, up.text
     assert up.json()["from_ep"] == 2 and up.json()["to_ep"] == 4

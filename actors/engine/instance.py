@@ -386,6 +386,22 @@ class InstanceEngine:
                 info["first_step_error"] = error
         return info
 
+    async def after_steps(self, n: int = 2) -> list[float | None]:
+        """The wall-clock ends of the next n steps (None for one that failed, or
+        when the work ran out first): a command that reaches the engine as a
+        resize does and switches nothing, the control `omniray bench elastic`
+        measures its scaling windows against."""
+        self._ensure_loop()
+        loop, ends = asyncio.get_running_loop(), []
+        for _ in range(n):
+            if not self.scheduler.has_work():
+                ends.append(None)
+                continue
+            step = loop.create_future()
+            self._after_step.append(step)
+            ends.append((await step)[0])
+        return ends
+
     async def adopt(self, npus: list, specs: list, weight_refs: dict | None) -> list[dict]:
         """Set up NPUs this engine will step after a switch (NPUActor.setup: a
         standby NPU takes its place, a new one loads from the object store) while

@@ -29,6 +29,13 @@ timed to its first step. Reported (medians over the cycles where it is a time):
 - serving_lost_s_up / _down: the same loss as seconds of steady serving per scale
   event, which a shorter window does not magnify (a scaling twice as fast with
   the same cost halves during_vs_steady's window, not this);
+- control_vs_steady, serving_lost_s_control: the same measurement around a
+  command that switches nothing (InstanceEngine.after_steps: it travels as a
+  resize's does, and its window closes with the second step after it, as a
+  switch's closes with the step after the switch), sent in the middle of
+  every steady phase: what the measurement reads where nothing scales, the
+  host's noise and the cost of a command reaching the engine. A scaling
+  window's loss beyond the control's is the scaling's own;
 - serving_lost_after_s_up / _down: the same for the 2 s after each window: what
   the switch leaves behind it (NPUs released, the old group left, standby
   processes started), not part of the window;
@@ -96,6 +103,14 @@ def _tokens(steps: list[tuple[float, int]], start: float, end: float) -> float:
 
 def _window_rate(steps: list[tuple[float, int]], start: float, end: float) -> float | None:
     return _tokens(steps, start, end) / (end - start) if end > start else None
+
+
+def _rate_outside(steps: list[tuple[float, int]], start: float, end: float, hole: ScalingWindow | None) -> float | None:
+    """The rate over [start, end] without `hole` (a control window inside it)."""
+    if hole is None or not start <= hole.start <= hole.end <= end:
+        return _window_rate(steps, start, end)
+    span = (hole.start - start) + (end - hole.end)
+    return (_tokens(steps, start, hole.start) + _tokens(steps, hole.end, end)) / span if span > 0 else None
 
 
 @dataclass
@@ -206,10 +221,12 @@ def cold_start(manifest, instance_spec, ep: int) -> float:
 @dataclass
 class _Target:
     """What the bench drives: scale the instance to an EP size (the resize's report),
-    whether standby NPUs are still starting, the instance's step log from a wall-clock
-    time on, and a closed-loop load run until stop() (started(t0) gets its clock)."""
+    send it the control command (InstanceEngine.after_steps), whether standby NPUs
+    are still starting, the instance's step log from a wall-clock time on, and a
+    closed-loop load run until stop() (started(t0) gets its clock)."""
 
     scale: Callable[[int], dict]
+    control: Callable[[], list]  # the ends of the instance's next two steps (the control command)
     warming: Callable[[], bool]
     steps_since: Callable[[float], list]
     load: Callable[[Callable[[], bool], Callable[[float], None]], list[RequestResult]]
@@ -222,6 +239,7 @@ def _served(manifest, name: str, items, cfg: ElasticBenchConfig, address: str | 
         load = LoadConfig(server.url, concurrency=cfg.concurrency, seed=cfg.seed)
         yield _Target(
             scale=lambda ep: ray.get(server.controller.scale.remote(name, ep)),
+            control=lambda: ray.get(server.controller.after_steps.remote(name, 2)),
             warming=lambda: bool(ray.get(server.controller.describe.remote())["standby_warming"]),
             steps_since=lambda t: ray.get(server.controller.steps_since.remote(name, t)),
             load=lambda stop, started: asyncio.run(run_closed_loop(items, load, stop, started)))
@@ -243,6 +261,7 @@ def _direct(manifest, spec, items, cfg: ElasticBenchConfig, address: str | None)
         pool = StandbyPool(inst.specs[0], size, refs) if size else None
         yield _Target(
             scale=lambda ep: resize(inst, ep, refs, standby=pool),
+            control=lambda: ray.get(inst.engine.after_steps.remote(2)),
             warming=lambda: bool(pool and pool.num_warming()),
             steps_since=lambda t: ray.get(inst.engine.steps_since.remote(t)),
             load=lambda stop, started: asyncio.run(closed_loop(
@@ -308,18 +327,30 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
                 end = info["first_step_at"] - wall0 if info.get("first_step_at") else now()
                 return ScalingWindow(start, min(max(info["switch_at"] - wall0, start), end), end, info=info)
 
-            cycles = []
+            def control() -> ScalingWindow | None:
+                start = now()
+                ends = target.control()
+                return ScalingWindow(start, ends[0] - wall0, ends[1] - wall0) if None not in ends else None
+
+            def steady_phase() -> ScalingWindow | None:
+                """phase_s of steady serving with the control command in its middle."""
+                time.sleep(cfg.phase_s / 2)
+                window = control()
+                time.sleep(cfg.phase_s / 2)
+                return window
+
+            cycles, controls = [], []  # controls: per steady phase, small size first, then large, small, ...
             time.sleep(cfg.warmup_s)
             settled = now()
-            time.sleep(cfg.phase_s)
+            controls.append(steady_phase())
             for _ in range(cfg.cycles):
                 up = scale(to_ep)
                 while target.warming():
                     time.sleep(0.1)
                 refilled = now()
-                time.sleep(cfg.phase_s)
+                controls.append(steady_phase())
                 down = scale(from_ep)
-                time.sleep(cfg.phase_s)
+                controls.append(steady_phase())
                 cycles.append((up, refilled, down))
             end = now()
         finally:
@@ -330,10 +361,16 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
         cold_s = cold_start(manifest, roles[name], to_ep)
 
     results: list[RequestResult] = out["results"]
-    # steady phases: small size before each cycle (and after the last), large size inside it
-    small = [_window_rate(steps, settled if i == 0 else cycles[i - 1][2].end,
-                          cycles[i][0].start if i < len(cycles) else end) for i in range(len(cycles) + 1)]
-    large = [_window_rate(steps, refilled, down.start) for _, refilled, down in cycles]
+    # steady phases: small size before each cycle (and after the last), large size inside it;
+    # each one's rate leaves its control window out
+    small_controls, large_controls = controls[0::2], controls[1::2]
+    small = [_rate_outside(steps, settled if i == 0 else cycles[i - 1][2].end,
+                           cycles[i][0].start if i < len(cycles) else end, small_controls[i])
+             for i in range(len(cycles) + 1)]
+    large = [_rate_outside(steps, refilled, down.start, c) for (_, refilled, down), c in zip(cycles, large_controls)]
+    controls = [replace(c, rate_old=rate, rate_new=rate)
+                for c, rate in zip(controls, [r for pair in zip(small, large + [None]) for r in pair])
+                if c is not None]
     windows = [w for i, (up, _, down) in enumerate(cycles)
                for w in (replace(up, rate_old=small[i], rate_new=large[i]),
                          replace(down, rate_old=large[i], rate_new=small[i + 1]))]
@@ -362,6 +399,11 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
         "during_vs_steady_per_window": [during_vs_steady(steps, [w]) for w in windows],
         "serving_lost_s_up": serving_lost_s(steps, windows[0::2]),
         "serving_lost_s_down": serving_lost_s(steps, windows[1::2]),
+        # the control command's windows in the steady phases: what the same measurement reads
+        # where nothing scales (the host's noise, and the cost of a command reaching the engine)
+        "control_vs_steady": during_vs_steady(steps, controls),
+        "control_vs_steady_per_window": [during_vs_steady(steps, [c]) for c in controls],
+        "serving_lost_s_control": serving_lost_s(steps, controls),
         "serving_lost_after_s_up": serving_lost_after_s(steps, windows[0::2]),
         "serving_lost_after_s_down": serving_lost_after_s(steps, windows[1::2]),
         "requests": len(results), "failed": sum(not r.ok for r in results),
@@ -388,7 +430,7 @@ def print_elastic(summary: dict, console) -> None:
                 "pause_up_s", "pause_down_s",
                 "throughput_before", "throughput_between", "throughput_after", "throughput_during",
                 "during_vs_steady", "during_vs_steady_up", "during_vs_steady_down", "during_vs_before",
-                "serving_lost_s_up", "serving_lost_s_down",
+                "control_vs_steady", "serving_lost_s_up", "serving_lost_s_down", "serving_lost_s_control",
                 "serving_lost_after_s_up", "serving_lost_after_s_down", "requests", "failed"):
         v = summary.get(key)
         t.add_row(key, "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
