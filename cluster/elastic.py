@@ -361,6 +361,7 @@ def _await_group(specs: list[NPUSpec]) -> None:
     if not specs[0].has_group:
         return
     name = specs[0].group_name
+    group_status.sweep(2 * GROUP_WAIT_S)  # records of earlier formations no one waits for any more
     try:
         group_status.wait_formed(name, len(specs), GROUP_WAIT_S)
     finally:

@@ -104,6 +104,17 @@ def test_a_members_failure_to_form_a_group_reaches_whoever_waits_for_it(ray_sess
         group_status.wait_formed(name, 2, timeout_s=0.05)
 
 
+def test_a_failure_recorded_after_its_waiter_gave_up_is_swept_later(ray_session):
+    """A member that gives up after the controller did (and forgot the group)
+    leaves a record no one reads: the next formation's sweep takes it."""
+    name = f"late-{uuid.uuid4().hex[:6]}"
+    group_status.record(name, 3, TimeoutError("rank 0 did not publish its address"))
+    assert group_status.sweep(older_than_s=3600) == 0  # written just now: someone may still wait for it
+    time.sleep(0.05)
+    assert group_status.sweep(older_than_s=0.01) >= 1
+    assert group_status.formed(name, 1) is False  # its failure would raise here: it is gone
+
+
 @ray.remote(num_cpus=0, resources={NPU_RESOURCE: 1}, concurrency_groups={"control": 1})
 class _GroupMember:
     """A process in several OMNI_GLOO groups at once, as an NPU is during a resize
