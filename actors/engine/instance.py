@@ -179,6 +179,15 @@ class InstanceEngine:
             self._step_done(None, f"loop crashed: {err!r}")
             self._loop_task = None
 
+    def _next_step(self) -> asyncio.Future | None:
+        """A future that the end of the next step resolves (see _after_step); None
+        when there is no work, so no step to wait for."""
+        if not self.scheduler.has_work():
+            return None
+        step = asyncio.get_running_loop().create_future()
+        self._after_step.append(step)
+        return step
+
     def _step_done(self, ended: float | None, error: str | None = None) -> None:
         for fut in self._after_step:
             if not fut.done():
@@ -201,7 +210,7 @@ class InstanceEngine:
                 continue
             works = [self._work(s) for s in scheduled]
             refs = self.executor.submit(works, ranks=[s.seq.rank for s in scheduled])
-            self._retired = None  # while the NPUs run the step: freeing 8 block managers and handles takes ~2 ms
+            self._retired = None  # freed while the NPUs run the step: what the last switch replaced
             try:
                 out = InstanceExecutor.merge(await asyncio.gather(*refs))
             except Exception as err:  # an NPU failed: fail what ran, loudly, and keep serving the rest
@@ -362,16 +371,12 @@ class InstanceEngine:
         if missing:
             raise ValueError(f"npus: {', '.join(missing)} neither serve in nor were adopted by "
                              f"engine {self.config.name}")
-        loop = asyncio.get_running_loop()
         t0 = time.time()
-        switched = loop.create_future()
+        switched = asyncio.get_running_loop().create_future()
         self._reconfig = ([known[i] for i in npus], specs, memory, switched, recompute)
         self._wake.set()
         info = await switched
-        first = None
-        if self.scheduler.has_work():
-            first = loop.create_future()
-            self._after_step.append(first)
+        first = self._next_step()
         exports = info.pop("exports")
         if exports:  # the leaving NPUs go once this returns: their KV must be out by then (the engine owns the copies)
             import ray
@@ -392,14 +397,10 @@ class InstanceEngine:
         resize does and switches nothing, the control `omniray bench elastic`
         measures its scaling windows against."""
         self._ensure_loop()
-        loop, ends = asyncio.get_running_loop(), []
+        ends = []
         for _ in range(n):
-            if not self.scheduler.has_work():
-                ends.append(None)
-                continue
-            step = loop.create_future()
-            self._after_step.append(step)
-            ends.append((await step)[0])
+            step = self._next_step()
+            ends.append(None if step is None else (await step)[0])
         return ends
 
     async def adopt(self, npus: list, specs: list, weight_refs: dict | None) -> list[dict]:
@@ -448,10 +449,9 @@ class InstanceEngine:
             return
         # no await from here on: the switch is atomic for the loop and for aborts
         bs_managers = []
-        for r, npu in enumerate(npus):
-            kept, ready = old_rank.get(npu._actor_id.hex()), self._adopted.get(npu._actor_id.hex())
-            bs_managers.append(self.managers[kept] if kept is not None else ready[1] if ready is not None
-                               else BlockManager(memory[r]["kv_blocks"], bs))
+        for npu in npus:
+            kept = old_rank.get(npu._actor_id.hex())  # else adopted (reconfigure checked): its manager is built
+            bs_managers.append(self.managers[kept] if kept is not None else self._adopted[npu._actor_id.hex()][1])
         for seq in self.scheduler.running:
             if seq.rank is not None and old[seq.rank]._actor_id.hex() in new_rank:
                 seq.rank = new_rank[old[seq.rank]._actor_id.hex()]
