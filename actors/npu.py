@@ -107,8 +107,9 @@ class NPUActor:
 
     def warm(self, weight_refs: dict | None = None) -> str:
         """A standby NPU: import what its compute needs now (torch and the model
-        code, or the emulator) and (real compute) build the part of the model every
-        NPU holds, its weights loaded from the object store, and the KV pool (no HBM
+        code, or the emulator) and put in place the part of the model every NPU
+        holds (real compute: built, its weights loaded from the object store, and
+        the KV pool; emulated: the modelled copy of those weights into HBM; no HBM
         charged yet), so that joining an instance later costs only its experts.
         Returns its node's id (where a scale-up may place it)."""
         self.weight_refs = weight_refs
@@ -122,6 +123,10 @@ class NPUActor:
 
             _set_torch_threads()
             self.warm_replica = WarmReplica.build(self.spec, weight_refs)
+        elif self.spec.compute != "real":
+            from actors.compute.emulated import EmulatedReplica
+
+            self.warm_replica = EmulatedReplica.build(self.spec, self.cost)
 
     @ray.method(concurrency_group="control")
     def setup(self, weight_refs: dict | None, spec: NPUSpec | None = None) -> dict:
@@ -152,7 +157,8 @@ class NPUActor:
             from actors.compute.emulated import EmulatedCompute
 
             self.compute = EmulatedCompute(self.spec, self.ledger, self.cost)
-            self.compute.load_weights(weight_refs)
+            self.compute.load_weights(weight_refs, self.warm_replica)
+            self.warm_replica = None
 
     def _report(self) -> dict:
         # load_s: the modelled seconds its weights took to load (emulated compute; real compute takes them)
@@ -199,11 +205,12 @@ class NPUActor:
     def recycle(self, spec: NPUSpec) -> str:
         """Back to standby, as `spec` (an instance released this NPU): leave its
         groups, drop its experts, keep the replicated model and the KV pool (real
-        compute) as the warm replica a standby builds, so the next adoption costs
+        compute; emulated: the replicated weights in its HBM) as the warm replica a
+        standby builds, so the next adoption costs
         only its experts and no process has to start. In the control thread, so
         that an adoption sent after it (setup) runs after it. Returns its node's id."""
         self.leave_groups_but([])
-        replica = self.compute.release() if self.spec.compute == "real" and self.compute is not None else None
+        replica = self.compute.release() if self.compute is not None else None
         self._adopt(spec)
         self.warm_replica = replica
         return _node()

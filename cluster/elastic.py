@@ -110,8 +110,10 @@ def _gains(new: NPUSpec, held: list[ExpertMap]) -> bool:
 
 class StandbyPool:
     """Warm NPU actors (process started, compute code imported, the replicated
-    weights fetched into host memory, no HBM charged) that a scale-up adopts
-    instead of starting actors then: adopting one costs only its experts.
+    part of the model in place: built from the object store, or with emulated
+    compute the modelled copy of its weights into HBM; no HBM charged) that a
+    scale-up adopts instead of starting actors then: adopting one costs only its
+    experts.
 
     NPUs a scale-down releases come back here (NPUActor.recycle) while the pool
     is below its size, so scaling up and down again starts no process. What a

@@ -222,6 +222,39 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         emu.shutdown()
 
 
+def test_an_emulated_standby_npu_joins_copying_only_its_experts(model):
+    """Emulated NPUs model what real ones do: a standby copied the replicated weights
+    into HBM while it waited, so a scale-up that adopts it models the copy of its
+    experts alone; a released NPU keeps them for its next adoption; an NPU started
+    on demand copies everything."""
+    from actors.compute.emulated import replicated_bytes
+    from actors.cost_model import CostModel
+    from actors.devices import get_device
+
+    cfg, _, _ = model
+    cost = CostModel(get_device("910B"))
+    inst = _instance(cfg, None, ep=1, compute="emulated")
+    pool = StandbyPool(inst.specs[0], 1, None)
+    try:
+        def weights(report) -> int:
+            return report["by_category"]["weights"]
+
+        for _ in range(2):  # adopted warm, then again once recycled by the scale-down
+            info = resize(inst, 2, None, standby=pool)
+            joined = inst.memory[1]  # its report: load_s, the modelled copy into HBM
+            assert joined["load_s"] == pytest.approx(cost.load_time(weights(joined) - replicated_bytes(cfg)))
+            assert info["modelled_load_s"] == pytest.approx(joined["load_s"])
+            resize(inst, 1, None, standby=pool)
+            assert len(pool.actors) == 1
+        resize(inst, 2, None)  # no pool: a new actor, started now
+        started = inst.memory[1]
+        assert started["load_s"] == pytest.approx(cost.load_time(weights(started)))
+        assert started["load_s"] > info["modelled_load_s"]
+    finally:
+        pool.shutdown()
+        inst.shutdown()
+
+
 def test_a_first_step_that_fails_on_a_lost_npu_does_not_hold_the_switch(model):
     """An NPU lost between its adoption and the switch: the first step on the new
     size fails. Its request fails loudly, the engine goes unhealthy (a rebuild's

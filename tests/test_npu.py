@@ -66,6 +66,41 @@ def test_an_emulated_npu_takes_the_modelled_time_to_load_its_weights():
     assert loads[device.host_bandwidth / 4] == pytest.approx(4 * loads[device.host_bandwidth], rel=1e-3)
 
 
+def test_an_emulated_standby_npu_copies_only_its_experts_when_it_joins():
+    """A standby copied the replicated weights into HBM while it waited (as a real
+    one builds them): joining copies only its experts; a replica of another model
+    does not count, and what an NPU releases is such a replica (no Ray)."""
+    from actors.compute.emulated import EmulatedCompute, EmulatedReplica, replicated_bytes
+    from actors.cost_model import CostModel
+    from actors.devices import get_device
+    from actors.expert_map import ExpertMap
+    from actors.hbm import HBMLedger
+    from actors.protocol import NPUSpec
+
+    m = load_manifest("pangu-pro-moe-72b")
+    cfg, device = m.model, get_device(m.device)
+    cost = CostModel(device)
+    spec = NPUSpec("x.npu0", "x", 0, m.device, "emulated", cfg,
+                   ExpertMap.contiguous(cfg.moe_layers, cfg.num_experts, 16), "g", "gloo", time_scale=0.0)
+    warm = EmulatedReplica.build(spec, cost)
+    assert warm.load_s == pytest.approx(cost.load_time(replicated_bytes(cfg)))
+    other = EmulatedReplica(load_manifest("tiny-mla").model, 0.0)
+
+    def joined(replica) -> EmulatedCompute:
+        compute = EmulatedCompute(spec, HBMLedger(spec.name, device.hbm_bytes), cost)
+        compute.load_weights(None, replica)
+        return compute
+
+    cold, adopted = joined(None), joined(warm)
+    weights = cold.ledger.used_by("weights")
+    assert adopted.ledger.used_by("weights") == weights  # the ledger charges the same weights
+    assert cold.load_s == pytest.approx(cost.load_time(weights))
+    assert adopted.load_s == pytest.approx(cost.load_time(weights - replicated_bytes(cfg)))
+    assert adopted.load_s < cold.load_s / 2  # a 72B NPU's experts at EP 16 are a third of its weights
+    assert joined(other).load_s == pytest.approx(cold.load_s)
+    assert joined(adopted.release()).load_s == pytest.approx(adopted.load_s)
+
+
 def test_an_emulated_npu_charges_migrated_kv_to_the_link_it_crosses():
     """KV a scale-in moves between NPUs of one node crosses HCCS, not RoCE: 16x the
     bandwidth on a 910B (the switch's first step is that much shorter). No Ray."""

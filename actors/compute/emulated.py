@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from actors.compute.kv_ledger import KVCharges
 from actors.compute.kv_pool import BlockPublisher, block_bytes, blocks_loaded, reserve_pool
 from actors.cost_model import CostModel
 from actors.hbm import HBMLedger
-from actors.model.config import DTYPE_BYTES
+from actors.model.config import DTYPE_BYTES, ModelConfig
 from actors.protocol import NPUBatch, NPUSpec, NPUStepResult
 
 
@@ -36,6 +37,31 @@ def standin_accepts(last_token: int, position: int, rate: float) -> bool:
     return _digest(f"mtp:{last_token}:{position}") < rate * 2**64
 
 
+def replicated_bytes(cfg) -> int:
+    """The bytes of the part of the model every NPU holds (all but the routed experts)."""
+    return cfg.parameter_counts().replicated * DTYPE_BYTES[cfg.weight_dtype]
+
+
+@dataclass(frozen=True)
+class EmulatedReplica:
+    """The replicated weights of an emulated standby NPU, copied into its HBM while
+    it waited (the counterpart of real compute's WarmReplica, which builds them):
+    joining an instance of the same model then copies only its experts."""
+
+    model: ModelConfig
+    load_s: float  # the modelled seconds the copy took, below serving priority
+
+    @classmethod
+    def build(cls, spec: NPUSpec, cost: CostModel) -> EmulatedReplica:
+        """Sleep the modelled copy (scaled by time_scale) and return the replica."""
+        load_s = cost.load_time(replicated_bytes(spec.model))
+        time.sleep(load_s * spec.time_scale)
+        return cls(spec.model, load_s)
+
+    def fits(self, spec: NPUSpec) -> bool:
+        return spec.model == self.model
+
+
 class EmulatedCompute:
     def __init__(self, spec: NPUSpec, ledger: HBMLedger, cost: CostModel):
         self.spec, self.ledger, self.cost = spec, ledger, cost
@@ -47,20 +73,27 @@ class EmulatedCompute:
         self.load_s = 0.0  # modelled seconds of the last load_weights
         self.kv_blocks_loaded: Counter[str] = Counter()  # by link (kv_pool.blocks_loaded)
 
-    def load_weights(self, weight_refs: dict | None) -> None:
+    def load_weights(self, weight_refs: dict | None, warm: EmulatedReplica | None = None) -> None:
         """Charge the weights and reserve the KV pool, and sleep the modelled copy of
         the weights from host memory into HBM (scaled by time_scale): what a real NPU
-        spends when it starts or joins an instance (a standby NPU holds them in host
-        memory). Records it as `load_s`."""
+        spends when it starts or joins an instance. An NPU that waited as a standby
+        copied the replicated part already (`warm`, as real compute's WarmReplica
+        built it): it copies only its experts. Records the copy as `load_s`."""
         t0 = time.perf_counter()
-        cfg = self.spec.model
-        self.ledger.charge("weights", "replicated", cfg.parameter_counts().replicated * DTYPE_BYTES[cfg.weight_dtype])
+        replicated = replicated_bytes(self.spec.model)
+        self.ledger.charge("weights", "replicated", replicated)
         self._charge_experts()
         self.num_blocks = reserve_pool(self.spec, self.ledger)
-        self.load_s = self.cost.load_time(self.ledger.used_by("weights"))
+        copied = self.ledger.used_by("weights") - (replicated if warm is not None and warm.fits(self.spec) else 0)
+        self.load_s = self.cost.load_time(copied)
         remaining = self.load_s * self.spec.time_scale - (time.perf_counter() - t0)
         if remaining > 0:
             time.sleep(remaining)
+
+    def release(self) -> EmulatedReplica:
+        """What a standby keeps of this NPU once its instance released it: the
+        replicated weights, still in its HBM (its experts go with this compute)."""
+        return EmulatedReplica(self.spec.model, 0.0)
 
     def _expert_bytes(self) -> int:
         cfg = self.spec.model

@@ -10,7 +10,8 @@ timed to its first step. Reported (medians over the cycles where it is a time):
   (cluster.elastic.resize: new NPUs loaded, experts staged, the new group
   formed, the switch, one step); modelled_load_up_s, the part of a scale-up
   an emulated NPU sleeps for copying its weights from host memory into HBM
-  (the cost model's host link; 0 with real compute);
+  (the cost model's host link: a standby NPU's experts, the replicated weights
+  having been copied while it waited; 0 with real compute);
 - cold_start_s: the same for the cold start;
 - throughput_before / between / after: output tokens per second the scaled
   instance generated in steady state at the small size, at the large size
