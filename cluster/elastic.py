@@ -15,7 +15,11 @@
   it) stay in its reserve instead, which its next scale-up takes first.
   A scale-up leaves the kept NPUs in their previous group and has them set the
   experts they drop aside (ElasticMoE's pre-built communication domains): a
-  scale-down back to that size then stages nothing and forms no group.
+  scale-down back to that size then stages nothing and forms no group. It goes
+  the other way too: that scale-down parks the NPUs it releases in the standby
+  pool as they are (experts, KV pool, still in the larger group, as the kept
+  NPUs stay), and the next scale-up back to that group adopts them with nothing
+  to load, stage or form; a parked NPU taken for anything else is recycled.
 - `remap`: the same switch with the same NPUs and a new expert map (Omni
   Placement's rebalance).
 - `cold_start`: the baseline a resize is measured against — a new instance of
@@ -128,6 +132,9 @@ class StandbyPool:
         # keeping an instance's placement takes only standby NPUs on the right node)
         self.template, self.size, self.weight_refs, self.nodes = template, size, weight_refs, nodes or []
         self.actors = []
+        # actor id -> the collective group a scale-down back left it in, experts and all
+        # (`park`): the instance's next scale-up back to that group adopts it as it is
+        self.parked: dict[str, str] = {}
         self.warming: list = []  # warm-up refs of actors still starting or recycling
         self.node_refs: dict[str, ray.ObjectRef] = {}  # per actor id, its warm-up's (or recycling's) ref: its node
         self.drawn_at = time.monotonic()  # the last take
@@ -164,7 +171,7 @@ class StandbyPool:
         return out
 
     def take(self, n: int) -> list:
-        return self._remove(self.actors[:n])
+        return self._unpark(self._remove(self.actors[:n]))
 
     def take_placed(self, n: int, choose) -> list[tuple[object, str]]:
         """Up to n actors, with their nodes, as `choose(candidates, n)` picks them
@@ -177,7 +184,7 @@ class StandbyPool:
         chosen = choose(known, n)
         if len(chosen) < n and len(known) < len(self.actors):
             chosen = choose(self._placed(wait=True), n)
-        self._remove([a for a, _ in chosen])
+        self._unpark(self._remove([a for a, _ in chosen]))
         return chosen
 
     def _remove(self, taken: list) -> list:
@@ -187,6 +194,44 @@ class StandbyPool:
             self.node_refs.pop(i, None)
         self.drawn_at = time.monotonic()
         return taken
+
+    def _unpark(self, taken: list) -> list:
+        """Parked NPUs taken for anything but their scale-up back: recycled first
+        (their recycling runs before the adoption sent after it)."""
+        for i, n in enumerate(taken):
+            if self.parked.pop(n._actor_id.hex(), None) is not None:
+                n.recycle.remote(self._spec(i))
+        return taken
+
+    def park(self, npus: list, group: str, nodes: list[str]) -> None:
+        """NPUs a scale-down back released, kept as they are (experts, KV pool,
+        membership of `group`, on `nodes`) so that the instance's next scale-up back
+        to `group` adopts them with nothing to load or form (`take_parked`);
+        counted in the pool, and recycled if taken for anything else. Those the
+        pool has no room for go."""
+        room = max(0, self.size - len(self.actors))
+        for n in npus[room:]:
+            ray.kill(n)
+        for n, node in zip(npus[:room], nodes):
+            self.parked[n._actor_id.hex()] = group
+            self.node_refs[n._actor_id.hex()] = ray.put(node)
+            self.actors.append(n)
+
+    def take_parked(self, group: str, n: int) -> list | None:
+        """The n NPUs parked in `group`, in the order they were parked; None when
+        fewer are left (one was taken for something else, or had no room): then
+        the rest are recycled, since their group cannot serve again."""
+        mine = [a for a in self.actors if self.parked.get(a._actor_id.hex()) == group]
+        if len(mine) == n:
+            for a in mine:
+                del self.parked[a._actor_id.hex()]
+            return self._remove(mine)
+        for i, a in enumerate(mine):
+            del self.parked[a._actor_id.hex()]
+            ref = a.recycle.remote(self._spec(i))
+            self.node_refs[a._actor_id.hex()] = ref
+            self.warming.append(ref)
+        return None
 
     def refill(self, n: int) -> list:
         """Start n more; returns their warm-up refs (a caller may go on without waiting)."""
@@ -227,7 +272,7 @@ class StandbyPool:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
-        self.actors, self.node_refs = [], {}
+        self.actors, self.node_refs, self.parked = [], {}, {}
 
 
 def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dict | None,
@@ -281,6 +326,15 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
         raise
     reports = [r for part in done[: len(adopting)] for r in part]
     return fresh, reports
+
+
+def _adopt_parked(inst: Instance, kept: list, parked: list, specs: list[NPUSpec], reports: list[dict]) -> None:
+    """A scale-up back to the group the NPUs a scale-down parked are still in: they
+    hold their experts and KV pool, and the kept NPUs the experts they dropped
+    (they gain none: nothing staged unless they do), so the engine only takes
+    them back (no setup: `reports` are theirs from before) and no group forms."""
+    staging = _stage(kept, _retained(inst, len(kept)), specs, _groups(inst))
+    ray.get([inst.engine.adopt.remote(parked, specs[len(kept):], None, reports)] + staging)
 
 
 def _take_reserve(inst: Instance, n: int) -> tuple[list[tuple[object, object]], list[str]]:
@@ -371,12 +425,13 @@ def _await_group(specs: list[NPUSpec]) -> None:
 
 
 def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict], recompute: bool = False,
-            standby: StandbyPool | None = None, keep_previous: bool = False) -> dict:
+            standby: StandbyPool | None = None, keep_previous: bool = False, park: bool = False) -> dict:
     """The engine serves on `npus` (staged, their group formed; `memory` their
     reports) from its next step, whose batches carry the new specs. Then the
     NPUs it no longer uses go back to `standby` (else they go), and the ones it
-    keeps leave their previous group, unless `keep_previous` (a scale-up: every
-    NPU of it stays, and the instance may scale back to it)."""
+    keeps leave their previous group, unless `keep_previous` (the instance may
+    scale back to it: a scale-up, whose NPUs all stay in it, or a scale-down
+    that `park`s the NPUs it releases, still in it, in the standby pool)."""
     info = ray.get(inst.engine.reconfigure.remote([n._actor_id.hex() for n in npus], specs, memory, recompute))
     if inst.specs[0].has_group or specs[0].has_group:  # else none to leave (emulated, EP 1)
         keep = [specs[0].group_name] + ([inst.specs[0].group_name] if keep_previous else [])
@@ -395,7 +450,12 @@ def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict]
     inst.release(gone)
     _to_reserve(inst, [n for n in bound if n not in gone])
     leaving = [n for n in leaving if n not in bound]
-    if standby is not None:
+    reports = {n._actor_id.hex(): m for n, m in zip(inst.npus, inst.memory)}
+    inst.parked = None
+    if standby is not None and park:
+        inst.parked = [reports[n._actor_id.hex()] for n in leaving]
+        standby.park(leaving, inst.specs[0].group_name, [m["node"] for m in inst.parked])
+    elif standby is not None:
         standby.give_back(leaving)
     else:
         for n in leaving:
@@ -424,18 +484,36 @@ def resize(inst: Instance, ep: int, weight_refs: dict | None, expert_map: Expert
     t0 = time.time()
     old_ep = inst.ep_size
     back = _back(inst, ep, expert_map)
+    parked = None
+    if back is not None and ep > old_ep:  # back up to the group its parked NPUs are still in
+        parked = standby.take_parked(back[0].group_name, ep - old_ep) if standby is not None and inst.parked else None
+        back = back if parked is not None else None
     specs = back or resized_specs(inst, ep, expert_map)
     if ep > old_ep:
         specs = _retaining(inst, specs)
     kept = inst.npus[: min(ep, old_ep)]
-    fresh, reports = _new_npus(inst, kept, specs, weight_refs, standby)
+    if parked is not None:
+        try:
+            _adopt_parked(inst, kept, parked, specs, inst.parked)
+            fresh, reports = parked, inst.parked
+        except ray.exceptions.RayActorError:  # one died while parked: their group is broken; they go
+            for n in parked:
+                ray.kill(n)
+            inst.parked, parked, back = None, None, None
+            specs = _retaining(inst, resized_specs(inst, ep, expert_map))
+    if parked is None:
+        fresh, reports = _new_npus(inst, kept, specs, weight_refs, standby)
     prepared = time.time()
+    # a scale-down back parks the NPUs it releases, if they are all the standby pool's
+    # (not of the instance's placement groups, which keep theirs: see _switch)
+    park = back is not None and ep < old_ep and standby is not None and \
+        not any(n._actor_id.hex() in inst.bundles for n in inst.npus[ep:])
     info = _switch(inst, kept + fresh, specs, inst.memory[: len(kept)] + reports, standby=standby,
-                   keep_previous=ep > old_ep)
+                   keep_previous=ep > old_ep or park, park=park)
     done = info.get("first_step_at", time.time())
     return {
         "instance": inst.name, "from_ep": old_ep, "to_ep": ep, "back": back is not None, "prepare_s": prepared - t0,
-        "modelled_load_s": max((r["load_s"] for r in reports), default=0.0),
+        "modelled_load_s": 0.0 if parked else max((r["load_s"] for r in reports), default=0.0),
         "pause_s": info["pause_s"], "first_step_s": info.get("first_step_s"), "migrated": info["migrated"],
         "total_s": done - t0, "switch_at": info["switch_at"], "first_step_at": info.get("first_step_at"),
         "first_step_error": info.get("first_step_error"),

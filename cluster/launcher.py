@@ -79,6 +79,10 @@ class Instance:
     # in that collective group and keep the experts it dropped (NPUSpec.retain_dropped),
     # so that a scale-down back to them stages nothing and forms no group (cluster.elastic)
     dormant: list[NPUSpec] | None = None
+    # after a scale-down back to `dormant`'s other way round (its previous, larger layout is
+    # then `dormant`): the memory reports of the NPUs it released, parked in the standby pool
+    # as they were (cluster.elastic.StandbyPool.park), for a scale-up back to adopt
+    parked: list[dict] | None = None
 
     @property
     def ep_size(self) -> int:

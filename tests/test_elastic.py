@@ -222,11 +222,72 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         emu.shutdown()
 
 
+def test_a_scale_down_back_parks_its_npus_and_the_next_scale_up_back_adopts_them_as_they_are(model):
+    """ElasticMoE's pre-built communication domains both ways: a scale-down back to
+    the layout of before the scale-up parks the NPUs it releases in the standby pool
+    as they are (experts, KV pool, still in the larger group, as the kept NPUs
+    are), so the next scale-up back loads, stages and forms nothing. Taken for
+    anything else, a parked NPU is recycled first. Tokens stay the reference's."""
+    cfg, refs, reference = model
+    inst = _instance(cfg, refs)
+    pool = StandbyPool(inst.specs[0], 2, refs)
+    prompts = _prompts(3, seed=5)
+    try:
+        small = inst.specs[0].group_name
+        seen: dict = {}
+
+        def cycle():
+            seen["up"] = resize(inst, 4, refs, standby=pool)
+            big, released = inst.specs[0].group_name, list(inst.npus[2:])
+            seen["fetched"] = [st["tensors_fetched"] for st in inst.stats()]
+            seen["down"] = resize(inst, 2, refs, standby=pool)
+            seen["parked"] = dict(pool.parked), [n._actor_id for n in pool.actors], released, big
+            seen["groups_down"] = [sorted(st["groups"]) for st in inst.stats()]
+            seen["parked_groups"] = [st["groups"] for st in ray.get([n.stats.remote() for n in released])]
+            seen["again"] = resize(inst, 4, refs, standby=pool)
+            seen["npus_again"] = list(inst.npus[2:])
+            seen["stats_again"] = inst.stats()
+            return True
+
+        tokens, done = _generate_during(inst, prompts, 24, cycle)
+        assert done
+        assert tokens == generate(reference, prompts, 24).tokens
+        parked, pooled, released, big = seen["parked"]
+        assert seen["down"]["back"] and not seen["up"]["back"]
+        assert set(parked.values()) == {big} and pooled == [n._actor_id for n in released]
+        assert seen["groups_down"] == [sorted([small, big])] * 2  # the kept NPUs stay in the larger group
+        assert seen["parked_groups"] == [[big]] * 2
+        again = seen["again"]
+        assert again["back"] and inst.specs[0].group_name == big
+        assert [n._actor_id for n in seen["npus_again"]] == [n._actor_id for n in released]
+        assert [st["tensors_fetched"] for st in seen["stats_again"]] == seen["fetched"]  # nothing loaded again
+        assert [st["prepares"] for st in seen["stats_again"]] == [0] * 4 and pool.parked == {}
+        # parked again, then taken for a layout of its own: recycled, set up, in a new group
+        resize(inst, 2, refs, standby=pool)
+        assert len(pool.parked) == 2
+        own = resize(inst, 4, refs, expert_map=resized_specs(inst, 4)[0].expert_map, standby=pool)
+        assert not own["back"] and pool.parked == {}
+        assert all(st["groups"] == [inst.specs[0].group_name] or sorted(st["groups"]) ==
+                   sorted([inst.specs[0].group_name, small]) for st in inst.stats())
+        # parked again, one of them dies: the scale-up back starts over (adopts from the pool, forms a group)
+        own_group = inst.specs[0].group_name
+        resize(inst, 2, refs, standby=pool)
+        assert set(pool.parked.values()) == {own_group}
+        ray.kill(pool.actors[0])
+        after = resize(inst, 4, refs, standby=pool)
+        assert not after["back"] and inst.ep_size == 4 and inst.specs[0].group_name != own_group
+        prompt = _prompts(1, seed=9)[0]
+        assert _generate_during(inst, [prompt], 8, lambda: None)[0][0] == generate(reference, [prompt], 8).tokens[0]
+    finally:
+        pool.shutdown()
+        inst.shutdown()
+
+
 def test_an_emulated_standby_npu_joins_copying_only_its_experts(model):
     """Emulated NPUs model what real ones do: a standby copied the replicated weights
     into HBM while it waited, so a scale-up that adopts it models the copy of its
-    experts alone; a released NPU keeps them for its next adoption; an NPU started
-    on demand copies everything."""
+    experts alone; a released NPU keeps them for its next adoption (recycled);
+    an NPU started on demand copies everything."""
     from actors.compute.emulated import replicated_bytes
     from actors.cost_model import CostModel
     from actors.devices import get_device
@@ -239,8 +300,9 @@ def test_an_emulated_standby_npu_joins_copying_only_its_experts(model):
         def weights(report) -> int:
             return report["by_category"]["weights"]
 
-        for _ in range(2):  # adopted warm, then again once recycled by the scale-down
-            info = resize(inst, 2, None, standby=pool)
+        for own_map in (False, True):  # adopted warm; then parked, taken for a layout of its own: recycled
+            info = resize(inst, 2, None, standby=pool,
+                          expert_map=resized_specs(inst, 2)[0].expert_map if own_map else None)
             joined = inst.memory[1]  # its report: load_s, the modelled copy into HBM
             assert joined["load_s"] == pytest.approx(cost.load_time(weights(joined) - replicated_bytes(cfg)))
             assert info["modelled_load_s"] == pytest.approx(joined["load_s"])
@@ -356,15 +418,17 @@ def test_bench_elastic_direct_scales_the_instance_alone_and_loses_no_request(ray
     (to the launch's layout) under the closed loop; every request completes."""
     from cluster.bench.elastic import ElasticBenchConfig, run_elastic_bench
 
-    cfg = ElasticBenchConfig(concurrency=4, phase_s=1.0, warmup_s=0.5, cycles=1, input_len=8, output_len=12,
+    cfg = ElasticBenchConfig(concurrency=4, phase_s=1.0, warmup_s=0.5, cycles=2, input_len=8, output_len=12,
                              direct=True)
     summary = run_elastic_bench(load_manifest("local"), cfg)
     assert summary["direct"] and (summary["from_ep"], summary["to_ep"]) == (2, 4)
     assert summary["failed"] == 0 and summary["requests"] >= 4
-    assert summary["scaled_back"] == 1
+    # both scale-downs went back (and parked their NPUs); the second scale-up went back to those
+    assert summary["scaled_back"] == 2 and summary["scaled_back_up"] == 1
+    assert summary["scale_up_back_s"] is not None and summary["scale_up_s"] is not None
     assert summary["throughput_before"] > 0 and summary["throughput_between"] > 0
     assert summary["during_vs_steady"] is not None and summary["cold_start_s"] > 0
     assert summary["during_vs_steady_up"] is not None and summary["during_vs_steady_down"] is not None
-    # the control command in each of the 3 steady phases (small, large, small) returned two step ends
-    assert len(summary["control_vs_steady_per_window"]) == 3 and None not in summary["control_vs_steady_per_window"]
+    # the control command in each of the 5 steady phases (small, large, small, ...) returned two step ends
+    assert len(summary["control_vs_steady_per_window"]) == 5 and None not in summary["control_vs_steady_per_window"]
     assert summary["serving_lost_s_control"] is not None

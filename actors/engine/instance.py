@@ -403,15 +403,21 @@ class InstanceEngine:
             ends.append(None if step is None else (await step)[0])
         return ends
 
-    async def adopt(self, npus: list, specs: list, weight_refs: dict | None) -> list[dict]:
+    async def adopt(self, npus: list, specs: list, weight_refs: dict | None,
+                    reports: list[dict] | None = None) -> list[dict]:
         """Set up NPUs this engine will step after a switch (NPUActor.setup: a
         standby NPU takes its place, a new one loads from the object store) while
         it still serves on the current ones; returns their memory reports. Called
         from this process, so the setup also opens the connections the first step
         on them needs: a process's first call to an actor resolves it through the
         GCS (milliseconds each), which would otherwise stall that step. The engine
-        keeps their handles: the switch names them by actor id."""
-        reports = list(await asyncio.gather(*(n.setup.remote(weight_refs, s) for n, s in zip(npus, specs))))
+        keeps their handles: the switch names them by actor id. `reports`: NPUs
+        set up already (parked by a scale-down back, as they were: these are
+        their reports), only reached (NPUActor.ready), for the same reason."""
+        if reports is None:
+            reports = list(await asyncio.gather(*(n.setup.remote(weight_refs, s) for n, s in zip(npus, specs))))
+        else:
+            await asyncio.gather(*(n.ready.remote() for n in npus))
         bs = self.config.scheduler.block_size
         self._adopted.update((n._actor_id.hex(), (n, BlockManager(r["kv_blocks"], bs))) for n, r in zip(npus, reports))
         return reports

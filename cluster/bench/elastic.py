@@ -8,7 +8,10 @@ timed to its first step. Reported (medians over the cycles where it is a time):
 
 - scale_up_s / scale_down_s: the command to the first step on the new size
   (cluster.elastic.resize: new NPUs loaded, experts staged, the new group
-  formed, the switch, one step); modelled_load_up_s, the part of a scale-up
+  formed, the switch, one step), scale_up_s over the scale-ups that did that
+  (the first, at least); scale_up_back_s over those back to the NPUs the
+  scale-down before parked in the standby pool (scaled_back_up of them:
+  nothing loaded or formed); modelled_load_up_s, the part of a scale-up
   an emulated NPU sleeps for copying its weights from host memory into HBM
   (the cost model's host link: a standby NPU's experts, the replicated weights
   having been copied while it waited; 0 with real compute);
@@ -378,7 +381,10 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
     during_s = sum(w.end - w.start for w in windows)
     during_tokens = sum(_tokens(steps, w.start, w.end) for w in windows)
     ups, downs = [c[0] for c in cycles], [c[2] for c in cycles]
-    scale_up_s = statistics.median(e.info["total_s"] for e in ups)
+    # scale-ups that adopted NPUs and formed a group (the first, at least), apart from those back
+    # to the NPUs the previous scale-down parked, which load and form nothing
+    adopting, back_ups = [e for e in ups if not e.info.get("back")], [e for e in ups if e.info.get("back")]
+    scale_up_s = statistics.median(e.info["total_s"] for e in adopting)
     summary = {
         "manifest": manifest.name, "instance": name, "direct": cfg.direct, "from_ep": from_ep, "to_ep": to_ep,
         "standby_npus": manifest.elastic.standby_npus, "cycles": len(cycles),
@@ -386,8 +392,10 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
         "cold_start_s": cold_s, "scale_up_vs_cold_start": cold_s / scale_up_s,
         "pause_up_s": statistics.median(e.info["pause_s"] for e in ups),
         "pause_down_s": statistics.median(e.info["pause_s"] for e in downs),
-        "prepare_up_s": statistics.median(e.info["prepare_s"] for e in ups),
-        "modelled_load_up_s": statistics.median(e.info["modelled_load_s"] for e in ups),
+        "prepare_up_s": statistics.median(e.info["prepare_s"] for e in adopting),
+        "modelled_load_up_s": statistics.median(e.info["modelled_load_s"] for e in adopting),
+        "scale_up_back_s": statistics.median(e.info["total_s"] for e in back_ups) if back_ups else None,
+        "scaled_back_up": len(back_ups),  # ups that adopted the NPUs the scale-down before had parked
         "migrated_down": sum(e.info["migrated"] for e in downs),
         "scaled_back": sum(bool(e.info.get("back")) for e in downs),  # downs that reused the pre-scale-up layout
         "refill_s": statistics.median(refilled - up.end for up, refilled, _ in cycles),
@@ -427,7 +435,8 @@ def print_elastic(summary: dict, console) -> None:
                     f"EP {summary['from_ep']} -> {summary['to_ep']} -> {summary['from_ep']}, {summary['cycles']} cycles")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    for key in ("scale_up_s", "modelled_load_up_s", "scale_down_s", "cold_start_s", "scale_up_vs_cold_start",
+    for key in ("scale_up_s", "modelled_load_up_s", "scale_up_back_s", "scale_down_s", "cold_start_s",
+                "scale_up_vs_cold_start",
                 "pause_up_s", "pause_down_s",
                 "throughput_before", "throughput_between", "throughput_after", "throughput_during",
                 "during_vs_steady", "during_vs_steady_up", "during_vs_steady_down", "during_vs_before",
