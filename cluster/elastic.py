@@ -203,16 +203,26 @@ class StandbyPool:
                 n.recycle.remote(self._spec(i))
         return taken
 
+    def _room_for(self, npus: list) -> list:
+        """As many of `npus` as the pool lacks; the rest go."""
+        room = max(0, self.size - len(self.actors))
+        for n in npus[room:]:
+            ray.kill(n)
+        return npus[:room]
+
+    def _recycle(self, npus: list) -> None:
+        """Recycle NPUs of the pool (NPUActor.recycle): warming again until done."""
+        refs = [n.recycle.remote(self._spec(i)) for i, n in enumerate(npus)]
+        self.node_refs.update((n._actor_id.hex(), r) for n, r in zip(npus, refs))
+        self.warming.extend(refs)
+
     def park(self, npus: list, group: str, nodes: list[str]) -> None:
         """NPUs a scale-down back released, kept as they are (experts, KV pool,
         membership of `group`, on `nodes`) so that the instance's next scale-up back
         to `group` adopts them with nothing to load or form (`take_parked`);
         counted in the pool, and recycled if taken for anything else. Those the
         pool has no room for go."""
-        room = max(0, self.size - len(self.actors))
-        for n in npus[room:]:
-            ray.kill(n)
-        for n, node in zip(npus[:room], nodes):
+        for n, node in zip(self._room_for(npus), nodes):
             self.parked[n._actor_id.hex()] = group
             self.node_refs[n._actor_id.hex()] = ray.put(node)
             self.actors.append(n)
@@ -226,11 +236,9 @@ class StandbyPool:
             for a in mine:
                 del self.parked[a._actor_id.hex()]
             return self._remove(mine)
-        for i, a in enumerate(mine):
+        for a in mine:
             del self.parked[a._actor_id.hex()]
-            ref = a.recycle.remote(self._spec(i))
-            self.node_refs[a._actor_id.hex()] = ref
-            self.warming.append(ref)
+        self._recycle(mine)
         return None
 
     def refill(self, n: int) -> list:
@@ -245,13 +253,8 @@ class StandbyPool:
     def give_back(self, npus: list) -> None:
         """NPUs an instance released: standby again, as many as the pool lacks; the
         rest go. Their recycling runs before any adoption sent after it."""
-        room = max(0, self.size - len(self.actors))
-        for n in npus[room:]:
-            ray.kill(n)
-        back = npus[:room]
-        refs = [n.recycle.remote(self._spec(i)) for i, n in enumerate(back)]
-        self.node_refs.update((n._actor_id.hex(), r) for n, r in zip(back, refs))
-        self.warming.extend(refs)
+        back = self._room_for(npus)
+        self._recycle(back)
         self.actors.extend(back)
 
     def top_up(self, after_s: float = 0.0) -> int:
@@ -450,9 +453,9 @@ def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict]
     inst.release(gone)
     _to_reserve(inst, [n for n in bound if n not in gone])
     leaving = [n for n in leaving if n not in bound]
-    reports = {n._actor_id.hex(): m for n, m in zip(inst.npus, inst.memory)}
     inst.parked = None
     if standby is not None and park:
+        reports = {n._actor_id.hex(): m for n, m in zip(inst.npus, inst.memory)}
         inst.parked = [reports[n._actor_id.hex()] for n in leaving]
         standby.park(leaving, inst.specs[0].group_name, [m["node"] for m in inst.parked])
     elif standby is not None:
