@@ -248,8 +248,9 @@ class NPUActor:
         self.spec = spec
 
     def export_blocks(self, blocks: list[int]):
-        """KV blocks of a sequence leaving this NPU, as one array (a row each): one
-        object to fetch, not one a block (each costs its owner and its reader calls).
+        """KV blocks of the sequences leaving this NPU, as one array (a row each): one
+        call and one object to fetch for all of them, not one a block or a sequence
+        (each costs its owner and its reader calls).
         Real compute only: an emulated NPU holds no KV data (the engine asks none)."""
         return self.compute.export_blocks(blocks)
 

@@ -116,6 +116,25 @@ def test_ep_2_to_4_to_2_during_generation_keeps_the_reference_tokens(model):
         inst.shutdown()
 
 
+def test_a_scale_down_moves_each_leaving_npus_sequences_in_one_export(model):
+    """A scale-down moves the KV of all the sequences on a leaving NPU in one export
+    call and one object, which the first step on the new size fetches once, not
+    once per sequence; each sequence resumes from its own rows of it with the
+    reference's tokens."""
+    cfg, refs, reference = model
+    inst = _instance(cfg, refs)
+    prompts = _prompts(8, seed=11)
+    try:
+        resize(inst, 4, refs)  # idle: the sequences then spread over four NPUs
+        tokens, down = _generate_during(inst, prompts, 24, lambda: resize(inst, 2, refs))
+        assert tokens == generate(reference, prompts, 24).tokens
+        stats = ray.get(inst.engine.stats.remote())
+        assert down["migrated"] == stats["migrated_seqs"] >= 3  # more sequences than leaving NPUs
+        assert stats["kv_exports"] == 2  # one per leaving NPU
+    finally:
+        inst.shutdown()
+
+
 def test_rebalance_with_redundant_experts_during_generation_keeps_the_tokens(model):
     cfg, refs, reference = model
     inst = _instance(cfg, refs)

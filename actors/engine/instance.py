@@ -56,6 +56,7 @@ class InstanceEngine:
         self.counters = {
             "steps": 0, "prompt_tokens": 0, "computed_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
             "drafted_tokens": 0, "accepted_tokens": 0, "reconfigurations": 0, "migrated_seqs": 0,
+            "kv_exports": 0,  # export calls of leaving NPUs (one each, for all its migrating sequences)
         }
         self.device_time_s = 0.0
         self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
@@ -434,15 +435,18 @@ class InstanceEngine:
             bs = self.config.scheduler.block_size
             # emulated NPUs hold no KV data: the kept NPU models the copy from the block count alone
             holds_data = specs[0].compute == "real"
-            moving = []
+            # the sequences on leaving NPUs (seq, its old rank, its first row in that NPU's
+            # export, its tokens); each leaving NPU exports all of its sequences' blocks in
+            # one call, one object: a call and an object a sequence would cost the leaving
+            # NPU, this loop and the first step's fetch each, while the instance waits
+            moving, rows = [], {}
             for seq in self.scheduler.running:
                 if seq.rank is not None and old[seq.rank]._actor_id.hex() not in new_rank:
-                    if recompute:
-                        moving.append((seq, None, 0))
-                        continue
-                    blocks = seq.block_table[: -(-seq.num_computed // bs)]
-                    ref = old[seq.rank].export_blocks.remote(blocks) if blocks and holds_data else None
-                    moving.append((seq, ref, seq.num_computed))
+                    exported = rows.setdefault(seq.rank, [])
+                    tokens = 0 if recompute else seq.num_computed
+                    moving.append((seq, seq.rank, len(exported), tokens))
+                    exported += seq.block_table[: -(-tokens // bs)]
+            exports = {r: old[r].export_blocks.remote(blocks) for r, blocks in rows.items() if blocks and holds_data}
             if not self.scheduler.has_work():  # no step to carry the specs: switch the NPUs now
                 await asyncio.gather(*(n.commit.remote(s) for n, s in zip(npus, specs)))
                 specs = None
@@ -461,10 +465,10 @@ class InstanceEngine:
         for seq in self.scheduler.running:
             if seq.rank is not None and old[seq.rank]._actor_id.hex() in new_rank:
                 seq.rank = new_rank[old[seq.rank]._actor_id.hex()]
-        for seq, exported, tokens in moving:
-            if not seq.finish_reason:  # block i of its KV: row i of the one array its old NPU exported (on its node)
-                self.scheduler.migrate(seq, [[exported, i] for i in range(-(-tokens // bs))], tokens,
-                                       self.nodes[seq.rank])
+        for seq, rank, first, tokens in moving:
+            if not seq.finish_reason:  # block i of its KV: row first + i of its old NPU's export (on its node)
+                self.scheduler.migrate(seq, [[exports.get(rank), first + i] for i in range(-(-tokens // bs))],
+                                       tokens, self.nodes[seq.rank])
         self._retired = (self.executor, self.managers, self._adopted)
         self.managers = self.scheduler.managers = bs_managers
         self.nodes = [m.get("node") for m in memory]
@@ -473,10 +477,10 @@ class InstanceEngine:
         self.counters["reconfigurations"] += 1
         self.healthy = True
         self.counters["migrated_seqs"] += len(moving)
+        self.counters["kv_exports"] += len(exports)
         # the exports finish beside the first step (whose imports wait for them), not in the pause
-        exports = [r for _, r, _ in moving if r is not None]
         done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "switch_at": switch_at,
-                         "migrated": len(moving), "exports": exports})
+                         "migrated": len(moving), "exports": list(exports.values())})
 
     # ---- state for the master ---------------------------------------------------------
     async def npu_stats(self) -> list[dict]:
