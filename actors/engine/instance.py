@@ -60,7 +60,8 @@ class InstanceEngine:
         }
         self.device_time_s = 0.0
         self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
-        self._reconfig: tuple | None = None  # (npus, specs, memory, future, recompute): applied between two steps
+        # (npus, specs, memory, future, recompute, exported): applied between two steps
+        self._reconfig: tuple | None = None
         # resolved when the next step ends: (its end, None); (None, why) when it failed;
         # (None, None) when the work ran out first. Never left pending (a resize waits on it)
         self._after_step: list[asyncio.Future] = []
@@ -374,7 +375,14 @@ class InstanceEngine:
                              f"engine {self.config.name}")
         t0 = time.time()
         switched = asyncio.get_running_loop().create_future()
-        self._reconfig = ([known[i] for i in npus], specs, memory, switched, recompute)
+        # the leaving NPUs export their sequences' KV now: each runs its export right after
+        # its step in flight (a synchronous actor runs one caller's tasks in the order they
+        # were sent), beside this engine's switch, so the first step on the new size finds it done
+        staying = set(npus)
+        leaving = [s for s in self.scheduler.running
+                   if s.rank is not None and self.executor.npus[s.rank]._actor_id.hex() not in staying]
+        exported = {} if recompute else self._export_kv(leaving, specs[0].compute == "real")
+        self._reconfig = ([known[i] for i in npus], specs, memory, switched, recompute, exported)
         self._wake.set()
         info = await switched
         first = self._next_step()
@@ -423,8 +431,25 @@ class InstanceEngine:
         self._adopted.update((n._actor_id.hex(), (n, BlockManager(r["kv_blocks"], bs))) for n, r in zip(npus, reports))
         return reports
 
+    def _export_kv(self, seqs: list[Sequence], holds_data: bool) -> dict[str, tuple]:
+        """The KV of `seqs`, each on an NPU that leaves: one export call and one object
+        per NPU for all of its sequences (a call and an object a sequence would cost
+        the NPU, this engine and the first step's fetch each, while the instance
+        waits). Whole block tables: no step grows them before the switch. Returns,
+        by sequence id, (the ref of its NPU's export, its first row there); the ref
+        is None where the NPUs hold no KV data (emulated: the kept NPU models the
+        copy from the block count alone)."""
+        blocks, rows = {}, {}
+        for seq in seqs:
+            exported = blocks.setdefault(seq.rank, [])
+            rows[seq.seq_id] = (seq.rank, len(exported))
+            exported += seq.block_table
+        refs = {r: self.executor.npus[r].export_blocks.remote(b) for r, b in blocks.items() if b and holds_data}
+        self.counters["kv_exports"] += len(refs)
+        return {seq_id: (refs.get(r), first) for seq_id, (r, first) in rows.items()}
+
     async def _switch(self, npus: list, specs: list, memory: list[dict], done: asyncio.Future,
-                      recompute: bool) -> None:
+                      recompute: bool, exported: dict[str, tuple]) -> None:
         import ray
 
         t0, switch_at = time.monotonic(), time.time()  # the old size's last step is in the step log
@@ -433,20 +458,10 @@ class InstanceEngine:
             old_rank = {n._actor_id.hex(): r for r, n in enumerate(old)}
             new_rank = {n._actor_id.hex(): r for r, n in enumerate(npus)}
             bs = self.config.scheduler.block_size
-            # emulated NPUs hold no KV data: the kept NPU models the copy from the block count alone
-            holds_data = specs[0].compute == "real"
-            # the sequences on leaving NPUs (seq, its old rank, its first row in that NPU's
-            # export, its tokens); each leaving NPU exports all of its sequences' blocks in
-            # one call, one object: a call and an object a sequence would cost the leaving
-            # NPU, this loop and the first step's fetch each, while the instance waits
-            moving, rows = [], {}
-            for seq in self.scheduler.running:
-                if seq.rank is not None and old[seq.rank]._actor_id.hex() not in new_rank:
-                    exported = rows.setdefault(seq.rank, [])
-                    tokens = 0 if recompute else seq.num_computed
-                    moving.append((seq, seq.rank, len(exported), tokens))
-                    exported += seq.block_table[: -(-tokens // bs)]
-            exports = {r: old[r].export_blocks.remote(blocks) for r, blocks in rows.items() if blocks and holds_data}
+            # the sequences on leaving NPUs, their KV exported when the command came
+            # (those of them still running: none came since, no step ran between)
+            moving = [s for s in self.scheduler.running
+                      if s.rank is not None and old[s.rank]._actor_id.hex() not in new_rank]
             if not self.scheduler.has_work():  # no step to carry the specs: switch the NPUs now
                 await asyncio.gather(*(n.commit.remote(s) for n, s in zip(npus, specs)))
                 specs = None
@@ -465,10 +480,12 @@ class InstanceEngine:
         for seq in self.scheduler.running:
             if seq.rank is not None and old[seq.rank]._actor_id.hex() in new_rank:
                 seq.rank = new_rank[old[seq.rank]._actor_id.hex()]
-        for seq, rank, first, tokens in moving:
+        for seq in moving:
             if not seq.finish_reason:  # block i of its KV: row first + i of its old NPU's export (on its node)
-                self.scheduler.migrate(seq, [[exports.get(rank), first + i] for i in range(-(-tokens // bs))],
-                                       tokens, self.nodes[seq.rank])
+                ref, first = exported.get(seq.seq_id, (None, 0))
+                tokens = seq.num_computed if seq.seq_id in exported else 0  # else (a rebuild) it recomputes its KV
+                self.scheduler.migrate(seq, [[ref, first + i] for i in range(-(-tokens // bs))], tokens,
+                                       self.nodes[seq.rank])
         self._retired = (self.executor, self.managers, self._adopted)
         self.managers = self.scheduler.managers = bs_managers
         self.nodes = [m.get("node") for m in memory]
@@ -477,10 +494,10 @@ class InstanceEngine:
         self.counters["reconfigurations"] += 1
         self.healthy = True
         self.counters["migrated_seqs"] += len(moving)
-        self.counters["kv_exports"] += len(exports)
         # the exports finish beside the first step (whose imports wait for them), not in the pause
+        exports = list(dict.fromkeys(ref for ref, _ in exported.values() if ref is not None))
         done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "switch_at": switch_at,
-                         "migrated": len(moving), "exports": list(exports.values())})
+                         "migrated": len(moving), "exports": exports})
 
     # ---- state for the master ---------------------------------------------------------
     async def npu_stats(self) -> list[dict]:
