@@ -77,15 +77,18 @@ class ClusterController:
                           for i in self.instances.values()],
             "standby_npus": view["standby_npus"],
             "standby_warming": view["standby_warming"],
+            "standby_nodes": view["standby_nodes"],
             "autoscaler": self.manifest.autoscaler.model_dump(),
             "events": list(self.events),
         }
 
     def elastic_view(self) -> dict:
         """NPUs outside the instances' current sets (`/v1/cluster`'s "elastic"): the
-        standby pool, and per instance its reserve."""
+        standby pool and the nodes its new NPUs start on (the instances' home
+        nodes, following them as they come and go), and per instance its reserve."""
         return {"standby_npus": len(self.standby.actors) if self.standby else 0,
                 "standby_warming": self.standby.num_warming() if self.standby else 0,
+                "standby_nodes": list(self.standby.nodes) if self.standby else [],
                 "reserve_npus": {i.name: len(i.reserve) for i in self.instances.values()}}
 
     def steps_since(self, instance: str, t: float) -> list[tuple[float, int]]:

@@ -102,7 +102,8 @@ def test_stream_across_ep_resizes_keeps_its_tokens(server, expect):
     assert [(e["from_ep"], e["to_ep"], e["outcome"]) for e in events[-2:]] == [(2, 4, "ok"), (4, 2, "ok")]
     # no standby pool, no placement group: the NPUs the scale-down released went
     view = httpx.get(f"{server.url}/v1/cluster", timeout=30).json()
-    assert view["elastic"] == {"standby_npus": 0, "standby_warming": 0, "reserve_npus": {"prefill0": 0, "decode0": 0}}
+    assert view["elastic"] == {"standby_npus": 0, "standby_warming": 0, "standby_nodes": [],
+                               "reserve_npus": {"prefill0": 0, "decode0": 0}}
 
 
 def test_add_then_remove_an_instance_drains_without_losing_its_request(server, expect):
