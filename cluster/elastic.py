@@ -232,12 +232,10 @@ class StandbyPool:
         fewer are left (one was taken for something else, or had no room): then
         the rest are recycled, since their group cannot serve again."""
         mine = [a for a in self.actors if self.parked.get(a._actor_id.hex()) == group]
-        if len(mine) == n:
-            for a in mine:
-                del self.parked[a._actor_id.hex()]
-            return self._remove(mine)
         for a in mine:
             del self.parked[a._actor_id.hex()]
+        if len(mine) == n:
+            return self._remove(mine)
         self._recycle(mine)
         return None
 

@@ -378,10 +378,7 @@ class InstanceEngine:
         # the leaving NPUs export their sequences' KV now: each runs its export right after
         # its step in flight (a synchronous actor runs one caller's tasks in the order they
         # were sent), beside this engine's switch, so the first step on the new size finds it done
-        staying = set(npus)
-        leaving = [s for s in self.scheduler.running
-                   if s.rank is not None and self.executor.npus[s.rank]._actor_id.hex() not in staying]
-        exported = {} if recompute else self._export_kv(leaving, specs[0].compute == "real")
+        exported = {} if recompute else self._export_kv(self._leaving(set(npus)), specs[0].compute == "real")
         self._reconfig = ([known[i] for i in npus], specs, memory, switched, recompute, exported)
         self._wake.set()
         info = await switched
@@ -431,6 +428,11 @@ class InstanceEngine:
         self._adopted.update((n._actor_id.hex(), (n, BlockManager(r["kv_blocks"], bs))) for n, r in zip(npus, reports))
         return reports
 
+    def _leaving(self, staying) -> list[Sequence]:
+        """The running sequences on NPUs not among `staying` (actor ids) after a switch."""
+        npus = self.executor.npus
+        return [s for s in self.scheduler.running if s.rank is not None and npus[s.rank]._actor_id.hex() not in staying]
+
     def _export_kv(self, seqs: list[Sequence], holds_data: bool) -> dict[str, tuple]:
         """The KV of `seqs`, each on an NPU that leaves: one export call and one object
         per NPU for all of its sequences (a call and an object a sequence would cost
@@ -460,8 +462,7 @@ class InstanceEngine:
             bs = self.config.scheduler.block_size
             # the sequences on leaving NPUs, their KV exported when the command came
             # (those of them still running: none came since, no step ran between)
-            moving = [s for s in self.scheduler.running
-                      if s.rank is not None and old[s.rank]._actor_id.hex() not in new_rank]
+            moving = self._leaving(new_rank)
             if not self.scheduler.has_work():  # no step to carry the specs: switch the NPUs now
                 await asyncio.gather(*(n.commit.remote(s) for n, s in zip(npus, specs)))
                 specs = None
