@@ -33,6 +33,7 @@ MASTER_NAME = "omniray_master"
 DISPATCH_LOG_LEN = 256  # decisions kept for the cluster view
 LATENCY_WINDOW = 256  # recent requests' TTFT/TPOT kept for the autoscaler's SLO attainment
 CACHED_HASHES_PER_INSTANCE = 65_536  # bound on the master's prefix view of one instance
+FINISHED_KEPT_PER_INSTANCE = 1024  # finished requests remembered across one cache sync
 
 
 class NoInstanceAvailable(RuntimeError):
@@ -55,6 +56,9 @@ class InstanceRef:
     draining: bool = False  # being removed: no new requests, the running ones finish
     stats: dict = field(default_factory=dict)  # the engine's last stats()
     npus: list = field(default_factory=list)  # its NPUs' last stats()
+    # (finish time, block hashes) of requests routed here that finished lately: a cache
+    # sync asked before they finished must not drop their blocks from the view
+    finished_recently: deque = field(default_factory=lambda: deque(maxlen=FINISHED_KEPT_PER_INSTANCE))
 
     def __post_init__(self):
         self.view = InstanceView(self.name, self.role, max_num_seqs=self.max_num_seqs)
@@ -146,7 +150,10 @@ class OmniMaster:
         return Decision(prefill, None, decode.name, decode.engine, "sequential")
 
     def finished(self, request_id: str) -> None:
-        prefill, decode, tokens, _ = self.assigned.pop(request_id, (None, None, 0, []))
+        prefill, decode, tokens, hashes = self.assigned.pop(request_id, (None, None, 0, []))
+        holder = self.instances.get(prefill) if prefill else None
+        if holder is not None and hashes:
+            holder.finished_recently.append((time.monotonic(), hashes))
         self._release(decode or prefill, tokens)
         if self.has_pd and self.pd_mode == "parallel":
             self._release(prefill, tokens)
@@ -368,6 +375,7 @@ class OmniMaster:
         async def one(inst: InstanceRef):
             try:
                 st = await asyncio.wait_for(inst.engine.stats.remote(), timeout=2.0)
+                asked = time.monotonic()  # what finished after this may be missing from `held`
                 held = await asyncio.wait_for(inst.engine.cached_hashes.remote(), 2.0) if sync_cache else None
                 if sync_cache:
                     inst.npus = await asyncio.wait_for(inst.engine.npu_stats.remote(), 2.0)
@@ -383,6 +391,9 @@ class OmniMaster:
                 inst.cached = dict.fromkeys(held)
                 for prefill, _, _, hashes in self.assigned.values():
                     if prefill == inst.name:
+                        self._remember(inst, hashes)
+                for done_s, hashes in inst.finished_recently:
+                    if done_s >= asked:
                         self._remember(inst, hashes)
 
         await asyncio.gather(*(one(i) for i in self.instances.values()))
