@@ -90,3 +90,47 @@ def test_a_sync_still_forgets_blocks_the_engine_dropped_before_it_was_asked():
         return list(inst.cached)
 
     assert asyncio.run(scenario()) == [2]
+
+
+class _SlowEngine:
+    """An engine too busy to answer the master's refresh in time."""
+
+    def __init__(self):
+        async def late():
+            await asyncio.sleep(10)
+
+        self.stats = self.cached_hashes = self.npu_stats = _Call(late)
+
+
+def test_a_slow_engine_stays_in_routing_until_it_misses_several_refreshes_in_a_row():
+    async def scenario():
+        engine = _Engine()
+        engine.release.set()
+        master, inst = _master_with(engine)
+        master.refresh_timeout_s = 0.01
+        await master.refresh()
+        answering = inst.engine
+        inst.engine = _SlowEngine()
+        seen = []
+        for _ in range(3):
+            await master.refresh()
+            seen.append(inst.view.healthy)
+        inst.engine = answering  # it answers again: back in routing
+        await master.refresh()
+        return seen + [inst.view.healthy]
+
+    assert asyncio.run(scenario()) == [True, True, False, True]
+
+
+def test_an_engine_that_died_leaves_routing_at_once():
+    async def died():
+        raise ray.exceptions.RayActorError()
+
+    async def scenario():
+        engine = _Engine()
+        master, inst = _master_with(engine)
+        engine.stats = _Call(died)
+        await master.refresh()
+        return inst.view.healthy
+
+    assert asyncio.run(scenario()) is False

@@ -34,6 +34,11 @@ DISPATCH_LOG_LEN = 256  # decisions kept for the cluster view
 LATENCY_WINDOW = 256  # recent requests' TTFT/TPOT kept for the autoscaler's SLO attainment
 CACHED_HASHES_PER_INSTANCE = 65_536  # bound on the master's prefix view of one instance
 FINISHED_KEPT_PER_INSTANCE = 1024  # finished requests remembered across one cache sync
+# refreshes in a row an engine may leave unanswered (slow, not dead: a busy host) before
+# it leaves routing; one that died leaves at once (Ray Serve's health checks likewise
+# count failures before they call a replica unhealthy)
+UNANSWERED_REFRESHES_UNHEALTHY = 3
+REFRESH_TIMEOUT_S = 2.0  # how long a refresh waits for each engine's answer
 
 
 class NoInstanceAvailable(RuntimeError):
@@ -59,6 +64,7 @@ class InstanceRef:
     # (finish time, block hashes) of requests routed here that finished lately: a cache
     # sync asked before they finished must not drop their blocks from the view
     finished_recently: deque = field(default_factory=lambda: deque(maxlen=FINISHED_KEPT_PER_INSTANCE))
+    unanswered: int = 0  # refreshes in a row its engine did not answer in time
 
     def __post_init__(self):
         self.view = InstanceView(self.name, self.role, max_num_seqs=self.max_num_seqs)
@@ -118,6 +124,7 @@ class OmniMaster:
         self.paused = False  # dispatch held (maintenance, resizing); requests queue up meanwhile
         self.dispatch_log: deque[dict] = deque(maxlen=DISPATCH_LOG_LEN)  # the latest decisions, for /v1/cluster
         self.latencies: deque[tuple[float, float | None]] = deque(maxlen=LATENCY_WINDOW)  # (ttft, tpot) of recent requests
+        self.refresh_timeout_s = REFRESH_TIMEOUT_S
 
     @property
     def has_pd(self) -> bool:
@@ -369,19 +376,27 @@ class OmniMaster:
 
     async def refresh(self, sync_cache: bool = False) -> None:
         """Each engine's load; with sync_cache, also the prefix blocks it really holds
-        (plus those of requests routed there and still running). An engine that does
-        not answer is marked unhealthy."""
+        (plus those of requests routed there and still running). An engine that died
+        is marked unhealthy, one that does not answer in time after a few refreshes
+        in a row."""
 
         async def one(inst: InstanceRef):
             try:
-                st = await asyncio.wait_for(inst.engine.stats.remote(), timeout=2.0)
+                st = await asyncio.wait_for(inst.engine.stats.remote(), self.refresh_timeout_s)
                 asked = time.monotonic()  # what finished after this may be missing from `held`
-                held = await asyncio.wait_for(inst.engine.cached_hashes.remote(), 2.0) if sync_cache else None
+                held = await asyncio.wait_for(inst.engine.cached_hashes.remote(), self.refresh_timeout_s) \
+                    if sync_cache else None
                 if sync_cache:
-                    inst.npus = await asyncio.wait_for(inst.engine.npu_stats.remote(), 2.0)
-            except (asyncio.TimeoutError, ray.exceptions.RayError):
+                    inst.npus = await asyncio.wait_for(inst.engine.npu_stats.remote(), self.refresh_timeout_s)
+            except asyncio.TimeoutError:
+                inst.unanswered += 1
+                if inst.unanswered >= UNANSWERED_REFRESHES_UNHEALTHY:
+                    inst.view.healthy = False
+                return
+            except ray.exceptions.RayError:  # died, or its call failed
                 inst.view.healthy = False
                 return
+            inst.unanswered = 0
             v = inst.view
             v.running, v.waiting = st["running"], st["waiting"]
             v.healthy = st.get("healthy", True) and not inst.failed  # a reported failure sticks (until rebuilt)
