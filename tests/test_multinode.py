@@ -185,3 +185,33 @@ def test_standby_npus_wait_on_the_instances_nodes_and_a_strict_scale_up_takes_th
         inst.shutdown()
         if pool is not None:
             pool.shutdown()
+
+
+def test_the_standby_pool_follows_the_instances_as_they_are_added_and_removed(cluster):
+    """New standby NPUs start on the instances' home nodes (StandbyPool.nodes): the
+    controller's view of them follows an instance added on another node, and its
+    removal."""
+    from cluster.server import start_server
+
+    _wait_free(6)
+    manifest = parse_manifest({
+        "model": "models/tiny-gqa-moge.yaml", "compute": "emulated",
+        "instances": [{"name": "mixed0", "role": "mixed", "ep": 1, "placement": "STRICT_PACK"}],
+        "elastic": {"standby_npus": 1},
+    }, MANIFEST_DIR)
+    server = start_server(manifest, port=8000 + hash("multinode-standby") % 500)
+    try:
+        def view() -> dict:
+            return ray.get(server.controller.describe.remote())
+
+        home = _nodes(server.instances[0])[0]
+        assert view()["standby_nodes"] == [home]
+        ray.get(server.controller.add_instance.remote("mixed", 1), timeout=120)
+        added = next(i for i in view()["instances"] if i["name"] != "mixed0")
+        # its node: the first holds mixed0's NPU and the standby NPU waiting beside it, its two slots
+        nodes = view()["standby_nodes"]
+        assert len(nodes) == 2 and nodes[0] == home and nodes[1] != home
+        ray.get(server.controller.remove_instance.remote(added["name"]), timeout=120)
+        assert view()["standby_nodes"] == [home]
+    finally:
+        server.shutdown()
