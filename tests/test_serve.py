@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 import ray
-from openai import OpenAI
+from openai import NotFoundError, OpenAI
 
 from actors.model.reference import build_reference, generate
 from cluster.bench.serve import free_port
@@ -157,6 +157,9 @@ def test_seeded_sampling_is_reproducible(client):
 def test_models_health_and_cluster(http, client):
     assert http.get("/health").json() == {"status": "ok"}
     assert [m.id for m in client.models.list().data] == ["tiny-gqa-moge"]
+    assert client.models.retrieve("tiny-gqa-moge").id == "tiny-gqa-moge"
+    with pytest.raises(NotFoundError):
+        client.models.retrieve("no-such-model")
     client.completions.create(model="tiny-gqa-moge", prompt="warm", max_tokens=2)
     time.sleep(0.6)  # one cache sync of the master
     cluster = http.get("/v1/cluster").json()
@@ -188,6 +191,14 @@ def _error(resp, status: int, param: str | None = None) -> dict:
     if param is not None:
         assert err["param"] == param, err
     return err
+
+
+def test_unknown_paths_and_methods_answer_openai_errors(http):
+    err = _error(http.get("/v1/no-such-endpoint"), 404)
+    assert err["message"] == "Invalid URL (GET /v1/no-such-endpoint)"
+    resp = http.delete("/v1/completions")
+    assert "POST" in resp.headers["allow"] and "DELETE /v1/completions" in _error(resp, 405)["message"]
+    assert _error(http.get("/v1/models/other-model"), 404, "model")["code"] == "model_not_found"
 
 
 def test_missing_or_wrong_api_key_is_401(server):

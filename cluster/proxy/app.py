@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from cluster.config import Manifest
 from cluster.metrics import ProxyMetrics
@@ -37,6 +38,7 @@ from cluster.proxy.protocol import (
     error_body,
     from_validation_error,
     to_sampling,
+    unknown_model,
 )
 from cluster.proxy.responses import (
     CHAT,
@@ -63,6 +65,16 @@ async def _api_error(_request, exc: APIError):
 @api.exception_handler(RequestValidationError)
 async def _validation_error(_request, exc: RequestValidationError):
     return await _api_error(_request, from_validation_error(exc))
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException):
+    """Routing's own errors (no such path, a method the path does not take) in OpenAI's
+    error JSON too, as OpenAI answers them: an OpenAI client raises its error class."""
+    where = f"{request.method} {request.url.path}"
+    message = {404: f"Invalid URL ({where})", 405: f"Method not allowed ({where})"}.get(exc.status_code, str(exc.detail))
+    return await _api_error(request, APIError(exc.status_code, message, "invalid_request_error",
+                                              headers=getattr(exc, "headers", None)))
 
 
 # Serve copies the ingress class when it is decorated: helpers the methods call must be
@@ -160,8 +172,7 @@ class OmniProxySlave:
         except ValidationError as err:
             raise from_validation_error(err) from None
         if getattr(req, "model", self.model_name) != self.model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                           "not_found_error", param="model", code="model_not_found")
+            raise unknown_model(req.model, self.model_name)
         return req
 
     def _prompt_ids(self, prompt: str | list[int], max_tokens: int, life: Lifecycle) -> list[int]:
@@ -277,6 +288,14 @@ class OmniProxySlave:
     async def models(self, request: Request):
         self._authorize(request.headers.get("authorization", ""))
         return ModelList(data=[ModelCard(id=self.model_name, created=self.created)]).model_dump()
+
+    @api.get("/v1/models/{model:path}")
+    async def model(self, model: str, request: Request):
+        """OpenAI's retrieve-model (`client.models.retrieve`); model ids may hold slashes."""
+        self._authorize(request.headers.get("authorization", ""))
+        if model != self.model_name:
+            raise unknown_model(model, self.model_name)
+        return ModelCard(id=self.model_name, created=self.created).model_dump()
 
     @api.get("/health")
     async def health(self):

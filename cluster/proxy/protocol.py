@@ -51,6 +51,12 @@ class APIError(Exception):
         return APIError, (self.status, self.message, self.type, self.param, self.code, self.headers)
 
 
+def unknown_model(asked: str, served: str) -> APIError:
+    """The 404 for a model this server does not serve (OpenAI's code: model_not_found)."""
+    return APIError(404, f"model {asked!r} does not exist; this server serves {served!r}", "not_found_error",
+                    param="model", code="model_not_found")
+
+
 def error_body(exc: APIError) -> dict:
     """`{"error": {message, type, param, code}}`: the shape OpenAI clients turn into exceptions."""
     return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
