@@ -14,6 +14,8 @@ from cluster.config import ManifestError, load_manifest
 SHUTDOWN_TIMEOUT_S = 45.0  # `omniray serve`: Ctrl-C waits this long for a clean shutdown, then exits
 
 console = Console()
+# errors go to stderr, as argparse's do, unwrapped (a message naming a field stays on one line)
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def _ep_list(text: str) -> list[int]:
@@ -219,7 +221,7 @@ def cmd_status(args) -> int:
     except KeyboardInterrupt:
         pass
     except RuntimeError as err:
-        console.print(f"[red]error:[/red] {err}")
+        errors.print(f"[red]error:[/red] {err}")
         return 2
     return 0
 
@@ -292,11 +294,11 @@ def _admin_post(url: str, path: str, body: dict, admin_key: str | None) -> int:
     try:
         r = httpx.post(url.rstrip("/") + path, json=body, headers=headers, timeout=600)
     except httpx.HTTPError as err:
-        console.print(f"[red]error:[/red] {url}: {err}")
+        errors.print(f"[red]error:[/red] {url}: {err}")
         return 2
     data = r.json() if r.headers.get("content-type", "").startswith("application/json") else {"text": r.text}
     if r.status_code != 200:
-        console.print(f"[red]error {r.status_code}:[/red] {data.get('error', {}).get('message', data)}")
+        errors.print(f"[red]error {r.status_code}:[/red] {data.get('error', {}).get('message', data)}")
         return 2
     console.print_json(json.dumps(data))
     return 0
@@ -490,10 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ManifestError as err:
-        console.print(f"[red]error:[/red] {err}")
+        errors.print(f"[red]error:[/red] {err}")
         return 2
     except (ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        errors.print(f"[red]error:[/red] {err}")
         return 2
 
 

@@ -151,7 +151,8 @@ class Manifest(BaseModel):
         return self
 
 
-def _format(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
+    """`field.path: message; ...`: a pydantic error as one line naming each bad field."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
@@ -192,7 +193,7 @@ def parse_manifest(data: dict, base: Path, source: str = "manifest") -> Manifest
     try:
         return Manifest(**data)
     except ValidationError as err:
-        raise ManifestError(f"{source}: {_format(err)}") from None
+        raise ManifestError(f"{source}: {format_validation_error(err)}") from None
     except ValueError as err:  # get_device and friends
         raise ManifestError(f"{source}: {err}") from None
 

@@ -25,8 +25,13 @@ def test_variant_manifest_validates_the_value():
     (off,) = parse_vary("weighted_sorting=false")
     assert variant_manifest(m, off).proxy.weighted_sorting is False and m.proxy.weighted_sorting is True
     (bad,) = parse_vary("policy=fastest")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^--vary policy=fastest: policy: Input should be 'round_robin'"):
         variant_manifest(m, bad)
+
+
+def test_compare_names_a_bad_value_before_it_runs_any_variant(capsys):
+    assert main(["bench", "compare", "--policies", "omni,fastest", "--requests", "2"]) == 2
+    assert "--vary policy=fastest: policy:" in capsys.readouterr().err
 
 
 def test_compare_two_policies_in_one_invocation(ray_session, tmp_path):

@@ -37,7 +37,7 @@ def test_bench_engine_refuses_emulated_compute(ray_session, tmp_path, capsys):
     manifest = tmp_path / "emu.yaml"  # emulated tokens are stand-ins: nothing to check against the reference
     manifest.write_text(f"model: {MODELS}/tiny-gqa-moge.yaml\ncompute: emulated\n")
     assert main(["bench", "engine", "--manifest", str(manifest)]) == 2
-    assert "compute" in capsys.readouterr().out
+    assert "compute" in capsys.readouterr().err
 
 
 def test_bench_engine_reports_a_token_mismatch(ray_session, monkeypatch):

@@ -18,14 +18,14 @@ def test_bad_manifest_names_the_field(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {num_experts: 8}\ninstances:\n  - role: mixed\n    ep: 0\n")
     assert main(["verify", "--manifest", str(bad)]) == 2
-    assert "instances.0.ep" in capsys.readouterr().out
+    assert "instances.0.ep" in capsys.readouterr().err
 
 
 def test_unknown_device_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("device: H100\n")
     assert main(["verify", "--manifest", str(bad)]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "device" in out and "910C" in out
 
 
@@ -40,7 +40,7 @@ def test_mtp_without_heads_names_the_field(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"model: {MODELS}/tiny-gqa-moge.yaml\nengine: {{mtp: true}}\n")
     assert main(["verify", "--manifest", str(bad)]) == 2
-    assert "engine.mtp" in capsys.readouterr().out
+    assert "engine.mtp" in capsys.readouterr().err
 
 
 def test_serve_teardown_is_left_when_stuck_or_interrupted_again():

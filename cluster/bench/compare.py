@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from cluster.bench.serve import ServeBenchResult, free_port, local_server, run_serve_bench
-from cluster.config import Manifest, ProxySettings
+from cluster.config import Manifest, ProxySettings, format_validation_error
 
 COLUMNS = (  # (summary key, header, unit scale)
     ("ttft_p50_s", "TTFT p50 ms", 1000), ("ttft_p99_s", "TTFT p99 ms", 1000), ("tpot_p50_s", "TPOT p50 ms", 1000),
@@ -44,8 +46,12 @@ def parse_vary(spec: str) -> list[Variant]:
 
 
 def variant_manifest(manifest: Manifest, variant: Variant) -> Manifest:
-    """The manifest with one proxy setting changed, validated like a manifest field."""
-    proxy = ProxySettings.model_validate({**manifest.proxy.model_dump(), variant.setting: variant.value})
+    """The manifest with one proxy setting changed, validated like a manifest field
+    (a bad value raises ValueError naming the setting and the value)."""
+    try:
+        proxy = ProxySettings.model_validate({**manifest.proxy.model_dump(), variant.setting: variant.value})
+    except ValidationError as err:
+        raise ValueError(f"--vary {variant.setting}={variant.value}: {format_validation_error(err)}") from None
     return manifest.model_copy(update={"proxy": proxy})
 
 
@@ -54,10 +60,11 @@ def run_compare(manifest: Manifest, variants: list[Variant], items, cfg_for, con
     """`cfg_for(url)`: the load config for a server at url. Variants run in order."""
     from ray import serve
 
+    manifests = [variant_manifest(manifest, v) for v in variants]  # every value checked before any run
     results, port = {}, free_port()
     try:  # one Ray Serve (and port) for all variants; each gets fresh instances, master and slaves
-        for v in variants:
-            with local_server(variant_manifest(manifest, v), address, port=port, keep_serve=True) as server:
+        for v, variant in zip(variants, manifests):
+            with local_server(variant, address, port=port, keep_serve=True) as server:
                 if console is not None:
                     console.print(f"[bold]{v.name}[/bold]: {len(items)} requests against {server.url}")
                 results[v.name] = run_serve_bench(items, cfg_for(server.url), console=console, label=v.name)
