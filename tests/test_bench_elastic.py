@@ -6,7 +6,14 @@ from dataclasses import replace
 
 import pytest
 
-from cluster.bench.elastic import ScalingWindow, _rate_outside, during_vs_steady, serving_lost_after_s, serving_lost_s
+from cluster.bench.elastic import (
+    ScalingWindow,
+    _rate_outside,
+    during_vs_steady,
+    during_vs_steady_ci,
+    serving_lost_after_s,
+    serving_lost_s,
+)
 
 
 def _steps(start, end, period, tokens=8, skip=()):
@@ -75,3 +82,17 @@ def test_a_steady_phase_rate_leaves_its_control_window_out():
     assert _rate_outside(steps, 2.0, 6.0, ScalingWindow(5.0, 5.1, 5.2)) == pytest.approx(160.0 * 3.6 / 3.8, abs=1.0)
     # half the window's tokens are missing: 4 step ends fall in the stall, the step after it brings only its own 8
     assert during_vs_steady(steps, [replace(control, rate_old=160.0, rate_new=160.0)]) == pytest.approx(0.5, abs=0.02)
+
+
+def test_the_interval_brackets_the_figure_and_narrows_to_it_when_every_window_agrees():
+    steps = _steps(0.05, 20, 0.05, skip=[(2.2, 2.3), (6.2, 6.25)])  # one window loses 0.1 s, one 0.05 s, two none
+    windows = [ScalingWindow(s, s + 0.2, s + 0.5, 160.0, 160.0) for s in (2.0, 6.0, 10.0, 14.0)]
+    low, high = during_vs_steady_ci(steps, windows)
+    # the figure (0.925) inside; the bounds within what any resample could read: 0.8 (the worst window
+    # four times) to 1.0 (a free one four times)
+    assert 0.79 < low < during_vs_steady(steps, windows) < high < 1.01 and high - low > 0.05
+    assert during_vs_steady_ci(steps, windows) == (low, high)  # seeded: the same log reads the same
+    same = [ScalingWindow(s, s + 0.2, s + 0.5, 160.0, 160.0) for s in (10.0, 14.0, 18.0)]
+    low, high = during_vs_steady_ci(steps, same)
+    assert high - low == pytest.approx(0.0, abs=1e-3)
+    assert during_vs_steady_ci(steps, windows[:1]) is None  # one window: nothing to resample

@@ -30,6 +30,8 @@ timed to its first step. Reported (medians over the cycles where it is a time):
   group, the switch pause. (On a few-core host more real-compute NPU
   processes can be slower, not faster: during_vs_before mixes that in,
   during_vs_steady does not.)
+- during_vs_steady_ci95: a bootstrap 95 % interval of during_vs_steady over
+  the windows: how far the figure could move in another run of as many windows;
 - serving_lost_s_up / _down: the same loss as seconds of steady serving per scale
   event, which a shorter window does not magnify (a scaling twice as fast with
   the same cost halves during_vs_steady's window, not this);
@@ -161,6 +163,31 @@ def serving_lost_s(steps: list[tuple[float, int]], windows: list[ScalingWindow])
         if expected > 0:
             lost += (expected - _tokens(steps, w.start, w.end)) * (w.end - w.start) / expected
     return lost / len(windows)
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def during_vs_steady_ci(steps: list[tuple[float, int]], windows: list[ScalingWindow], level: float = 0.95,
+                        seed: int = 0) -> tuple[float, float] | None:
+    """A bootstrap interval of during_vs_steady over the windows (resampled with
+    replacement, seeded: a rerun on the same log reads the same): a window of a
+    few steps reads anywhere from 0.6 to 1.2 on a busy host, and a run has a dozen,
+    so the point figure alone does not say whether it is above or below a target."""
+    if len(windows) < 2 or any(w.rate_old is None or w.rate_new is None for w in windows):
+        return None
+    import numpy as np
+
+    got = np.array([_tokens(steps, w.start, w.end) for w in windows])
+    expected = np.array([_steady_tokens(w) for w in windows])
+    picks = np.random.default_rng(seed).integers(0, len(windows), size=(BOOTSTRAP_RESAMPLES, len(windows)))
+    totals = expected[picks].sum(axis=1)
+    ratios = got[picks].sum(axis=1)[totals > 0] / totals[totals > 0]
+    if not len(ratios):
+        return None
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 AFTER_S = 2.0  # seconds after a window in which serving_lost_after_s looks for what the switch left behind
@@ -402,6 +429,7 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
         "throughput_before": small[0], "throughput_between": _mean(large), "throughput_after": small[-1],
         "throughput_during": during_tokens / during_s if during_s > 0 else None,
         "during_vs_steady": during_vs_steady(steps, windows),
+        "during_vs_steady_ci95": during_vs_steady_ci(steps, windows),  # bootstrap over the windows
         # the same, scale-ups and scale-downs apart (their windows and costs differ)
         "during_vs_steady_up": during_vs_steady(steps, windows[0::2]),
         "during_vs_steady_down": during_vs_steady(steps, windows[1::2]),
@@ -444,4 +472,7 @@ def print_elastic(summary: dict, console) -> None:
                 "serving_lost_after_s_up", "serving_lost_after_s_down", "requests", "failed"):
         v = summary.get(key)
         t.add_row(key, "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
+        if key == "during_vs_steady" and summary.get("during_vs_steady_ci95"):
+            low, high = summary["during_vs_steady_ci95"]
+            t.add_row("  95% interval (windows resampled)", f"{low:.3f}-{high:.3f}")
     console.print(t)
