@@ -407,9 +407,11 @@ class OmniMaster:
                 for prefill, _, _, hashes in self.assigned.values():
                     if prefill == inst.name:
                         self._remember(inst, hashes)
-                for done_s, hashes in inst.finished_recently:
-                    if done_s >= asked:
-                        self._remember(inst, hashes)
+                recent = inst.finished_recently
+                while recent and recent[0][0] < asked:  # in `held` already (unless evicted): no later sync needs them
+                    recent.popleft()
+                for _, hashes in recent:
+                    self._remember(inst, hashes)
 
         await asyncio.gather(*(one(i) for i in self.instances.values()))
         if sync_cache:
