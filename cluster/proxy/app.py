@@ -73,8 +73,8 @@ async def _http_error(request: Request, exc: HTTPException):
     error JSON too, as OpenAI answers them: an OpenAI client raises its error class."""
     where = f"{request.method} {request.url.path}"
     message = {404: f"Invalid URL ({where})", 405: f"Method not allowed ({where})"}.get(exc.status_code, str(exc.detail))
-    return await _api_error(request, APIError(exc.status_code, message, "invalid_request_error",
-                                              headers=getattr(exc, "headers", None)))
+    kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return await _api_error(request, APIError(exc.status_code, message, kind, headers=getattr(exc, "headers", None)))
 
 
 # Serve copies the ingress class when it is decorated: helpers the methods call must be
