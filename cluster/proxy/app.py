@@ -74,7 +74,7 @@ async def _http_error(request: Request, exc: HTTPException):
     where = f"{request.method} {request.url.path}"
     message = {404: f"Invalid URL ({where})", 405: f"Method not allowed ({where})"}.get(exc.status_code, str(exc.detail))
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return await _api_error(request, APIError(exc.status_code, message, kind, headers=getattr(exc, "headers", None)))
+    return await _api_error(request, APIError(exc.status_code, message, kind, headers=exc.headers))
 
 
 # Serve copies the ingress class when it is decorated: helpers the methods call must be
