@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from actors.devices import get_device
 from actors.model.config import ModelConfig
 from cluster.autoscaler import AutoscalerConfig
+from cluster.validation import field_errors
 
 MANIFEST_DIR = Path(__file__).resolve().parent.parent / "manifests"
 
@@ -154,10 +155,9 @@ class Manifest(BaseModel):
 def format_validation_error(err: ValidationError) -> str:
     """`field.path: message; ...`: a pydantic error as one line naming each bad field."""
     lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}" if not msg.startswith(loc) else msg)
+    for e in field_errors(err.errors()):
+        path = e.path or "(root)"
+        lines.append(e.msg if e.msg.startswith(path) else f"{path}: {e.msg}")
     return "; ".join(lines)
 
 

@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from cluster.validation import field_errors
+
 if TYPE_CHECKING:
     from fastapi.exceptions import RequestValidationError
     from pydantic import ValidationError
@@ -69,22 +71,14 @@ def from_validation_error(err: ValidationError | RequestValidationError) -> APIE
     wrote that, so it is dropped.
     """
     parts, params = [], []
-    for e in err.errors():
-        loc = list(e.get("loc", ()))
-        if loc and loc[0] == "body":
-            loc = loc[1:]
-        kind, msg = e.get("type", ""), str(e.get("msg", ""))
-        if kind == "json_invalid":
-            parts.append(f"body is not valid JSON: {e.get('ctx', {}).get('error', msg)}")
+    for e in field_errors(err.errors(), skip_first="body"):
+        if e.type == "json_invalid":
+            parts.append(f"body is not valid JSON: {e.ctx.get('error', e.msg)}")
             continue
-        if kind == "extra_forbidden":
-            msg = "unrecognized request argument"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        path = ".".join(str(p) for p in loc)
-        parts.append(f"{path}: {msg}" if path else msg)
-        if path:
-            params.append(path)
+        msg = "unrecognized request argument" if e.type == "extra_forbidden" else e.msg
+        parts.append(f"{e.path}: {msg}" if e.path else msg)
+        if e.path:
+            params.append(e.path)
     return APIError(400, "; ".join(parts) or "invalid request", "invalid_request_error", params[0] if params else None)
 
 
