@@ -215,3 +215,62 @@ def test_the_standby_pool_follows_the_instances_as_they_are_added_and_removed(cl
         assert view()["standby_nodes"] == [home]
     finally:
         server.shutdown()
+
+
+def _complete(inst, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens of one request, straight through the instance's engine."""
+    import asyncio
+
+    from actors.kv_hash import block_hashes
+    from actors.protocol import EngineRequest
+
+    async def run() -> list[int]:
+        out = []
+        req = EngineRequest(f"x-{time.monotonic_ns()}", prompt, max_tokens=max_tokens, ignore_eos=True,
+                            block_hashes=block_hashes(prompt, 16))
+        async for ref in inst.engine.generate.remote(req):
+            out += (await ref).token_ids
+        return out
+
+    return asyncio.run(run())
+
+
+def test_a_spread_scale_up_takes_a_standby_npu_on_another_node_and_keeps_the_tokens(cluster):
+    """Real compute across nodes: a SPREAD instance scales up onto the standby NPU
+    waiting on another node (no process started, no placement group of its own),
+    its EP group spans the two nodes, and it serves the reference's tokens; a
+    scale-down gives that NPU back to the pool."""
+    from actors.model.shared_tensor import fetch_shared
+    from cluster.elastic import StandbyPool, resize
+    from cluster.launcher import launch_engine, launch_instance, publish_weights
+
+    cfg = parse_manifest({"model": "models/tiny-gqa-moge.yaml"}, MANIFEST_DIR).model
+    refs = publish_weights(cfg)
+    reference = build_reference(cfg, fetch_shared(refs))
+    _wait_free(6)
+    inst = launch_instance("cross", cfg, 1, "real", "910B", refs, placement="SPREAD", time_scale=0.0)
+    pool = None
+    try:
+        launch_engine(inst)
+        home = _nodes(inst)[0]
+        other = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != home)
+        pool = StandbyPool(inst.specs[0], 1, refs, nodes=[other])
+        standby = pool.actors[0]
+        assert ray.get(pool.node_refs[standby._actor_id.hex()]) == other
+        prompt = [11, 42, 7, 300, 5, 99, 23, 8, 61, 17, 250, 3, 77, 140, 9, 31, 2, 88]
+        want = generate(reference, [prompt], 8).tokens[0]
+        assert _complete(inst, prompt, 8) == want  # EP 1 on one node
+
+        resize(inst, 2, refs, standby=pool)
+        assert inst.npus[1] is standby and _nodes(inst) == [home, other]
+        assert _live_groups("cross-npus-") == []  # nothing started: no group of its own
+        assert [s["groups"] for s in inst.stats()] == [[inst.specs[0].group_name]] * 2  # one EP group, two nodes
+        assert _complete(inst, prompt, 8) == want
+
+        resize(inst, 1, refs, standby=pool)
+        assert pool.actors == [standby] and _nodes(inst) == [home]
+        assert _complete(inst, prompt, 8) == want
+    finally:
+        inst.shutdown()
+        if pool is not None:
+            pool.shutdown()
