@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -96,3 +99,12 @@ def test_the_interval_brackets_the_figure_and_narrows_to_it_when_every_window_ag
     low, high = during_vs_steady_ci(steps, same)
     assert high - low == pytest.approx(0.0, abs=1e-3)
     assert during_vs_steady_ci(steps, windows[:1]) is None  # one window: nothing to resample
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+def test_host_cpus_counts_the_cores_the_run_may_use_not_the_machines():
+    """Confined to one core (as `taskset -c 0` does), the run reports one: its figures
+    depend on the cores its NPUs' math can use."""
+    code = "import os; os.sched_setaffinity(0, {0}); from cluster.bench.elastic import host_cpus; print(host_cpus())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"

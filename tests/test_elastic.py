@@ -442,6 +442,7 @@ def test_bench_elastic_direct_scales_the_instance_alone_and_loses_no_request(ray
     summary = run_elastic_bench(load_manifest("local"), cfg)
     assert summary["direct"] and (summary["from_ep"], summary["to_ep"]) == (2, 4)
     assert summary["failed"] == 0 and summary["requests"] >= 4
+    assert summary["host_cpus"] >= 1
     # both scale-downs went back (and parked their NPUs); the second scale-up went back to those
     assert summary["scaled_back"] == 2 and summary["scaled_back_up"] == 1
     assert summary["scale_up_back_s"] is not None and summary["scale_up_s"] is not None

@@ -445,10 +445,23 @@ def run_elastic_bench(manifest, cfg: ElasticBenchConfig, address: str | None = N
         "serving_lost_after_s_down": serving_lost_after_s(steps, windows[1::2]),
         "requests": len(results), "failed": sum(not r.ok for r in results),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "host_cpus": host_cpus(),
     }
     before = summary["throughput_before"]
     summary["during_vs_before"] = summary["throughput_during"] / before if before else None
     return summary
+
+
+def host_cpus() -> int:
+    """The cores this process (and the Ray it starts) may run on: with real compute the
+    NPUs do their math on them, beside the control plane, so the throughput figures
+    depend on how many there are (BENCHMARKS.md: 0.8 on 2 cores, 0.93 on 16)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _mean(values: list) -> float | None:
@@ -460,7 +473,8 @@ def print_elastic(summary: dict, console) -> None:
     from rich.table import Table
 
     t = Table(title=f"bench elastic{' --direct' if summary['direct'] else ''}: {summary['manifest']} {summary['instance']} "
-                    f"EP {summary['from_ep']} -> {summary['to_ep']} -> {summary['from_ep']}, {summary['cycles']} cycles")
+                    f"EP {summary['from_ep']} -> {summary['to_ep']} -> {summary['from_ep']}, {summary['cycles']} cycles, "
+                    f"{summary['host_cpus']} CPUs")
     t.add_column("metric")
     t.add_column("value", justify="right")
     for key in ("scale_up_s", "modelled_load_up_s", "scale_up_back_s", "scale_down_s", "cold_start_s",
