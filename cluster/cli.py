@@ -9,7 +9,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from cluster.config import ManifestError, load_manifest
+from cluster.config import load_manifest
 
 SHUTDOWN_TIMEOUT_S = 45.0  # `omniray serve`: Ctrl-C waits this long for a clean shutdown, then exits
 
@@ -491,10 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ManifestError as err:
-        errors.print(f"[red]error:[/red] {err}")
-        return 2
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # ManifestError among them: a ValueError
         errors.print(f"[red]error:[/red] {err}")
         return 2
 

@@ -47,3 +47,43 @@ def serving(manifest: dict):
         yield srv
     finally:
         srv.shutdown()
+
+
+def generate_during(inst, prompts: list[list[int]], max_tokens: int, action, after_tokens: int = 3,
+                    block_size: int = 16):
+    """Stream every prompt straight through `inst`'s engine; once each has
+    `after_tokens` tokens, run `action()` in a thread while the streams go on.
+    Returns (tokens per prompt, action's result). `block_size`: the engine's
+    (SchedulerConfig's default), which the requests' prefix hashes must match."""
+    import asyncio
+    import threading
+    import uuid
+
+    from actors.kv_hash import block_hashes
+    from actors.protocol import EngineRequest
+
+    result = {}
+    started = threading.Event()
+
+    async def one(i, prompt, progress):
+        req = EngineRequest(f"e{i}-{uuid.uuid4().hex[:4]}", prompt, max_tokens=max_tokens, ignore_eos=True,
+                            block_hashes=block_hashes(prompt, block_size))
+        out = []
+        async for ref in inst.engine.generate.remote(req):
+            out += (await ref).token_ids
+            progress[i] = len(out)
+            if all(p >= after_tokens for p in progress) and not started.is_set():
+                started.set()
+                threading.Thread(target=lambda: result.setdefault("action", action())).start()
+        return out
+
+    async def main():
+        progress = [0] * len(prompts)
+        return await asyncio.gather(*(one(i, p, progress) for i, p in enumerate(prompts)))
+
+    tokens = asyncio.run(main())
+    for _ in range(600):
+        if "action" in result:
+            break
+        threading.Event().wait(0.05)
+    return tokens, result.get("action")

@@ -14,7 +14,6 @@ import ray
 
 from actors import group_status
 from actors.engine.scheduler import SchedulerConfig
-from actors.kv_hash import block_hashes
 from actors.model.reference import generate
 from actors.model.weights import expert_of, shard_names
 from actors.protocol import EngineRequest
@@ -22,6 +21,7 @@ from cluster.config import load_manifest
 from cluster.elastic import StandbyPool, measured_expert_load, remap, resize, resized_specs
 from cluster.launcher import launch_engine, launch_instance
 from cluster.placement import imbalance, plan_placement
+from helpers import generate_during
 
 BS = 16
 
@@ -35,36 +35,6 @@ def _instance(cfg, refs, ep=2, compute="real"):
 def _prompts(n, seed=0):
     rng = random.Random(seed)
     return [[rng.randrange(7, 512) for _ in range(rng.randrange(4, 40))] for _ in range(n)]
-
-
-def _generate_during(inst, prompts, max_tokens, action, after_tokens=3):
-    """Stream every prompt; once each has `after_tokens` tokens, run `action()` in a
-    thread while the streams go on. Returns (tokens per prompt, action's result)."""
-    result = {}
-    started = threading.Event()
-
-    async def one(i, prompt, progress):
-        req = EngineRequest(f"e{i}-{uuid.uuid4().hex[:4]}", prompt, max_tokens=max_tokens, ignore_eos=True,
-                            block_hashes=block_hashes(prompt, BS))
-        out = []
-        async for ref in inst.engine.generate.remote(req):
-            out += (await ref).token_ids
-            progress[i] = len(out)
-            if all(p >= after_tokens for p in progress) and not started.is_set():
-                started.set()
-                threading.Thread(target=lambda: result.setdefault("action", action())).start()
-        return out
-
-    async def main():
-        progress = [0] * len(prompts)
-        return await asyncio.gather(*(one(i, p, progress) for i, p in enumerate(prompts)))
-
-    tokens = asyncio.run(main())
-    for _ in range(600):
-        if "action" in result:
-            break
-        threading.Event().wait(0.05)
-    return tokens, result.get("action")
 
 
 def test_ep_2_to_4_to_2_during_generation_keeps_the_reference_tokens(model):
@@ -85,7 +55,7 @@ def test_ep_2_to_4_to_2_during_generation_keeps_the_reference_tokens(model):
             down = resize(inst, 2, refs)
             return up, scaled, down, alone
 
-        tokens, (up, scaled, down, alone) = _generate_during(inst, prompts, 24, scale_up_then_down)
+        tokens, (up, scaled, down, alone) = generate_during(inst, prompts, 24, scale_up_then_down)
         expected = [generate(reference, [p], 24).tokens[0] for p in prompts]
         assert tokens == expected
         assert alone is False
@@ -126,7 +96,7 @@ def test_a_scale_down_moves_each_leaving_npus_sequences_in_one_export(model):
     prompts = _prompts(8, seed=11)
     try:
         resize(inst, 4, refs)  # idle: the sequences then spread over four NPUs
-        tokens, down = _generate_during(inst, prompts, 24, lambda: resize(inst, 2, refs))
+        tokens, down = generate_during(inst, prompts, 24, lambda: resize(inst, 2, refs))
         assert tokens == generate(reference, prompts, 24).tokens
         stats = ray.get(inst.engine.stats.remote())
         assert down["migrated"] == stats["migrated_seqs"] >= 3  # more sequences than leaving NPUs
@@ -148,7 +118,7 @@ def test_rebalance_with_redundant_experts_during_generation_keeps_the_tokens(mod
             plan = plan_placement(load, ep_size=2, slots_per_npu=cfg.num_experts // 2 + 1)
             return plan, load, remap(inst, plan)
 
-        tokens, (plan, load, info) = _generate_during(inst, prompts, 20, rebalance)
+        tokens, (plan, load, info) = generate_during(inst, prompts, 20, rebalance)
         assert tokens == [generate(reference, [p], 20).tokens[0] for p in prompts]
         for layer, ranks in plan.slots.items():  # the hot expert on both NPUs, its tokens split between them
             assert [0 in r for r in ranks] == [True, True]
@@ -190,7 +160,7 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         assert [n._actor_id for n in inst.npus[2:]] == released
         assert [st["tensors_fetched"] for st in inst.stats()][2:] == experts_only  # recycled: experts only
         prompt = _prompts(1, seed=3)[0]
-        tokens, _ = _generate_during(inst, [prompt], 6, lambda: None)
+        tokens, _ = generate_during(inst, [prompt], 6, lambda: None)
         assert tokens[0] == generate(reference, [prompt], 6).tokens[0]
         # loading ran at idle priority, the joining did not: no thread of any NPU (gloo's,
         # which carry its all-to-alls, among them) is left at SCHED_IDLE
@@ -222,9 +192,9 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         # back to EP 4 while 8 sequences generate, one on each NPU: the leaving NPUs'
         # sequences move to kept ones on the same node, over its intra-node link
         prompts = _prompts(8, seed=5)
-        tokens, down = _generate_during(emu, prompts, 64, lambda: resize(emu, 4, None))
+        tokens, down = generate_during(emu, prompts, 64, lambda: resize(emu, 4, None))
         assert down["back"] and down["migrated"] > 0
-        again, _ = _generate_during(emu, prompts, 64, lambda: None)
+        again, _ = generate_during(emu, prompts, 64, lambda: None)
         assert tokens == again  # (emulated tokens depend on the token and position only)
         stats = emu.stats()
         loaded = [s["kv_blocks_loaded"] for s in stats]
@@ -268,7 +238,7 @@ def test_a_scale_down_back_parks_its_npus_and_the_next_scale_up_back_adopts_them
             seen["stats_again"] = inst.stats()
             return True
 
-        tokens, done = _generate_during(inst, prompts, 24, cycle)
+        tokens, done = generate_during(inst, prompts, 24, cycle)
         assert done
         assert tokens == generate(reference, prompts, 24).tokens
         parked, pooled, released, big = seen["parked"]
@@ -296,7 +266,7 @@ def test_a_scale_down_back_parks_its_npus_and_the_next_scale_up_back_adopts_them
         after = resize(inst, 4, refs, standby=pool)
         assert not after["back"] and inst.ep_size == 4 and inst.specs[0].group_name != own_group
         prompt = _prompts(1, seed=9)[0]
-        assert _generate_during(inst, [prompt], 8, lambda: None)[0][0] == generate(reference, [prompt], 8).tokens[0]
+        assert generate_during(inst, [prompt], 8, lambda: None)[0][0] == generate(reference, [prompt], 8).tokens[0]
     finally:
         pool.shutdown()
         inst.shutdown()
@@ -402,7 +372,7 @@ def test_npus_of_a_placement_group_stay_the_instances_and_a_rebuild_takes_their_
     launch_group = inst.groups[0]
     try:
         prompt = _prompts(1, seed=5)[0]
-        before, _ = _generate_during(inst, [prompt], 4, lambda: None)
+        before, _ = generate_during(inst, [prompt], 4, lambda: None)
         released = inst.npus[2:]
         resize(inst, 2, None, standby=pool)
         assert pool.actors == [] and [a for a, _ in inst.reserve] == released
@@ -424,7 +394,7 @@ def test_npus_of_a_placement_group_stay_the_instances_and_a_rebuild_takes_their_
         assert not set(inst.npus) & set(old)
         assert inst.groups == [launch_group]
         assert sorted(i for pg, i in inst.bundles.values()) == [0, 1, 2, 3]
-        after, _ = _generate_during(inst, [prompt], 4, lambda: None)
+        after, _ = generate_during(inst, [prompt], 4, lambda: None)
         assert after == before
     finally:
         inst.shutdown()

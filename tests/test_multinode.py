@@ -17,6 +17,7 @@ from actors.model.reference import build_reference, generate
 from actors.npu import NPU_RESOURCE
 from cluster.config import MANIFEST_DIR, parse_manifest
 from cluster.proxy.tokens import Tokenizer
+from helpers import generate_during
 
 
 @pytest.fixture(scope="module")
@@ -217,24 +218,6 @@ def test_the_standby_pool_follows_the_instances_as_they_are_added_and_removed(cl
         server.shutdown()
 
 
-def _complete(inst, prompt: list[int], max_tokens: int) -> list[int]:
-    """Greedy tokens of one request, straight through the instance's engine."""
-    import asyncio
-
-    from actors.kv_hash import block_hashes
-    from actors.protocol import EngineRequest
-
-    async def run() -> list[int]:
-        out = []
-        req = EngineRequest(f"x-{time.monotonic_ns()}", prompt, max_tokens=max_tokens, ignore_eos=True,
-                            block_hashes=block_hashes(prompt, 16))
-        async for ref in inst.engine.generate.remote(req):
-            out += (await ref).token_ids
-        return out
-
-    return asyncio.run(run())
-
-
 def test_a_spread_scale_up_takes_a_standby_npu_on_another_node_and_keeps_the_tokens(cluster):
     """Real compute across nodes: a SPREAD instance scales up onto the standby NPU
     waiting on another node (no process started, no placement group of its own),
@@ -259,17 +242,17 @@ def test_a_spread_scale_up_takes_a_standby_npu_on_another_node_and_keeps_the_tok
         assert ray.get(pool.node_refs[standby._actor_id.hex()]) == other
         prompt = [11, 42, 7, 300, 5, 99, 23, 8, 61, 17, 250, 3, 77, 140, 9, 31, 2, 88]
         want = generate(reference, [prompt], 8).tokens[0]
-        assert _complete(inst, prompt, 8) == want  # EP 1 on one node
+        assert generate_during(inst, [prompt], 8, lambda: None)[0][0] == want  # EP 1 on one node
 
         resize(inst, 2, refs, standby=pool)
         assert inst.npus[1] is standby and _nodes(inst) == [home, other]
         assert _live_groups("cross-npus-") == []  # nothing started: no group of its own
         assert [s["groups"] for s in inst.stats()] == [[inst.specs[0].group_name]] * 2  # one EP group, two nodes
-        assert _complete(inst, prompt, 8) == want
+        assert generate_during(inst, [prompt], 8, lambda: None)[0][0] == want
 
         resize(inst, 1, refs, standby=pool)
         assert pool.actors == [standby] and _nodes(inst) == [home]
-        assert _complete(inst, prompt, 8) == want
+        assert generate_during(inst, [prompt], 8, lambda: None)[0][0] == want
     finally:
         inst.shutdown()
         if pool is not None:

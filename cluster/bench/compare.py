@@ -63,8 +63,8 @@ def run_compare(manifest: Manifest, variants: list[Variant], items, cfg_for, con
     manifests = [variant_manifest(manifest, v) for v in variants]  # every value checked before any run
     results, port = {}, free_port()
     try:  # one Ray Serve (and port) for all variants; each gets fresh instances, master and slaves
-        for v, variant in zip(variants, manifests):
-            with local_server(variant, address, port=port, keep_serve=True) as server:
+        for v, v_manifest in zip(variants, manifests):
+            with local_server(v_manifest, address, port=port, keep_serve=True) as server:
                 if console is not None:
                     console.print(f"[bold]{v.name}[/bold]: {len(items)} requests against {server.url}")
                 results[v.name] = run_serve_bench(items, cfg_for(server.url), console=console, label=v.name)
