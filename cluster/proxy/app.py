@@ -25,7 +25,7 @@ from cluster.config import Manifest
 from cluster.metrics import ProxyMetrics
 from cluster.proxy import grpc_ingress, omniray_pb2
 from cluster.proxy.lifecycle import Lifecycle
-from cluster.proxy.master import MASTER_NAME, NoInstanceAvailable
+from cluster.proxy.master import MASTER_NAME, NoInstanceAvailable, fetch_published
 from cluster.proxy.pipeline import Pipeline
 from cluster.proxy.protocol import (
     APIError,
@@ -53,6 +53,7 @@ from cluster.proxy.tokens import TokenCache, Tokenizer
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_POLL_S = 0.2  # how often a slave reads the master's published state
+SNAPSHOT_READ_TIMEOUT_S = 2.0  # one read (ask for the ref, fetch it): a stuck one must not stop the polling
 
 api = FastAPI(title="OmniRay", description="OpenAI-compatible API of the Omni Proxy")
 
@@ -119,12 +120,9 @@ class OmniProxySlave:
             await asyncio.sleep(SNAPSHOT_POLL_S)
 
     async def _read_snapshot(self) -> None:
-        try:
-            refs = await asyncio.wait_for(self.master.published.remote(), SNAPSHOT_POLL_S * 10)
-            if refs:
-                self.snapshot = await refs[0]
-        except (asyncio.TimeoutError, ray.exceptions.RayError):
-            pass
+        snap = await fetch_published(self.master, SNAPSHOT_READ_TIMEOUT_S)
+        if snap is not None:
+            self.snapshot = snap
 
     # ---- checks -------------------------------------------------------------------
     def _authorize(self, auth: str) -> None:

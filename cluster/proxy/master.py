@@ -39,6 +39,11 @@ FINISHED_KEPT_PER_INSTANCE = 1024  # finished requests remembered across one cac
 # count failures before they call a replica unhealthy)
 UNANSWERED_REFRESHES_UNHEALTHY = 3
 REFRESH_TIMEOUT_S = 2.0  # how long a refresh waits for each engine's answer
+# published snapshots the master keeps owning after newer ones: a slave handed a ref
+# fetches it after the master may have published again, and a ref its owner drops
+# while a borrower fetches it can leave that fetch hanging (seen about 1 in 50 first
+# reads on 2 cores); 8 x 0.1 s outlives any fetch
+PUBLISHED_KEPT = 8
 
 
 class NoInstanceAvailable(RuntimeError):
@@ -117,7 +122,7 @@ class OmniMaster:
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
         self.publish_period_s = publish_period_s
-        self._published: ray.ObjectRef | None = None
+        self._published: deque[ray.ObjectRef] = deque(maxlen=PUBLISHED_KEPT)  # newest last
         self.started = time.time()
         self.metrics: MasterMetrics | None = None  # made in the actor, on start
         self.global_index: set[int] = set()  # mirror of the global KV cache's block hashes
@@ -368,7 +373,7 @@ class OmniMaster:
                 await self.refresh(sync_cache=n % cache_sync_every == 0)
                 self.metrics.instances(len(self.queue), self.instances.values())
                 if n % max(1, round(self.publish_period_s / period_s)) == 0:
-                    self._published = ray.put(self.snapshot())
+                    self._published.append(ray.put(self.snapshot()))
             except Exception:  # one bad round must not leave routing and /v1/cluster stale for good
                 logger.exception("master: refreshing the instances' state failed")
             n += 1
@@ -433,7 +438,7 @@ class OmniMaster:
         slaves poll this now and then instead of calling per request. (A restarted
         master's loops start on its first call.)"""
         self._ensure_tasks()
-        return [self._published] if self._published is not None else []
+        return [self._published[-1]] if self._published else []
 
     # ---- state -----------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -453,6 +458,21 @@ class OmniMaster:
                 for i in self.instances.values()
             ],
         }
+
+
+async def fetch_published(master, timeout_s: float) -> dict | None:
+    """The master's latest published snapshot (None: none yet, the master does not
+    answer, or the fetch took longer than `timeout_s`). Bounded as a whole, so that
+    a slave's poll loop survives a call or a fetch that never returns."""
+
+    async def fetch():
+        refs = await master.published.remote()
+        return await refs[0] if refs else None
+
+    try:
+        return await asyncio.wait_for(fetch(), timeout_s)
+    except (asyncio.TimeoutError, ray.exceptions.RayError):  # the next poll tries again
+        return None
 
 
 def _npu_summary(npu: dict) -> dict:
