@@ -3,7 +3,11 @@ prints and writes agrees with the parquet file it writes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -92,3 +96,33 @@ def test_trace_replay_hits_the_prefixes_the_hash_ids_imply(server):
     assert result.summary["failed"] == 0
     assert cached == implied * bs
     assert result.summary["kv_hit_rate"] == implied * bs / prompt
+
+
+class _StaleClusterView(BaseHTTPRequestHandler):
+    """A /v1/cluster whose state never moves past what it published once."""
+
+    def do_GET(self):
+        body = json.dumps({"time": 1.0, "instances": []}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_cluster_view_that_does_not_move_past_the_run_reads_unknown():
+    """Counters read off a state published before the run ended would be wrong: the
+    bench reports them unknown instead."""
+    from cluster.bench.loadgen import LoadConfig, cluster_stats
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _StaleClusterView)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        cfg = LoadConfig(f"http://127.0.0.1:{httpd.server_address[1]}")
+        assert asyncio.run(cluster_stats(cfg))["time"] == 1.0  # any state will do
+        assert asyncio.run(cluster_stats(cfg, newer_than=time.time(), wait_s=0.5)) is None
+    finally:
+        httpd.shutdown()

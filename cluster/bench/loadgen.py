@@ -198,7 +198,8 @@ async def cluster_stats(cfg: LoadConfig, newer_than: float | None = None, wait_s
     """OmniRay's /v1/cluster (None from servers without it). Waits, up to `wait_s`,
     while it answers 503 (a fresh server's master has not published its state yet)
     and, with `newer_than` (wall clock), for a state the master published after
-    then: a snapshot taken right after a run can predate its last requests."""
+    then: a snapshot taken right after a run can predate its last requests. None
+    if no such state came in time: counters read off an older one would be wrong."""
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     deadline = time.monotonic() + wait_s
     try:
@@ -207,8 +208,10 @@ async def cluster_stats(cfg: LoadConfig, newer_than: float | None = None, wait_s
                 resp = await client.get("/v1/cluster")
                 snap = resp.json() if resp.status_code == 200 else None
                 fresh = snap is not None and (newer_than is None or snap.get("time", newer_than) >= newer_than)
-                if fresh or resp.status_code not in (200, 503) or time.monotonic() > deadline:
+                if fresh or resp.status_code not in (200, 503):
                     return snap
+                if time.monotonic() > deadline:
+                    return None
                 await asyncio.sleep(0.2)
     except httpx.HTTPError:
         return None

@@ -58,6 +58,9 @@ def run_serve_bench(items: list[WorkItem], cfg: LoadConfig, slo: SLO | None = No
     after = None
     if before is not None:  # a state published once the engines' counters include the run
         after = asyncio.run(cluster_stats(cfg, newer_than=time.time() + STATS_SETTLE_S))
+        if after is None and console is not None:
+            console.print("[yellow]the server's /v1/cluster did not update after the run: "
+                          "KV hit rate and tokenizer figures left out[/yellow]")
     table = to_table(results)
     summary = summarize(table, wall_s, slo, kv_hit_rate(before, after))
     if after is not None:
