@@ -12,6 +12,7 @@ The master asks it for the membership when the master restarts.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 CONTROLLER_NAME = "omniray.controller"
 EVENT_LOG_LEN = 128
+SNAPSHOT_READ_TIMEOUT_S = 5.0  # the autoscaler's read of the master's state; a round without it decides nothing
 
 
 class ScalingError(ValueError):
@@ -256,11 +258,13 @@ class ClusterController:
     # ---- the autoscaler loop ----------------------------------------------------------------
     def signals(self) -> ClusterSignals | None:
         """What the policy decides from: the master's published snapshot."""
+        from cluster.proxy.master import fetch_published
+
         try:
-            refs = ray.get(self._master().published.remote(), timeout=5)
-            snap = ray.get(refs[0], timeout=5) if refs else None
-        except (ValueError, ray.exceptions.RayError):
+            master = self._master()
+        except ValueError:  # no master (yet, or restarting)
             return None
+        snap = asyncio.run(fetch_published(master, SNAPSHOT_READ_TIMEOUT_S))
         if snap is None:
             return None
         cfg = self.manifest.autoscaler

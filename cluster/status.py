@@ -5,6 +5,7 @@ from the master's published snapshot when joining the Ray cluster)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
@@ -32,7 +33,7 @@ def fetch_ray(address: str | None) -> dict:
     from actors.kv_cache import KV_CACHE_NAME
     from cluster.controller import CONTROLLER_NAME
     from cluster.launcher import NAMESPACE, connect
-    from cluster.proxy.master import MASTER_NAME
+    from cluster.proxy.master import MASTER_NAME, fetch_published
 
     connect(address or "auto", log_to_driver=False)
     try:
@@ -40,8 +41,8 @@ def fetch_ray(address: str | None) -> dict:
     except ValueError:
         raise RuntimeError(f"no OmniRay master in namespace {NAMESPACE!r} of this Ray cluster (is `omniray serve` "
                            "running?)") from None
-    refs = ray.get(master.published.remote(), timeout=10)
-    snap = dict(ray.get(refs[0], timeout=10)) if refs else ray.get(master.snapshot.remote(), timeout=10)
+    # the published state; a master that has published none yet (or whose read failed) is asked directly
+    snap = asyncio.run(fetch_published(master, 10.0)) or ray.get(master.snapshot.remote(), timeout=10)
     try:
         snap["kv_cache"] = ray.get(ray.get_actor(KV_CACHE_NAME, namespace=NAMESPACE).stats.remote(), timeout=10)
     except ValueError:

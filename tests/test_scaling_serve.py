@@ -5,6 +5,7 @@ scaling events the controller records and exports."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -14,6 +15,7 @@ import pytest
 import ray
 
 from cluster.cli import main as cli_main
+from cluster.proxy.master import fetch_published
 from helpers import reference_text, serving
 
 ADMIN = "admin-secret"
@@ -159,8 +161,8 @@ def test_autoscaler_round_grows_the_dispatch_role_under_a_queue(server, expect):
             t.start()
         deadline = time.monotonic() + 30
         while True:  # the policy reads the master's published snapshot
-            refs = ray.get(server.master.published.remote())
-            if refs and ray.get(refs[0])["queue_length"] >= 6:
+            snap = asyncio.run(fetch_published(server.master, 5.0))
+            if snap and snap["queue_length"] >= 6:
                 break
             assert time.monotonic() < deadline, "the requests never queued"
             time.sleep(0.1)
