@@ -463,7 +463,8 @@ class OmniMaster:
 async def fetch_published(master, timeout_s: float) -> dict | None:
     """The master's latest published snapshot (None: none yet, the master does not
     answer, or the fetch took longer than `timeout_s`). Bounded as a whole, so that
-    a slave's poll loop survives a call or a fetch that never returns."""
+    the loops that poll it (the slaves', the autoscaler's) survive a call or a fetch
+    that never returns."""
 
     async def fetch():
         refs = await master.published.remote()
