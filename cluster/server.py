@@ -3,6 +3,7 @@ and the Serve application of the slaves. Used by `omniray serve` and the tests."
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from cluster.controller import CONTROLLER_NAME, create_controller
 from cluster.launcher import Instance, engine_name, launch_manifest, publish_weights
 from cluster.proxy.master import MASTER_NAME, create_master
 from cluster.proxy.sorting import SortingConfig
+
+logger = logging.getLogger(__name__)
 
 APP_NAME = "omniray"
 
@@ -44,8 +47,11 @@ class Server:
         caches = {id(i.kv_cache): i.kv_cache for i in self.instances if i.kv_cache is not None}
         names = [i.name for i in self.instances]
         if self.controller is not None:
-            names += [i["name"] for i in ray.get(self.controller.describe.remote())["instances"]]
-            ray.get(self.controller.shutdown.remote())
+            try:
+                names += [i["name"] for i in ray.get(self.controller.describe.remote())["instances"]]
+                ray.get(self.controller.shutdown.remote())
+            except ray.exceptions.RayActorError:  # it died: the actors it started died with it
+                logger.warning("the cluster controller had died; stopping what the server started itself")
             ray.kill(self.controller, no_restart=True)
         for inst in self.instances:
             inst.shutdown()

@@ -256,7 +256,8 @@ def test_over_capacity_is_429_and_queued_requests_still_finish(server, http, ref
         threads, results = _in_threads([lambda: http.post("/v1/completions", json=body)] * 2)
         _wait_queue(server, 2)
         resp = http.post("/v1/completions", json=body)
-        _error(resp, 429)
+        # the master's own words, not the traceback of the remote call it raised in
+        assert _error(resp, 429)["message"] == "server overloaded: queue full (2 waiting)"
         assert resp.headers["Retry-After"] == "1"
     finally:
         _configure(server, paused=False, max_queue=server.manifest.proxy.max_queue)
@@ -465,5 +466,7 @@ def test_no_healthy_decode_instance_is_503_last(server, http):
         assert time.monotonic() < deadline, "the master never noticed the dead engine"
         time.sleep(0.1)
     resp = http.post("/v1/completions", json={"model": "tiny-gqa-moge", "prompt": PROMPTS[0], "max_tokens": 4})
-    assert _error(resp, 503)["type"] == "service_unavailable"
+    err = _error(resp, 503)
+    assert err["type"] == "service_unavailable"
+    assert err["message"] == "no capacity: no healthy decode instance"  # not the remote call's traceback
     assert int(resp.headers["Retry-After"]) > 0

@@ -37,6 +37,7 @@ from cluster.proxy.protocol import (
     ScaleRequest,
     error_body,
     from_validation_error,
+    remote_message,
     to_sampling,
     unknown_model,
 )
@@ -211,9 +212,9 @@ class OmniProxySlave:
             raise APIError(504, f"request timed out after {limit} s (proxy.request_timeout_s)", "timeout",
                            code="request_timeout") from None
         except OverflowError as err:  # the master's queue is full
-            raise APIError(429, f"server overloaded: {err}", "rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+            raise APIError(429, f"server overloaded: {remote_message(err)}", "rate_limit_exceeded", headers={"Retry-After": "1"}) from None
         except NoInstanceAvailable as err:
-            raise APIError(503, f"no capacity: {err}", "service_unavailable", headers={"Retry-After": "5"}) from None
+            raise APIError(503, f"no capacity: {remote_message(err)}", "service_unavailable", headers={"Retry-After": "5"}) from None
 
     async def _start(self, req, life: Lifecycle):
         """Tokenize a validated request and start generating; errors up to the first
@@ -325,10 +326,9 @@ class OmniProxySlave:
         standby pool, and per instance its reserve (NPUs a scale-down released
         inside the instance's placement group). None without a controller."""
         try:
-            ctl = self._controller()
-        except APIError:
+            return await self._controller().elastic_view.remote()
+        except (APIError, ray.exceptions.RayActorError):  # none, or it died (its name is not freed at once)
             return None
-        return await ctl.elastic_view.remote()
 
 
     # ---- admin: ElasticMoE and Omni Placement --------------------------------------------------
@@ -365,9 +365,9 @@ class OmniProxySlave:
         try:
             return await call
         except ValueError as err:  # ScalingError: the message names the field
-            raise APIError(400, str(getattr(err, "cause", None) or err), "invalid_request_error") from None
+            raise APIError(400, remote_message(err), "invalid_request_error") from None
         except ray.exceptions.RayError as err:
-            raise APIError(500, f"scaling failed: {err}", "server_error") from None
+            raise APIError(500, f"scaling failed: {remote_message(err)}", "server_error") from None
 
 
 def build_app(manifest: Manifest, namespace: str):

@@ -53,6 +53,12 @@ class APIError(Exception):
         return APIError, (self.status, self.message, self.type, self.param, self.code, self.headers)
 
 
+def remote_message(err: BaseException) -> str:
+    """An error's own message. One raised in another actor reaches here wrapped in a
+    RayTaskError whose text is the remote traceback; a client gets the cause's."""
+    return str(getattr(err, "cause", None) or err)
+
+
 def unknown_model(asked: str, served: str) -> APIError:
     """The 404 for a model this server does not serve (OpenAI's code: model_not_found)."""
     return APIError(404, f"model {asked!r} does not exist; this server serves {served!r}", "not_found_error",
