@@ -212,9 +212,11 @@ class OmniProxySlave:
             raise APIError(504, f"request timed out after {limit} s (proxy.request_timeout_s)", "timeout",
                            code="request_timeout") from None
         except OverflowError as err:  # the master's queue is full
-            raise APIError(429, f"server overloaded: {remote_message(err)}", "rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+            raise APIError(429, f"server overloaded: {remote_message(err)}", "rate_limit_exceeded",
+                           headers={"Retry-After": "1"}) from None
         except NoInstanceAvailable as err:
-            raise APIError(503, f"no capacity: {remote_message(err)}", "service_unavailable", headers={"Retry-After": "5"}) from None
+            raise APIError(503, f"no capacity: {remote_message(err)}", "service_unavailable",
+                           headers={"Retry-After": "5"}) from None
 
     async def _start(self, req, life: Lifecycle):
         """Tokenize a validated request and start generating; errors up to the first
