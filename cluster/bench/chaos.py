@@ -2,12 +2,14 @@
 
 A closed loop of streaming requests runs through the real server while, one
 after another with `phase_s` seconds between them, an NPU actor of an instance,
-the global KV cache actor and the master are killed. Every request is sorted
+the global KV cache actor and the master are killed (and, last if asked, the
+cluster controller, which does not restart). Every request is sorted
 into: rejected (429/503 before it was accepted), failed (accepted but not
 completed with all its tokens) and completed. Requests that were in flight when
 a fault struck give the fault-time p99 latency, the others the steady p99. The
 controller's health check rebuilds the broken instance; the KV cache actor and
-the master restart by themselves.
+the master restart by themselves. The controller's NPUs (a rebuild's, the
+standby pool) die with it: requests on them resume on the other instances.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from cluster.bench.report import _pct
 from cluster.bench.serve import local_server
 from cluster.bench.workloads import make_workload
 
-FAULTS = ("npu", "kv_cache", "master")
+FAULTS = ("npu", "kv_cache", "master", "controller")
 
 
 def _kill(server, fault: str) -> str:
@@ -42,7 +44,18 @@ def _kill(server, fault: str) -> str:
     if fault == "master":
         ray.kill(server.master, no_restart=False)
         return "master"
+    if fault == "controller":
+        ray.kill(server.controller, no_restart=True)
+        return "controller"
     raise ValueError(f"faults: unknown fault {fault!r}; expected one of {', '.join(FAULTS)}")
+
+
+def _events(server, known: list[dict]) -> list[dict]:
+    """The controller's event log, or `known` once it is dead."""
+    try:
+        return ray.get(server.controller.describe.remote(), timeout=30)["events"]
+    except ray.exceptions.RayActorError:
+        return known
 
 
 def _rejected(r: RequestResult) -> bool:
@@ -54,6 +67,9 @@ def run_chaos_bench(manifest, faults: list[str], concurrency: int = 8, phase_s: 
     for f in faults:
         if f not in FAULTS:
             raise ValueError(f"faults: unknown fault {f!r}; expected one of {', '.join(FAULTS)}")
+    if "controller" in faults[:-1]:
+        raise ValueError("faults: controller must come last (it does not restart, and the npu fault and the "
+                         "rebuild need it)")
     if "kv_cache" in faults and not manifest.engine.global_kv_cache:
         raise ValueError(f"faults: kv_cache needs a global KV cache; manifest {manifest.name} has "
                          f"engine.global_kv_cache: false")
@@ -66,12 +82,13 @@ def run_chaos_bench(manifest, faults: list[str], concurrency: int = 8, phase_s: 
         runner = threading.Thread(target=lambda: out.setdefault("results", asyncio.run(
             run_closed_loop(items, load, stop.is_set, lambda t0: clock.setdefault("t0", t0)))))
         runner.start()
-        record = []
+        record, events = [], []
         try:
             while "t0" not in clock:
                 time.sleep(0.01)
             for fault in faults:
                 time.sleep(phase_s)
+                events = _events(server, events)  # what the controller did, while it is there to say
                 at = time.perf_counter() - clock["t0"]
                 what = _kill(server, fault)
                 say(f"{at:6.1f} s: killed {what}")
@@ -80,7 +97,7 @@ def run_chaos_bench(manifest, faults: list[str], concurrency: int = 8, phase_s: 
         finally:
             stop.set()
             runner.join()
-        events = ray.get(server.controller.describe.remote())["events"]
+        events = _events(server, events)
 
     results: list[RequestResult] = out["results"]
     want = {i: items[i % len(items)].max_tokens for i in range(len(results) + concurrency)}

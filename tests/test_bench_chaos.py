@@ -1,0 +1,27 @@
+"""`omniray bench chaos`: faults under load lose no accepted request, down to the
+cluster controller's death (which it does not survive: its NPUs die with it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.bench.chaos import run_chaos_bench
+from cluster.config import load_manifest
+
+
+def test_an_npu_then_the_controller_killed_under_load_lose_no_accepted_request(ray_session, one_thread):
+    summary = run_chaos_bench(load_manifest("local-mixed"), ["npu", "controller"], concurrency=4, phase_s=4.0,
+                              output_len=16)
+    assert [f["killed"] for f in summary["faults"]] == ["mixed0.npu0", "controller"]
+    assert summary["accepted"] > 0 and summary["requests_hit_by_a_fault"] > 0
+    assert summary["failed"] == 0, summary["errors"]
+    assert summary["completed"] == summary["accepted"]
+
+
+@pytest.mark.parametrize("faults, says", [
+    (["controller", "npu"], "controller must come last"),
+    (["npu", "disk"], "unknown fault 'disk'"),
+])
+def test_a_bad_fault_list_is_refused_before_a_server_starts(faults, says):
+    with pytest.raises(ValueError, match=says):
+        run_chaos_bench(load_manifest("local-mixed"), faults)
