@@ -58,10 +58,12 @@ class Server:
         for cache in caches.values():  # the next server starts with a cold cache
             ray.kill(cache, no_restart=True)
         self.stage = "waiting for the named actors to go"
-        _wait_names_free([MASTER_NAME, KV_CACHE_NAME, CONTROLLER_NAME] + [engine_name(n) for n in set(names)])
+        wait_names_free([MASTER_NAME, KV_CACHE_NAME, CONTROLLER_NAME] + [engine_name(n) for n in set(names)])
 
 
-def _wait_names_free(names: list[str], timeout_s: float = 10.0) -> None:
+def wait_names_free(names: list[str], timeout_s: float = 10.0) -> None:
+    """Wait, up to `timeout_s` in all, until no actor holds any of `names` (a killed
+    actor's name is freed a little after its death); the caller checks if it matters."""
     deadline = time.monotonic() + timeout_s
     for name in names:
         while time.monotonic() < deadline:

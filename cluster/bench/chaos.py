@@ -88,7 +88,8 @@ def run_chaos_bench(manifest, faults: list[str], concurrency: int = 8, phase_s: 
                 time.sleep(0.01)
             for fault in faults:
                 time.sleep(phase_s)
-                events = _events(server, events)  # what the controller did, while it is there to say
+                if fault == "controller":  # its event log dies with it: read it first
+                    events = _events(server, events)
                 at = time.perf_counter() - clock["t0"]
                 what = _kill(server, fault)
                 say(f"{at:6.1f} s: killed {what}")
