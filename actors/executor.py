@@ -24,6 +24,8 @@ class StepOutput:
     exported: dict[str, list] = field(default_factory=dict)  # seq id -> [[ref]] of blocks it saved
     accepted: dict[str, list[int]] = field(default_factory=dict)  # MTP drafts accepted, per sequence
     drafts: dict[str, int] = field(default_factory=dict)  # MTP drafts for the next step
+    overruns: int = 0  # NPUs whose host time exceeded the modelled time (emulated)
+    load_s: list[float] = field(default_factory=list)  # per rank: wall seconds until its KV loads were in place
 
 
 class InstanceExecutor:
@@ -75,6 +77,8 @@ class InstanceExecutor:
             exported,
             accepted,
             drafts,
+            sum(r.overrun for r in results),
+            [r.load_s for r in results],
         )
 
     def step(self, works: list[SeqWork], return_logits: bool = False) -> StepOutput:

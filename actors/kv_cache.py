@@ -19,6 +19,8 @@ passed as top-level arguments, and the cache must never fetch the blocks itself.
 
 Hashes come from `actors.kv_hash.block_hashes`, the same ones the proxy and the
 engines compute, so a match here is a match of the whole prefix up to that block.
+What is stored and evicted goes out as KV events (actors.kv_events), which the
+master follows to mirror the index for routing.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from collections import OrderedDict
 
 import ray
 from ray.actor import ActorHandle
+
+from actors.kv_events import KVEventBatch, KVEventLog
 
 KV_CACHE_NAME = "omniray_kv_cache"
 logger = logging.getLogger(__name__)
@@ -71,6 +75,7 @@ class GlobalKVCache:
         self._blocks: OrderedDict[int, _Block] = OrderedDict()  # LRU first, MRU last
         self._bytes = 0
         self.hits = self.misses = self.evictions = self.puts = 0
+        self.kv_log = KVEventLog(lambda: list(self._blocks))
 
     async def put(self, entries: list[tuple[int, list[ray.ObjectRef], int]]) -> int:
         """Adopt (hash, [ref], nbytes) entries; return how many were newly stored.
@@ -96,20 +101,23 @@ class GlobalKVCache:
         except Exception as e:  # noqa: BLE001 - any failure means: not cached
             logger.warning("KV cache: adopting %d blocks failed: %s", len(fresh), e)
             return 0
-        new = 0
+        stored, evicted = [], []
         for (h, (_, nbytes)), ref in zip(fresh.items(), owned):
             if h in self._blocks:  # stored by a concurrent put while we waited
                 self._touch(h)
                 continue
             self._blocks[h] = _Block(ref, nbytes)
             self._bytes += nbytes
-            new += 1
-        self.puts += new
+            stored.append(h)
+        self.puts += len(stored)
         while self._bytes > self.capacity_bytes:
-            _, block = self._blocks.popitem(last=False)
+            h, block = self._blocks.popitem(last=False)
             self._bytes -= block.nbytes
             self.evictions += 1
-        return new
+            evicted.append(h)
+        new = set(stored)
+        self.kv_log.record([h for h in stored if h in self._blocks], [h for h in evicted if h not in new])
+        return len(stored)
 
     def match(self, hashes: list[int]) -> dict:
         """Longest cached prefix of `hashes`: {"num_blocks": n, "refs": [[ref], ...]}.
@@ -132,8 +140,13 @@ class GlobalKVCache:
         return {"num_blocks": n, "refs": refs}
 
     def hashes(self) -> list[int]:
-        """Every indexed block hash (the master mirrors the index for routing)."""
+        """Every indexed block hash."""
         return list(self._blocks)
+
+    async def kv_events(self, after: int | None = None, epoch: str | None = None) -> list[KVEventBatch]:
+        """KV events after `after` (a long poll; a full dump for a new subscriber):
+        the master mirrors the index from these (actors.kv_events)."""
+        return await self.kv_log.after(after, epoch)
 
     def contains(self, hashes: list[int]) -> list[bool]:
         """Presence of each hash; changes neither stats nor LRU order (a probe)."""
@@ -141,19 +154,21 @@ class GlobalKVCache:
 
     def evict(self, hashes: list[int]) -> int:
         """Drop these blocks (e.g. known stale); return how many were present."""
-        dropped = 0
+        dropped = []
         for h in hashes:
             block = self._blocks.pop(h, None)
             if block is not None:
                 self._bytes -= block.nbytes
-                dropped += 1
-        return dropped
+                dropped.append(h)
+        self.kv_log.record(removed=dropped)
+        return len(dropped)
 
     def clear(self) -> int:
         """Drop every block; return how many there were."""
         n = len(self._blocks)
         self._blocks.clear()
         self._bytes = 0
+        self.kv_log.record(cleared=True)
         return n
 
     def stats(self) -> dict:

@@ -111,6 +111,10 @@ class NPUStepResult:
     exported: dict[str, list] = field(default_factory=dict)  # seq id -> [[ref]] of its saved blocks
     accepted: dict[str, list[int]] = field(default_factory=dict)  # seq id -> drafts accepted (before its token)
     drafts: dict[str, int] = field(default_factory=dict)  # seq id -> MTP draft for the next step
+    # emulated: the host took longer than the modelled time (scaled by time_scale), so
+    # this step lasted the host's time, not the chip's (an overrun of the emulator)
+    overrun: bool = False
+    load_s: float = 0.0  # wall seconds from the step's start until its KV loads were in place
 
 
 @dataclass
@@ -158,3 +162,7 @@ class EngineOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV came from a cache (local or global)
     kv_transfer: KVTransfer | None = None
+    # lifecycle stages that happened in the engine ("prefill_done", "decode_scheduled",
+    # "kv_transferred"), each as its age in seconds when this update left the engine: the
+    # receiver stamps them on its own clock (cluster.proxy.lifecycle), whatever node it is on
+    stamps: dict[str, float] = field(default_factory=dict)

@@ -13,7 +13,9 @@ Rules, per role present among healthy non-draining ("active") instances:
 
 * dispatch role: the master's queue (`queue_length`, requests not yet dispatched) is
   attributed to `prefill` when both prefill and decode instances are active, else to
-  `mixed` (if no such role is active, the queue is attributed to no role).
+  `mixed` (if no such role is active, the queue is attributed to no role); the
+  master's decode queue (`decode_queue_length`, prefilled requests waiting for a
+  decode instance under its budget) to `decode`.
 * pressure = (attributed master queue + the role's `waiting`) / active instances of the role.
 * kv = the largest `kv_usage` of the role's active instances.
 * SLO missed: TTFT attainment < `slo_target` (affects the dispatch role: prefill or
@@ -115,6 +117,7 @@ class InstanceSignals:
 class ClusterSignals:
     queue_length: int  # requests waiting in the master's queue (not yet dispatched)
     instances: list[InstanceSignals]
+    decode_queue_length: int = 0  # prefilled requests waiting in the master for a decode instance
     ttft_attainment: float | None = None  # share of recent requests within ttft_slo_s (None: no data)
     tpot_attainment: float | None = None
 
@@ -216,7 +219,8 @@ class AutoscalerPolicy:
                 log.debug("autoscaler: %s in cool-down", role)
                 continue
             insts = sorted(active[role], key=lambda i: i.name)
-            queued = (signals.queue_length if role == dispatch else 0) + sum(i.waiting for i in insts)
+            queued = ((signals.queue_length if role == dispatch else 0)
+                      + (signals.decode_queue_length if role == "decode" else 0) + sum(i.waiting for i in insts))
             pressure = queued / len(insts)
             kv = max(i.kv_usage for i in insts)
 

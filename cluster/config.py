@@ -79,12 +79,25 @@ class ProxySettings(BaseModel):
     # proxy, invisible to the master's sorting (slaves only await, so this can be high)
     max_ongoing_requests: int = Field(1024, gt=0)
     request_timeout_s: float | None = Field(None, gt=0)  # received -> finished; past it: 504, KV freed
-    policy: Literal["round_robin", "least_loaded", "cache_aware", "omni"] = "omni"
+    policy: Literal["round_robin", "least_loaded", "cache_aware", "omni_reference", "omni"] = "omni"
     pd_mode: Literal["sequential", "parallel"] = "sequential"  # when both prefill and decode instances exist
+    # budgets: an instance gets a request only while under them, so the master's queues
+    # (not the engines') are where the order is decided (the original's defaults)
+    max_batch_num_token: int = Field(32000, gt=0)  # uncached prompt tokens being prefilled per instance
+    prefill_max_num_seqs: int = Field(32, gt=0)  # requests being prefilled per prefill or mixed instance
+    decode_max_num_seqs: int = Field(32, gt=0)  # requests per decode or mixed instance, prefill to finish
     weighted_sorting: bool = True
     token_weight: float = Field(0.8, ge=0.0)
     time_weight: float = Field(0.2, ge=0.0)
-    starvation_ms: float = Field(400.0, gt=0.0)
+    starvation_ms: float = Field(400.0, gt=0.0)  # enforced on both queues
+    decode_max_tokens_weight: float = Field(0.0, ge=0.0)  # decode queue weight: prompt + this * max_tokens
+    # routing constants (cluster.proxy.routing.RoutingConfig)
+    omni_alpha: float = Field(1.0, ge=0.0)
+    omni_beta: float = Field(0.5, ge=0.0)
+    omni_gamma: float = Field(0.5, ge=0.0)
+    cache_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    balance_abs_threshold: float = Field(32.0, ge=0.0)
+    balance_rel_threshold: float = Field(1.5, ge=1.0)
     tokenizer_reuse: bool = True
     tokenizer_cache_size: int = Field(4096, ge=0)
     max_queue: int = Field(1024, gt=0)  # waiting requests past which new ones get 429

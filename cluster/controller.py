@@ -66,8 +66,9 @@ class ClusterController:
         return self.describe()
 
     # ---- state ---------------------------------------------------------------------------
-    def membership(self) -> list[tuple[str, str, int]]:
-        return [(i.name, i.role, self.manifest.engine.max_num_seqs) for i in self.instances.values()]
+    def membership(self) -> list[tuple[str, str]]:
+        """(name, role) of every instance now (a restarted master starts from these)."""
+        return [(i.name, i.role) for i in self.instances.values()]
 
     def describe(self) -> dict:
         view = self.elastic_view()
@@ -211,7 +212,7 @@ class ClusterController:
         inst = launch_manifest_instance(self.manifest, InstanceSpec(name=name, role=role, ep=npus),
                                         self.weight_refs, self.kv_cache)
         try:
-            ray.get(self._master().add_instance.remote(name, role, self.manifest.engine.max_num_seqs))
+            ray.get(self._master().add_instance.remote(name, role))
         except Exception:
             inst.shutdown()
             raise
@@ -283,8 +284,8 @@ class ClusterController:
             values = [v for v in values if v is not None]
             return None if slo is None or not values else sum(v <= slo for v in values) / len(values)
 
-        return ClusterSignals(snap["queue_length"], instances, attainment([t for t, _ in lat], cfg.ttft_slo_s),
-                              attainment([p for _, p in lat], cfg.tpot_slo_s))
+        return ClusterSignals(snap["queue_length"], instances, snap.get("decode_queue_length", 0),
+                              attainment([t for t, _ in lat], cfg.ttft_slo_s), attainment([p for _, p in lat], cfg.tpot_slo_s))
 
     def autoscale_once(self) -> list[dict]:
         """One round of the policy: decide, carry out, record. Returns what was done."""

@@ -16,6 +16,8 @@ adds its own `ray_` prefix on the Prometheus side (`ray_omniray_ttft_seconds`).
 | omniray_tokenizer_calls | gauge | model | slave: tokenizer runs so far |
 | omniray_tokenizer_cache_hits | gauge | model | slave: reused token ids so far |
 | omniray_queue_length | gauge | | master: requests waiting for dispatch |
+| omniray_decode_queue_length | gauge | | master: prefilled requests waiting for a decode instance (P/D) |
+| omniray_instance_queued_tokens | gauge | instance, role | master: uncached prompt tokens dispatched there, not yet prefilled |
 | omniray_instance_running | gauge | instance, role | master: the engine's running sequences |
 | omniray_instance_waiting | gauge | instance, role | master: the engine's waiting sequences |
 | omniray_instance_free_kv_blocks | gauge | instance, role | master: free KV blocks (the fullest NPU) |
@@ -97,6 +99,9 @@ class MasterMetrics:
     def __init__(self):
         inst = ("instance", "role")
         self.queue = Gauge("omniray_queue_length", "requests waiting for dispatch")
+        self.decode_queue = Gauge("omniray_decode_queue_length", "prefilled requests waiting for a decode instance")
+        self.queued_tokens = Gauge("omniray_instance_queued_tokens", "uncached prompt tokens dispatched, not yet prefilled",
+                                   tag_keys=inst)
         self.running = Gauge("omniray_instance_running", "running sequences", tag_keys=inst)
         self.waiting = Gauge("omniray_instance_waiting", "waiting sequences", tag_keys=inst)
         self.free_blocks = Gauge("omniray_instance_free_kv_blocks", "free KV blocks (fullest NPU)", tag_keys=inst)
@@ -112,15 +117,16 @@ class MasterMetrics:
         self.dispatched = Counter("omniray_dispatched_total", "requests dispatched")
         self.rejected = Counter("omniray_rejected_total", "requests refused", tag_keys=("reason",))
 
-    def instances(self, queue_length: int, instances) -> None:
+    def instances(self, queue_length: int, decode_queue_length: int, instances) -> None:
         self.queue.set(queue_length)
+        self.decode_queue.set(decode_queue_length)
         for inst in instances:
             tags = {"instance": inst.name, "role": inst.role}
-            v = inst.view
-            self.running.set(v.running, tags)
-            self.waiting.set(v.waiting, tags)
-            self.free_blocks.set(v.free_blocks, tags)
-            self.healthy.set(1 if v.healthy else 0, tags)
+            self.queued_tokens.set(inst.load.queued_tokens, tags)
+            self.running.set(inst.stats.get("running", 0), tags)
+            self.waiting.set(inst.stats.get("waiting", 0), tags)
+            self.free_blocks.set(inst.free_blocks, tags)
+            self.healthy.set(1 if inst.healthy else 0, tags)
             if inst.npus:
                 self.npus(inst.name, inst.npus)
 

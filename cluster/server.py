@@ -14,7 +14,9 @@ from ray import serve
 from cluster.config import Manifest
 from cluster.controller import CONTROLLER_NAME, create_controller
 from cluster.launcher import Instance, engine_name, launch_manifest, publish_weights
+from cluster.proxy.budgets import Budgets
 from cluster.proxy.master import MASTER_NAME, create_master
+from cluster.proxy.routing import routing_config
 from cluster.proxy.sorting import SortingConfig
 
 logger = logging.getLogger(__name__)
@@ -81,13 +83,15 @@ def launch_backend(manifest: Manifest) -> tuple[list[Instance], object, object]:
     instances = launch_manifest(manifest, refs)
     p = manifest.proxy
     sorting = SortingConfig(enabled=p.weighted_sorting, token_weight=p.token_weight, time_weight=p.time_weight,
-                            starvation_ms=p.starvation_ms)
+                            starvation_ms=p.starvation_ms, decode_max_tokens_weight=p.decode_max_tokens_weight)
+    budgets = Budgets(p.max_batch_num_token, p.prefill_max_num_seqs, p.decode_max_num_seqs)
     # the master and the controller come up side by side (each is a new worker process)
     started = []
     try:
         master, master_ready = create_master(instances, policy=p.policy, pd_mode=p.pd_mode, sorting=sorting,
+                                             routing=routing_config(p), budgets=budgets,
                                              block_size=manifest.engine.block_size, max_queue=p.max_queue,
-                                             max_num_seqs=manifest.engine.max_num_seqs)
+                                             global_cache=manifest.engine.global_kv_cache)
         started.append(master)
         controller, controller_ready = create_controller(manifest, instances, refs, instances[0].kv_cache)
         started.append(controller)

@@ -171,6 +171,33 @@ def test_out_of_blocks_queues_and_preempts_instead_of_failing(model):
     assert stats["free_blocks"] == [8]
 
 
+def test_kv_events_follow_what_the_npus_store_and_evict(model):
+    cfg, refs, _ = model
+    a, b = _prompts([40, 100], seed=21)
+    inst = _engine(cfg, refs, ep=1, kv_blocks=8)  # 128 tokens: b's 120 evict a's cached blocks
+    try:
+        dump = ray.get(inst.engine.kv_events.remote(None, None))  # a new subscriber: a dump
+        assert len(dump) == 1 and dump[0].cleared and dump[0].stored == ()
+
+        async def first_steps():
+            poll = inst.engine.kv_events.remote(dump[0].seq, dump[0].epoch)  # waiting before any step
+            await _run(inst.engine, _req(0, a, 4))
+            return await poll
+
+        stored = asyncio.run(first_steps())
+        seq = max(x.seq for x in stored)
+        asyncio.run(_run(inst.engine, _req(1, b, 20)))
+        later = ray.get(inst.engine.kv_events.remote(seq, dump[0].epoch))
+        now = ray.get(inst.engine.kv_events.remote(None, None))[0]
+    finally:
+        inst.shutdown()
+    a_blocks = block_hashes(a, BS)  # its two full blocks
+    assert set(a_blocks) <= {h for x in stored for h in x.stored}
+    assert set(a_blocks) <= {h for x in later for h in x.removed}  # evicted for b's blocks
+    assert not set(a_blocks) & set(now.stored) and set(block_hashes(b, BS)[:6]) <= set(now.stored)
+    assert [x.seq for x in later] == list(range(seq + 1, seq + 1 + len(later)))  # one numbered batch per step
+
+
 def test_request_larger_than_an_npu_is_refused(model):
     cfg, refs, _ = model
     inst = _engine(cfg, refs, ep=1, kv_blocks=4)

@@ -1,4 +1,5 @@
-"""Routing policies: round robin, least loaded, cache-aware (SGLang style) and the Omni formula."""
+"""Routing policies: round robin, least loaded, cache-aware (SGLang style), the
+original Omni Proxy's rule and the Omni formula; the decode choice they share."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ from cluster.proxy.routing import (
     InstanceView,
     LeastLoaded,
     Omni,
+    OmniReference,
     RoundRobin,
+    RoutingConfig,
     make_policy,
+    routing_config,
 )
 from cluster.proxy.sorting import QueuedRequest
 
@@ -92,7 +96,7 @@ def test_cache_aware_low_match_ratio_goes_least_loaded():
     partial = view("partial", cached={1}, queued_tokens=10)  # ratio 0.25 < 0.5
     idle = view("idle")
     assert CacheAware().choose(req(hashes), [partial, idle], BS).name == "idle"
-    assert CacheAware(cache_threshold=0.25).choose(req(hashes), [partial, idle], BS).name == "partial"
+    assert CacheAware(RoutingConfig(cache_threshold=0.25)).choose(req(hashes), [partial, idle], BS).name == "partial"
 
 
 def test_omni_deepest_match_when_cache_outweighs_queue():
@@ -116,7 +120,7 @@ def test_omni_least_loaded_when_queue_outweighs_cache():
     assert om.score(r, idle, BS) == -10
     assert om.choose(r, [holder, idle], BS).name == "idle"
     # cheaper queue (alpha 0.2): 64 - 20 - 16 = 28 > -2
-    assert Omni(alpha=0.2).choose(r, [holder, idle], BS).name == "holder"
+    assert Omni(RoutingConfig(omni_alpha=0.2)).choose(r, [holder, idle], BS).name == "holder"
 
 
 def test_omni_credits_global_cache_blocks_at_gamma():
@@ -132,7 +136,7 @@ def test_omni_credits_global_cache_blocks_at_gamma():
     holder = view("holder", cached={1, 2}, queued_tokens=20)
     # without the global credit the holder wins (32 - 20 = 12 > 0); with it the idle
     # instance, which loads all four blocks, wins ((2 + 0.5 * 2) * 16 - 20 = 28 < 32)
-    assert Omni(gamma=0.0).choose(r, [holder, idle], BS).name == "holder"
+    assert Omni(RoutingConfig(omni_gamma=0.0)).choose(r, [holder, idle], BS).name == "holder"
     assert om.choose(r, [holder, idle], BS).name == "idle"
     r.global_depth = 0
     assert om.score(r, partial, BS) == 16 - 30
@@ -145,44 +149,77 @@ def test_omni_ties_fewer_queued_then_name():
     assert om.choose(req([1, 2]), [a, b, c], BS).name == "b"
 
 
-def test_omni_skips_instances_without_room():
+def test_omni_skips_instances_without_kv_room():
     hashes = [1, 2, 3, 4]
     r = req(hashes, prompt=64, max_tokens=100)  # needs ceil(164 / 16) = 11 blocks
     assert Omni.blocks_needed(r, BS) == 11
-    full = view("full", cached=set(hashes), running=32, max_num_seqs=32)
     no_kv = view("no_kv", cached=set(hashes), free_blocks=10)
     ok = view("ok", free_blocks=11, queued_tokens=500)
-    assert Omni().choose(r, [full, no_kv, ok], BS).name == "ok"
+    assert Omni().choose(r, [no_kv, ok], BS).name == "ok"
     # none qualifies: all are considered, best score wins
-    assert Omni().choose(r, [full, no_kv], BS).name == "no_kv"
+    assert Omni().choose(r, [no_kv, view("busy", free_blocks=3, queued_tokens=10)], BS).name == "no_kv"
 
 
-def test_omni_choose_decode():
-    om, r = Omni(), req()
-    cands = [view("a", role="decode", running=3, free_blocks=10), view("b", role="decode", running=1, free_blocks=5),
-             view("c", role="decode", running=1, free_blocks=50), view("d", role="decode", running=0, max_num_seqs=0)]
-    assert om.choose_decode(r, cands).name == "c"  # d is at its max_num_seqs; b and c tie on running
-    full = [view("x", role="decode", running=9, max_num_seqs=4), view("y", role="decode", running=5, max_num_seqs=4)]
-    assert om.choose_decode(r, full).name == "y"
+def test_omni_reference_deepest_match_whatever_the_queue():
+    hashes = [1, 2, 3, 4]
+    deep = view("deep", cached={1, 2, 3}, queued_tokens=10_000, running=30)
+    shallow = view("shallow", cached={1}, queued_tokens=0)
+    idle = view("idle")
+    ref = OmniReference()
+    assert ref.choose(req(hashes), [idle, shallow, deep], BS).name == "deep"  # the cached prefix always wins
+    # equal depth: fewer queued tokens, then fewer running
+    a, b = view("a", cached={1, 2}, queued_tokens=50), view("b", cached={1, 2}, queued_tokens=20, running=9)
+    c = view("c", cached={1, 2}, queued_tokens=20, running=3)
+    assert ref.choose(req(hashes), [a, b, c], BS).name == "c"
+
+
+def test_omni_reference_without_a_match_scans_round_robin_from_the_last_choice():
+    ref = OmniReference()
+    cands = [view("a", queued_tokens=5), view("b", queued_tokens=5), view("c", queued_tokens=5)]
+    # all equal: the scan starts after the last choice, so the picks rotate
+    assert [ref.choose(req([9]), cands, BS).name for _ in range(4)] == ["a", "b", "c", "a"]
+    # fewest queued tokens wins wherever the scan starts
+    cands[2] = view("c", queued_tokens=1)
+    assert ref.choose(req([9]), cands, BS).name == "c"
+    # a match anywhere beats the rotation
+    cands[0] = view("a", cached={9}, queued_tokens=900)
+    assert ref.choose(req([9]), cands, BS).name == "a"
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_decode_choice_is_fewest_decode_tokens_then_running_then_name(name):
+    policy, r = make_policy(name), req()
+    cands = [view("a", role="decode", decode_tokens=900, running=1), view("b", role="decode", decode_tokens=300, running=4),
+             view("c", role="decode", decode_tokens=300, running=2), view("d", role="decode", decode_tokens=300, running=2)]
+    assert policy.choose_decode(r, cands).name == "c"
 
 
 def test_make_policy():
-    assert set(POLICIES) == {"round_robin", "least_loaded", "cache_aware", "omni"}
+    assert set(POLICIES) == {"round_robin", "least_loaded", "cache_aware", "omni_reference", "omni"}
     for name, cls in POLICIES.items():
         p = make_policy(name)
         assert isinstance(p, cls) and p.name == name
-    assert make_policy("omni", alpha=2.0).alpha == 2.0
-    assert make_policy("cache_aware", cache_threshold=0.9).cache_threshold == 0.9
-    with pytest.raises(ValueError, match="cache_aware, least_loaded, omni, round_robin"):
+    assert make_policy("omni", RoutingConfig(omni_alpha=2.0)).alpha == 2.0
+    assert make_policy("cache_aware", RoutingConfig(cache_threshold=0.9)).cache_threshold == 0.9
+    with pytest.raises(ValueError, match="cache_aware, least_loaded, omni, omni_reference, round_robin"):
         make_policy("random")
+
+
+def test_every_constant_is_a_manifest_setting():
+    from cluster.config import ProxySettings
+
+    settings = ProxySettings(omni_alpha=0.25, omni_beta=2.0, omni_gamma=0.0, cache_threshold=0.9,
+                             balance_abs_threshold=7, balance_rel_threshold=3.0)
+    assert routing_config(settings) == RoutingConfig(0.25, 2.0, 0.0, 0.9, 7, 3.0)
+    om = make_policy("omni", routing_config(settings))
+    assert (om.alpha, om.beta, om.gamma) == (0.25, 2.0, 0.0)
 
 
 instances = st.lists(
     st.builds(
-        lambda i, depth, q, run, free, seqs: view(
-            f"i{i}", cached=set(range(depth)), queued_tokens=q, running=run, free_blocks=free, max_num_seqs=seqs),
+        lambda i, depth, q, run, free: view(
+            f"i{i}", cached=set(range(depth)), queued_tokens=q, running=run, free_blocks=free),
         st.integers(0, 99), st.integers(0, 8), st.integers(0, 500), st.integers(0, 40), st.integers(0, 30),
-        st.integers(1, 32),
     ),
     min_size=1, max_size=8, unique_by=lambda v: v.name,
 )
@@ -190,9 +227,9 @@ instances = st.lists(
 
 @given(instances, st.integers(0, 8), st.integers(1, 200), st.floats(0.0, 4.0), st.floats(0.0, 2.0))
 def test_omni_picks_max_score_among_qualifying(cands, n_hashes, max_tokens, alpha, beta):
-    om, r = Omni(alpha, beta), req(range(n_hashes), max_tokens=max_tokens)
+    om, r = Omni(RoutingConfig(omni_alpha=alpha, omni_beta=beta)), req(range(n_hashes), max_tokens=max_tokens)
     need = math.ceil((r.prompt_tokens + r.max_tokens) / BS)
-    room = [v for v in cands if v.running < v.max_num_seqs and v.free_blocks >= need] or cands
+    room = [v for v in cands if v.free_blocks >= need] or cands
     pick = om.choose(r, cands, BS)
     assert pick in room
     assert om.score(r, pick, BS) == max(om.score(r, v, BS) for v in room)
@@ -201,4 +238,6 @@ def test_omni_picks_max_score_among_qualifying(cands, n_hashes, max_tokens, alph
 @given(instances, st.integers(0, 8))
 def test_every_policy_returns_a_candidate(cands, n_hashes):
     for name in POLICIES:
-        assert make_policy(name).choose(req(range(n_hashes)), cands, BS) in cands
+        policy = make_policy(name)
+        assert policy.choose(req(range(n_hashes)), cands, BS) in cands
+        assert policy.choose_decode(req(range(n_hashes)), cands) in cands

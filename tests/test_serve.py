@@ -172,13 +172,25 @@ def test_models_health_and_cluster(http, client):
     assert cluster["queue_length"] == 0 and cluster["policy"] == "omni"
 
 
-def test_debug_stamps_all_ten_stages_in_order(http):
-    body = http.post("/v1/completions", json={"model": "tiny-gqa-moge", "prompt": PROMPTS[1], "max_tokens": 4,
-                                              "debug": True}).json()
-    stages = body["debug"]["stages"]
+@pytest.mark.parametrize("pd_mode", ["sequential", "parallel"])
+def test_debug_stamps_all_ten_stages_in_order(server, http, pd_mode):
+    body = {"model": "tiny-gqa-moge", "prompt": PROMPTS[1], "max_tokens": 4, "debug": True}
+    _configure(server, pd_mode=pd_mode, paused=True)
+    try:
+        threads, results = _in_threads([lambda: http.post("/v1/completions", json=body).json()])
+        _wait_queue(server, 1)
+        time.sleep(0.2)  # held in the master's queue
+        _configure(server, paused=False)
+        threads[0].join(120)
+    finally:
+        _configure(server, pd_mode="sequential", paused=False)
+    debug = results[0]["debug"]
+    assert debug["route"]["mode"] == pd_mode
+    stages = debug["stages"]
     assert list(stages) == list(STAGES)  # P/D: every stage stamped, in canonical order
-    assert all(gap >= 0 for gap in body["debug"]["gaps"].values())
-    assert body["debug"]["route"]["prefill"] in ("prefill0", "prefill1") and body["debug"]["route"]["decode"] == "decode0"
+    assert all(gap >= 0 for gap in debug["gaps"].values())  # monotone
+    assert debug["gaps"]["queued->prefill_scheduled"] >= 0.2  # stamped where it happened: in the master's queue
+    assert debug["route"]["prefill"] in ("prefill0", "prefill1") and debug["route"]["decode"] == "decode0"
 
 
 # ---- errors: OpenAI's error JSON with the right status -----------------------------------------

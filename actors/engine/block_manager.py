@@ -4,7 +4,9 @@ Like vLLM's KV cache manager with automatic prefix caching: a full block is
 named by the hash of its prefix chain; when its last owner frees it, it stays
 cached (evictable, least recently used first) until its slot is needed, so a
 later sequence with the same prefix attaches it instead of recomputing. Block
-ids index the NPU's PagedKVStore.
+ids index the NPU's PagedKVStore. Every hash that becomes findable or is
+evicted is noted in `events`, which the engine turns into KV events for the
+router (actors.kv_events).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # hash -> block id
         self.free_ids = array("i", np.arange(num_blocks - 1, -1, -1, dtype=np.int32).tobytes())  # pop() takes 0 first
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unowned; LRU first
+        self.events: list[tuple[bool, int]] = []  # (stored?, hash) since the engine last took them
 
     @property
     def num_free(self) -> int:
@@ -62,7 +65,9 @@ class BlockManager:
             b = self.free_ids.pop()
         else:
             b, _ = self.evictable.popitem(last=False)
-            del self.cached[self.block_hash.pop(b)]
+            h = self.block_hash.pop(b)
+            del self.cached[h]
+            self.events.append((False, h))
         self.ref_count[b] = 1
         return b
 
@@ -79,6 +84,12 @@ class BlockManager:
         if block not in self.block_hash and block_hash not in self.cached:
             self.block_hash[block] = block_hash
             self.cached[block_hash] = block
+            self.events.append((True, block_hash))
+
+    def take_events(self) -> list[tuple[bool, int]]:
+        """The (stored?, hash) changes since the last call, in order."""
+        events, self.events = self.events, []
+        return events
 
     def release(self, table: list[int]) -> None:
         for b in reversed(table):  # tail blocks first, so a prefix outlives its suffix

@@ -6,6 +6,12 @@ stream of EngineOutput. Role `prefill` runs a request until its first token
 and hands its KV on (KVTransfer: block refs in the object store); role
 `decode` starts from such a transfer; `mixed` does both. Full prompt blocks
 are published to the global KV cache, so any instance can reuse a prefix.
+
+Two things leave the engine besides tokens: KV events (the prefix hashes its
+NPUs stored and evicted, one batch per step, actors.kv_events) that the master
+follows with a long poll to route by prefix, and the lifecycle stages that
+happen here (prefill_done; on the decode side of P/D decode_scheduled and
+kv_transferred), carried on the request's stream as ages.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from actors.engine.block_manager import BlockManager
 from actors.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
 from actors.engine.sequence import Sequence
 from actors.executor import InstanceExecutor
+from actors.kv_events import HashCounts, KVEventBatch, KVEventLog
 from actors.kv_hash import ROOT, hash_block
 from actors.protocol import EngineOutput, EngineRequest, KVTransfer, SeqWork
 
@@ -57,6 +64,7 @@ class InstanceEngine:
             "steps": 0, "prompt_tokens": 0, "computed_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
             "drafted_tokens": 0, "accepted_tokens": 0, "reconfigurations": 0, "migrated_seqs": 0,
             "kv_exports": 0,  # export calls of leaving NPUs (one each, for all its migrating sequences)
+            "overrun_steps": 0,  # steps in which an emulated NPU took longer than its modelled time
         }
         self.device_time_s = 0.0
         self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
@@ -71,6 +79,8 @@ class InstanceEngine:
         # (time.time() at the step's end, tokens it generated): throughput over any window,
         # on the wall clock so that a controller or benchmark on another host can line it up
         self.step_log: deque[tuple[float, int]] = deque(maxlen=STEP_LOG_LEN)
+        self.held = HashCounts()  # prefix hashes cached on any of its NPUs
+        self.kv_log = KVEventLog(lambda: list(self.held.counts))
 
     # ---- requests ------------------------------------------------------------------
     async def generate(self, request: EngineRequest):
@@ -83,6 +93,9 @@ class InstanceEngine:
                 out = await queue.get()
                 if isinstance(out, Exception):
                     raise out
+                if out.stamps:  # monotonic times -> ages as it leaves: the receiver has its own clock
+                    now = time.monotonic()
+                    out.stamps = {stage: now - t for stage, t in out.stamps.items()}
                 yield out
                 if out.finished:
                     return
@@ -208,9 +221,11 @@ class InstanceEngine:
                 continue
             scheduled = self.scheduler.schedule()
             if not scheduled:
+                self._publish_kv_events()  # a failed admission may have evicted
                 await asyncio.sleep(0.001)  # admission waits for blocks freed by a finishing request
                 continue
             works = [self._work(s) for s in scheduled]
+            submitted = time.monotonic()
             refs = self.executor.submit(works, ranks=[s.seq.rank for s in scheduled])
             self._retired = None  # freed while the NPUs run the step: what the last switch replaced
             try:
@@ -224,11 +239,15 @@ class InstanceEngine:
                 for s in scheduled:
                     self._fail(s.seq, f"engine {self.config.name}: step failed on an NPU: {err}")
                 self._step_done(None, f"step failed on an NPU: {err}")
+                self._publish_kv_events()
                 continue
             self.device_time_s += out.device_time_s
             self.counters["steps"] += 1
+            self.counters["overrun_steps"] += out.overruns > 0
             generated = self.counters["generated_tokens"]
+            self._stamp_decode_side(scheduled, submitted, out)
             self._update(scheduled, out)
+            self._publish_kv_events()
             ended = time.time()
             self.step_log.append((ended, self.counters["generated_tokens"] - generated))
             self._step_done(ended)
@@ -280,6 +299,8 @@ class InstanceEngine:
             seq.num_computed += s.num_tokens + len(accepted)  # an accepted draft's KV is already written
             self.counters["computed_tokens"] += s.num_tokens
             finished = False
+            if s.samples and not seq.decode_side:  # the prompt is computed: its first token sampled here
+                seq.stamp("prefill_done")
             if s.samples:
                 for token in accepted + [out.tokens[seq.seq_id]]:
                     seq.output_ids.append(token)
@@ -297,6 +318,34 @@ class InstanceEngine:
                 self._finish(seq, seq.finish_reason, transfer)
             else:
                 self._emit(seq)
+
+    @staticmethod
+    def _stamp_decode_side(scheduled: list[Scheduled], submitted: float, out) -> None:
+        """P/D decode side: the first step of a prefilled request here was scheduled
+        at `submitted` and began by loading its KV, in place `load_s` after."""
+        for s in scheduled:
+            if s.seq.decode_side:
+                s.seq.stamp("decode_scheduled", submitted)
+                s.seq.stamp("kv_transferred", submitted + (out.load_s[s.seq.rank] if s.load and out.load_s else 0.0))
+
+    def _publish_kv_events(self) -> None:
+        """The prefix hashes this step stored and evicted on any NPU, as one batch."""
+        changes = [e for m in self.managers for e in m.take_events()]
+        if changes:
+            self.kv_log.record(*self.held.apply(changes))
+
+    def _recount_kv(self) -> None:
+        """The set of NPUs changed (a resize, a rebuild): what the instance holds now,
+        recounted, goes out as one batch of the differences."""
+        for m in self.managers:
+            m.take_events()  # the recount includes them
+        self.kv_log.record(*self.held.reset(m.cached for m in self.managers))
+
+    async def kv_events(self, after: int | None = None, epoch: str | None = None) -> list[KVEventBatch]:
+        """KV events after `after` (a long poll; a full dump for a new subscriber): the
+        master follows these to route by prefix (actors.kv_events)."""
+        self._ensure_loop()
+        return await self.kv_log.after(after, epoch)
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Name the blocks this step filled by their prefix hash (local prefix caching)."""
@@ -322,7 +371,7 @@ class InstanceEngine:
             queue.put_nowait(
                 EngineOutput(
                     seq.seq_id, new, bool(seq.finish_reason), seq.finish_reason,
-                    len(seq.request.prompt_ids), seq.num_cached, transfer,
+                    len(seq.request.prompt_ids), seq.num_cached, transfer, seq.take_stamps(),
                 )
             )
 
@@ -489,6 +538,7 @@ class InstanceEngine:
                                        self.nodes[seq.rank])
         self._retired = (self.executor, self.managers, self._adopted)
         self.managers = self.scheduler.managers = bs_managers
+        self._recount_kv()
         self.nodes = [m.get("node") for m in memory]
         self.executor = InstanceExecutor(npus, specs)
         self._adopted = {}  # the ones not switched to went back to the standby pool or away
@@ -509,10 +559,11 @@ class InstanceEngine:
         """The step log from wall-clock time `t` on."""
         return [e for e in self.step_log if e[0] >= t]
 
-    def cached_hashes(self) -> list[int]:
-        """Prefix hashes of every block cached on this instance's NPUs (the master's
-        routing view is rebuilt from these)."""
-        return sorted({h for m in self.managers for h in m.cached})
+    def requests(self) -> list[dict]:
+        """The requests this engine holds (a restarted master rebuilds its loads from these)."""
+        return [{"request_id": seq.seq_id, "prompt_tokens": len(seq.request.prompt_ids),
+                 "max_tokens": seq.request.max_tokens, "uncached_tokens": len(seq.request.prompt_ids) - seq.num_cached,
+                 "prefilled": seq.decode_side or "prefill_done" in seq.stamps} for seq in self.seqs.values()]
 
     def stats(self) -> dict:
         return {

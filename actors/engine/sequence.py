@@ -32,6 +32,8 @@ class Sequence:
     remote_tokens: int = 0  # tokens the remote blocks cover
     remote_node: str | None = None  # the node they are on, where known (a migration's source NPU)
     draft: int | None = None  # MTP draft of the token after the next one, to verify in the next step
+    stamps: dict[str, float] = field(default_factory=dict)  # lifecycle stages that happened here (monotonic)
+    stamps_sent: int = 0  # how many of them went out on the stream already
 
     def __post_init__(self):
         self.output_ids = list(self.request.output_ids)
@@ -53,6 +55,21 @@ class Sequence:
     def num_uncomputed(self) -> int:
         """Tokens still to feed through the model before the next token can be sampled."""
         return self.num_tokens - self.num_computed
+
+    @property
+    def decode_side(self) -> bool:
+        """The decode side of P/D: its prompt's KV was computed by another instance."""
+        return self.request.kv_transfer is not None or self.request.kv_pending
+
+    def stamp(self, stage: str, t: float | None = None) -> None:
+        """A lifecycle stage happened here (the first stamp of a stage wins)."""
+        self.stamps.setdefault(stage, time.monotonic() if t is None else t)
+
+    def take_stamps(self) -> dict[str, float]:
+        """The stamps not sent yet, for the next update on the stream."""
+        new = dict(list(self.stamps.items())[self.stamps_sent:])
+        self.stamps_sent = len(self.stamps)
+        return new
 
     def check_finished(self) -> bool:
         req = self.request

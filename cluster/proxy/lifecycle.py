@@ -5,14 +5,35 @@ request at each step from receipt to completion; OmniRay does the same over
 ten stages so that a slow request can be attributed to tokenizing, queueing,
 prefill, the KV transfer or decode, and each gap can feed a histogram.
 
-Stamps are taken on one monotonic clock. The first stamp of a stage wins
-(re-stamping is a no-op), so a retry cannot move a stage later. Gaps follow
-the canonical STAGES order, not the order stamps were taken in: each stamped
-stage is measured from the previous *stamped* stage, so a mixed (non-P/D)
-request, which never stamps ``kv_transferred`` or ``decode_scheduled``, gets one
-``prefill_done->first_token`` gap bridging them. A gap is negative only if two
-stages were stamped out of canonical order (e.g. a P/D first token streamed
-from the prefill instance before the KV transfer was stamped).
+Each stage is stamped where it happens:
+
+| stage | where | when |
+| --- | --- | --- |
+| received, tokenized | slave | the request arrived; its prompt is token ids |
+| prefix_matched | master | its block hashes were matched against every instance's prefix index and the global one |
+| queued | master | it entered the prefill queue |
+| prefill_scheduled | master | the dispatcher gave it to a prefill (or mixed) instance |
+| prefill_done | prefill / mixed engine | the step that completed its prompt (and sampled the first token) ended |
+| decode_scheduled | decode engine (P/D) | its first step there was scheduled |
+| kv_transferred | decode engine (P/D) | that step's load of the prompt's KV was done |
+| first_token | slave | the first token went to the client |
+| finished | slave | the request ended |
+
+The decode instance loads the KV at the start of its first step for the
+request (as a vLLM KV connector does), so decode_scheduled comes before
+kv_transferred; the client's first token comes from the decode instance's
+first output, as in the original Omni Proxy's P/D modes. In sequential P/D
+the master's decode queue sits between prefill_done and decode_scheduled.
+
+A remote stage arrives as its age when the answer left the master or the
+engine (`stamp_ages`), and is stamped on this clock: no two processes (or
+nodes) need to share a clock, and a stage is never placed before its cause
+(the error is the answer's transit time, which places it later). The first
+stamp of a stage wins (re-stamping is a no-op), so a retry cannot move a
+stage later. Gaps follow the canonical STAGES order: each stamped stage is
+measured from the previous *stamped* stage, so a mixed request, which never
+stamps decode_scheduled or kv_transferred, gets one prefill_done->first_token
+gap bridging them.
 """
 
 from __future__ import annotations
@@ -27,8 +48,8 @@ STAGES = (
     "queued",
     "prefill_scheduled",
     "prefill_done",
-    "kv_transferred",
     "decode_scheduled",
+    "kv_transferred",
     "first_token",
     "finished",
 )
@@ -50,6 +71,12 @@ class Lifecycle:
             raise ValueError(f"unknown lifecycle stage {stage!r}; stages are {', '.join(STAGES)}")
         if stage not in self._stamps:
             self._stamps[stage] = self.clock() if t is None else t
+
+    def stamp_ages(self, ages: dict[str, float], at: float | None = None) -> None:
+        """Stages that happened elsewhere, each `age` seconds before `at` (default: now)."""
+        now = self.clock() if at is None else at
+        for stage, age in ages.items():
+            self.stamp(stage, now - age)
 
     @property
     def stamps(self) -> dict[str, float]:

@@ -1,16 +1,24 @@
 """OmniMaster: the Omni Proxy master — one actor holding the global state and
 making every scheduling decision.
 
-Slaves (the Serve ingress replicas) hand it a request summary (token count,
-block hashes) and await a Decision. The master keeps the waiting queue in
-weighted order (cluster.proxy.sorting), and a dispatch loop assigns queued
-requests to prefill (or mixed) instances with the routing policy
-(cluster.proxy.routing) while they have room; for P/D the decode instance is
-chosen when the prefill is done (sequential) or at dispatch (parallel).
-Instance load comes from the engines' own stats, refreshed in the background,
-plus what the master dispatched since. Its view of each instance's cached
-prefix blocks is built from what it routed there (the hashes of those
-prompts). Everything is rebuilt from the instances if the master restarts.
+    slave --schedule()--> prefill queue --(weighted order, budgets, policy)--> Decision
+    slave --schedule_decode()--> decode queue --(decode order, budgets)--> Decision   (sequential P/D)
+    engines, global KV cache --KV events--> prefix indexes (cluster.proxy.prefix_index)
+    slave --prefill_done() / finished()--> instance loads (cluster.proxy.budgets)
+
+The master holds the queues: an instance gets a request only while it is under
+its budgets, so the order the weighted sorter (cluster.proxy.sorting) gives the
+queue is the order work starts in, and the starvation bound is enforced on
+both queues (a starved request that does not fit holds the line). Each
+instance's load (queued uncached tokens, requests) is the master's own
+account, changed by its own decisions and the slaves' reports; its cached
+prefix blocks come from the KV events its engine emits every step. A master
+that restarts rebuilds both from the engines: the requests they hold, and a
+full dump of their prefix blocks.
+
+Lifecycle: the stages that happen here (prefix_matched, queued,
+prefill_scheduled) travel back in the Decision as ages, which the slave turns
+into stamps on its own clock.
 """
 
 from __future__ import annotations
@@ -24,7 +32,9 @@ from dataclasses import dataclass, field, replace
 import ray
 
 from cluster.metrics import MasterMetrics
-from cluster.proxy.routing import InstanceView, make_policy, prefix_depth
+from cluster.proxy.budgets import Budgets, InstanceLoad
+from cluster.proxy.prefix_index import PrefixIndex, follow
+from cluster.proxy.routing import InstanceView, RoutingConfig, make_policy
 from cluster.proxy.sorting import QueuedRequest, SortingConfig, WeightedSorter
 
 logger = logging.getLogger(__name__)
@@ -32,13 +42,13 @@ logger = logging.getLogger(__name__)
 MASTER_NAME = "omniray_master"
 DISPATCH_LOG_LEN = 256  # decisions kept for the cluster view
 LATENCY_WINDOW = 256  # recent requests' TTFT/TPOT kept for the autoscaler's SLO attainment
-CACHED_HASHES_PER_INSTANCE = 65_536  # bound on the master's prefix view of one instance
-FINISHED_KEPT_PER_INSTANCE = 1024  # finished requests remembered across one cache sync
 # refreshes in a row an engine may leave unanswered (slow, not dead: a busy host) before
 # it leaves routing; one that died leaves at once (Ray Serve's health checks likewise
 # count failures before they call a replica unhealthy)
 UNANSWERED_REFRESHES_UNHEALTHY = 3
 REFRESH_TIMEOUT_S = 2.0  # how long a refresh waits for each engine's answer
+REFRESH_PERIOD_S = 0.05  # engines' health and free KV blocks
+DETAIL_EVERY = 10  # refreshes between reads of the NPUs' and the global KV cache's stats (the cluster view)
 # published snapshots the master keeps owning after newer ones: a slave handed a ref
 # fetches it after the master may have published again, and a ref its owner drops
 # while a borrower fetches it can leave that fetch hanging (seen about 1 in 50 first
@@ -52,40 +62,30 @@ class NoInstanceAvailable(RuntimeError):
 
 @dataclass
 class InstanceRef:
-    """What the master knows of an instance: its engine and its load."""
+    """What the master knows of an instance: its engine, its load, its prefix blocks."""
 
     name: str
     role: str
     engine: object  # InstanceEngine actor handle
-    max_num_seqs: int
-    view: InstanceView = None
-    inflight: int = 0  # dispatched by the master, not yet finished
-    inflight_tokens: int = 0
-    cached: dict = field(default_factory=dict)  # hash -> None, insertion-ordered (LRU-ish)
+    load: InstanceLoad = None
+    index: PrefixIndex = field(default_factory=PrefixIndex)
+    healthy: bool = True
     failed: bool = False  # a slave saw it fail a request: out of routing until rebuilt
     draining: bool = False  # being removed: no new requests, the running ones finish
+    free_blocks: int = 0  # of its fullest NPU (the engine's last stats)
+    total_blocks: int = 1
     stats: dict = field(default_factory=dict)  # the engine's last stats()
     npus: list = field(default_factory=list)  # its NPUs' last stats()
-    # (finish time, block hashes) of requests routed here that finished lately: a cache
-    # sync asked before they finished must not drop their blocks from the view
-    finished_recently: deque = field(default_factory=lambda: deque(maxlen=FINISHED_KEPT_PER_INSTANCE))
     unanswered: int = 0  # refreshes in a row its engine did not answer in time
 
     def __post_init__(self):
-        self.view = InstanceView(self.name, self.role, max_num_seqs=self.max_num_seqs)
+        self.load = self.load or InstanceLoad(self.role)
 
-    @property
-    def load(self) -> int:
-        """Requests on the instance: the engine's last count, or what the master sent since, if more."""
-        return max(self.view.running + self.view.waiting, self.inflight)
-
-    def refresh_view(self) -> InstanceView:
-        v = self.view
-        return InstanceView(
-            self.name, self.role, running=self.load, waiting=v.waiting, queued_tokens=self.inflight_tokens,
-            free_blocks=v.free_blocks, total_blocks=v.total_blocks, max_num_seqs=self.max_num_seqs,
-            healthy=v.healthy, cached=self.cached.keys(),
-        )
+    def view(self) -> InstanceView:
+        load = self.load
+        return InstanceView(self.name, self.role, running=load.running, queued_tokens=load.queued_tokens,
+                            decode_tokens=load.decode_tokens, free_blocks=self.free_blocks,
+                            total_blocks=self.total_blocks, healthy=self.healthy, cached=self.index.hashes)
 
 
 @dataclass
@@ -95,37 +95,67 @@ class Decision:
     decode: str | None
     decode_engine: object | None
     mode: str  # "mixed" | "sequential" | "parallel"
-    queued_s: float = 0.0
-    local_blocks: int = 0  # prompt blocks cached on the chosen instance (the master's view)
+    queued_s: float = 0.0  # time in the master's queue
+    local_blocks: int = 0  # prompt blocks cached on the chosen instance (its prefix index)
     global_blocks: int = 0  # prompt blocks in the global KV cache
+    stamps: dict[str, float] = field(default_factory=dict)  # stages at the master, as ages when it answered
+
+
+@dataclass
+class Assignment:
+    """Where a dispatched request runs, and what it costs there."""
+
+    prefill: str | None
+    decode: str | None
+    prompt_tokens: int
+    max_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.max_tokens
+
+
+@dataclass
+class Waiting:
+    """A request in one of the master's queues, and the slave's call awaiting it."""
+
+    req: QueuedRequest
+    future: asyncio.Future
+    stamps: dict[str, float] = field(default_factory=dict)  # stages at the master (monotonic)
 
 
 class OmniMaster:
-    def __init__(self, instances: list[tuple[str, str, int]], policy: str = "omni", pd_mode: str = "sequential",
-                 sorting: SortingConfig | None = None, block_size: int = 16, max_queue: int = 4096,
-                 publish_period_s: float = 0.1):
+    def __init__(self, instances: list[tuple], policy: str = "omni", pd_mode: str = "sequential",
+                 sorting: SortingConfig | None = None, routing: RoutingConfig | None = None,
+                 budgets: Budgets | None = None, block_size: int = 16, max_queue: int = 4096,
+                 publish_period_s: float = 0.1, global_cache: bool = False):
         from cluster.launcher import engine_name
 
         self.instances = {
-            name: InstanceRef(name, role, ray.get_actor(engine_name(name)), seqs)
-            for name, role, seqs in _current_membership(instances)
+            name: InstanceRef(name, role, ray.get_actor(engine_name(name)))
+            for name, role, *_ in _current_membership(instances)
         }
-        self.policy = make_policy(policy)
-        self.policy_name = policy
+        self.routing = routing or RoutingConfig()
+        self.policy, self.policy_name = make_policy(policy, self.routing), policy
         self.pd_mode = pd_mode
         self.sorter = WeightedSorter(sorting or SortingConfig())
+        self.budgets = budgets or Budgets()
         self.block_size, self.max_queue = block_size, max_queue
-        self.queue: dict[str, tuple[QueuedRequest, asyncio.Future]] = {}
-        # request -> (prefill, decode, tokens, block hashes)
-        self.assigned: dict[str, tuple[str | None, str | None, int, list[int]]] = {}
+        self.global_cache = global_cache
+        self.queue: dict[str, Waiting] = {}  # prefill queue
+        self.decode_queue: dict[str, Waiting] = {}  # sequential P/D: prefilled, waiting for a decode instance
+        self.assigned: dict[str, Assignment] = {}
         self.counters = {"dispatched": 0, "finished": 0, "rejected": 0}
+        self.waits_max = {"queue": 0.0, "decode_queue": 0.0}  # the longest wait in each queue so far
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
+        self._followers: dict[str, asyncio.Task] = {}  # instance name -> its KV event follower
         self.publish_period_s = publish_period_s
         self._published: deque[ray.ObjectRef] = deque(maxlen=PUBLISHED_KEPT)  # newest last
         self.started = time.time()
         self.metrics: MasterMetrics | None = None  # made in the actor, on start
-        self.global_index: set[int] = set()  # mirror of the global KV cache's block hashes
+        self.global_index = PrefixIndex()  # mirror of the global KV cache's block hashes
+        self.kv_cache_stats: dict | None = None
         self.paused = False  # dispatch held (maintenance, resizing); requests queue up meanwhile
         self.dispatch_log: deque[dict] = deque(maxlen=DISPATCH_LOG_LEN)  # the latest decisions, for /v1/cluster
         self.latencies: deque[tuple[float, float | None]] = deque(maxlen=LATENCY_WINDOW)  # (ttft, tpot) of recent requests
@@ -143,40 +173,71 @@ class OmniMaster:
         if len(self.queue) >= self.max_queue:
             self._reject("queue_full")
             raise OverflowError(f"queue full ({self.max_queue} waiting)")
-        if not self._candidates(self._dispatch_roles()):
+        candidates = self._candidates(self._dispatch_roles())
+        if not candidates:
             self._reject("no_instance")
             raise NoInstanceAvailable(f"no healthy {'/'.join(self._dispatch_roles())} instance")
         req = QueuedRequest(request_id, prompt_tokens, max_tokens, time.monotonic(), list(block_hashes))
-        fut = asyncio.get_running_loop().create_future()
-        self.queue[request_id] = (req, fut)
+        req.global_depth = self.global_index.depth(req.block_hashes)  # APC match: global and per instance
+        req.cached_tokens = max(i.index.depth(req.block_hashes) for i in candidates) * self.block_size
+        waiting = Waiting(req, asyncio.get_running_loop().create_future(), {"prefix_matched": time.monotonic()})
+        self.queue[request_id] = waiting
+        waiting.stamps["queued"] = time.monotonic()
         self._wake.set()
-        return await fut
+        decision = await waiting.future
+        now = time.monotonic()
+        decision.stamps = {stage: now - t for stage, t in waiting.stamps.items()}
+        return decision
 
-    async def schedule_decode(self, request_id: str) -> Decision:
-        """Sequential P/D: the prefill is done; choose the decode instance by its load now."""
-        prefill, _, tokens, hashes = self.assigned.get(request_id, (None, None, 0, []))
-        decode = self._pick_decode(request_id, tokens)
-        self.assigned[request_id] = (prefill, decode.name, tokens, hashes)
-        self._release(prefill, tokens)
-        self._take(decode, tokens)
-        return Decision(prefill, None, decode.name, decode.engine, "sequential")
+    async def schedule_decode(self, request_id: str, prompt_tokens: int, max_tokens: int) -> Decision:
+        """Sequential P/D: the prefill is done; the request waits in the decode queue
+        until a decode instance is under its budget, in decode-weight order."""
+        self._ensure_tasks()
+        self.prefill_done(request_id)
+        if not self._candidates(("decode",)):
+            raise NoInstanceAvailable("no healthy decode instance")
+        # a master restarted meanwhile does not know the request: the slave's figures stand
+        self.assigned.setdefault(request_id, Assignment(None, None, prompt_tokens, max_tokens))
+        req = QueuedRequest(request_id, prompt_tokens, max_tokens, time.monotonic())
+        waiting = Waiting(req, asyncio.get_running_loop().create_future())
+        self.decode_queue[request_id] = waiting
+        self._wake.set()
+        return await waiting.future
+
+    def prefill_done(self, request_id: str) -> None:
+        """The request's prompt is computed (a slave saw its first token, or the
+        prefill's KV hand-off): its tokens leave the prefill budget."""
+        a = self.assigned.get(request_id)
+        inst = self.instances.get(a.prefill) if a and a.prefill else None
+        if inst is not None and inst.load.prefill_done(request_id, a.total_tokens) and self._wake is not None:
+            self._wake.set()
 
     def finished(self, request_id: str) -> None:
-        prefill, decode, tokens, hashes = self.assigned.pop(request_id, (None, None, 0, []))
-        holder = self.instances.get(prefill) if prefill else None
-        if holder is not None and hashes:
-            holder.finished_recently.append((time.monotonic(), hashes))
-        self._release(decode or prefill, tokens)
-        if self.has_pd and self.pd_mode == "parallel":
-            self._release(prefill, tokens)
+        self.cancel(request_id)
+        a = self.assigned.pop(request_id, None)
+        if a is None:
+            return
+        for name in {a.prefill, a.decode} - {None}:
+            inst = self.instances.get(name)
+            if inst is not None:
+                inst.load.finish(request_id)
         self.counters["finished"] += 1
+        if self._wake is not None:
+            self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        """A slave gave up on a queued request (client gone, timeout)."""
+        for queue in (self.queue, self.decode_queue):
+            entry = queue.pop(request_id, None)
+            if entry is not None and not entry.future.done():
+                entry.future.cancel()
 
     def report_failure(self, name: str) -> None:
         """A slave saw the instance fail a request: stop routing to it now (its engine
         reports itself unhealthy too; the next refresh keeps it so until rebuilt)."""
         inst = self.instances.get(name)
         if inst is not None:
-            inst.view.healthy, inst.failed = False, True
+            inst.healthy, inst.failed = False, True
             logger.warning("master: instance %s failed; routing around it", name)
 
     def observe(self, ttft_s: float, tpot_s: float | None) -> None:
@@ -187,14 +248,10 @@ class OmniMaster:
         """The instance was rebuilt on new NPUs: route to it again."""
         inst = self.instances.get(name)
         if inst is not None:
-            inst.failed, inst.view.healthy = False, True
+            inst.failed, inst.healthy = False, True
             logger.info("master: instance %s rebuilt; routing to it again", name)
-
-    def cancel(self, request_id: str) -> None:
-        """A slave gave up on a queued request (client gone, timeout)."""
-        entry = self.queue.pop(request_id, None)
-        if entry and not entry[1].done():
-            entry[1].cancel()
+            if self._wake is not None:
+                self._wake.set()
 
     def _reject(self, reason: str) -> None:
         self.counters["rejected"] += 1
@@ -207,7 +264,7 @@ class OmniMaster:
         """Switch scheduling features while serving (A/B runs, drain before a resize).
         Unpausing dispatches what queued meanwhile. Returns the settings now in force."""
         if policy is not None:
-            self.policy, self.policy_name = make_policy(policy), policy
+            self.policy, self.policy_name = make_policy(policy, self.routing), policy
         if pd_mode is not None:
             if pd_mode not in ("sequential", "parallel"):
                 raise ValueError(f"pd_mode: {pd_mode!r} is not one of sequential, parallel")
@@ -220,8 +277,8 @@ class OmniMaster:
             self.max_queue = max_queue
         if paused is not None:
             self.paused = paused
-            if self._wake is not None:
-                self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
         return self.settings()
 
     def settings(self) -> dict:
@@ -229,12 +286,13 @@ class OmniMaster:
                 "max_queue": self.max_queue, "paused": self.paused}
 
     # ---- membership (ElasticMoE horizontal scaling) -----------------------------------------
-    async def add_instance(self, name: str, role: str, max_num_seqs: int) -> None:
+    async def add_instance(self, name: str, role: str) -> None:
         """Route to a newly started instance (its engine is named after it)."""
         from cluster.launcher import engine_name
 
-        self.instances[name] = InstanceRef(name, role, ray.get_actor(engine_name(name)), max_num_seqs)
-        await self.refresh(sync_cache=True)
+        self.instances[name] = InstanceRef(name, role, ray.get_actor(engine_name(name)))
+        await self.refresh()
+        self._follow(self.instances[name])
         if self._wake is not None:
             self._wake.set()
 
@@ -247,10 +305,14 @@ class OmniMaster:
         """What `name` still holds: requests the master routed there, the engine's
         running and waiting sequences (as of the last refresh)."""
         inst = self.instances[name]
-        return {"inflight": inst.inflight, "running": inst.view.running, "waiting": inst.view.waiting}
+        return {"inflight": inst.load.running, "running": inst.stats.get("running", 0),
+                "waiting": inst.stats.get("waiting", 0)}
 
     def remove_instance(self, name: str) -> None:
         self.instances.pop(name, None)
+        task = self._followers.pop(name, None)
+        if task is not None:
+            task.cancel()
 
     # ---- dispatch -----------------------------------------------------------------------
     def _ensure_tasks(self) -> None:
@@ -259,179 +321,193 @@ class OmniMaster:
             self._wake = asyncio.Event()
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._dispatch_loop()), loop.create_task(self._refresh_loop())]
+            if self.global_cache:
+                self._tasks.append(loop.create_task(follow(_kv_cache_actor, self.global_index, "global KV cache")))
+            for inst in self.instances.values():
+                self._follow(inst)
+
+    def _follow(self, inst: InstanceRef) -> None:
+        """Follow the instance's KV events (its prefix index): every event batch that
+        lands may change a routing decision, so it wakes the dispatcher."""
+        if inst.name not in self._followers and self._wake is not None:
+            self._followers[inst.name] = asyncio.get_running_loop().create_task(
+                follow(lambda: inst.engine, inst.index, inst.name, self._wake.set))
 
     async def start(self) -> None:
-        """Rebuild the view from the instances (load, cached prefixes) and start the
-        loops. Called once by whoever starts the master; a restarted master calls it
-        on its first request."""
-        await self.refresh(sync_cache=True)
+        """Read the instances' health and start the loops: the followers rebuild every
+        prefix index from a full dump, the dispatcher first adopts the requests the
+        engines hold. Called once by whoever starts the master; a restarted master
+        starts them on its first call."""
+        await self.refresh()
         self._ensure_tasks()
 
+    async def _adopt_running(self) -> None:
+        """The requests the engines hold, in the loads: a restarted master must not
+        give an instance more than its budgets because it forgot what runs there."""
+        async def one(inst: InstanceRef):
+            try:
+                return inst, await asyncio.wait_for(inst.engine.requests.remote(), self.refresh_timeout_s)
+            except (asyncio.TimeoutError, ray.exceptions.RayError):
+                return inst, []
+
+        for inst, held in await asyncio.gather(*(one(i) for i in self.instances.values())):
+            for r in held:
+                a = self.assigned.setdefault(r["request_id"], Assignment(None, None, r["prompt_tokens"], r["max_tokens"]))
+                if inst.role == "decode":
+                    a.decode = inst.name
+                    inst.load.start_decode(r["request_id"], a.total_tokens)
+                    continue
+                a.prefill = inst.name
+                a.decode = inst.name if inst.role == "mixed" else a.decode
+                inst.load.start_prefill(r["request_id"], r["uncached_tokens"])
+                if r["prefilled"]:
+                    inst.load.prefill_done(r["request_id"], a.total_tokens)
+
     def _candidates(self, roles: tuple[str, ...]) -> list[InstanceRef]:
-        return [i for i in self.instances.values() if i.role in roles and i.view.healthy and not i.draining]
-
-    def _has_room(self, inst: InstanceRef) -> bool:
-        return inst.load < inst.max_num_seqs * 2  # a little queue at the engine keeps its batches full
-
-    def _take(self, inst: InstanceRef, tokens: int) -> None:
-        inst.inflight += 1
-        inst.inflight_tokens += tokens
-
-    def _release(self, name: str | None, tokens: int) -> None:
-        inst = self.instances.get(name) if name else None
-        if inst is not None:
-            inst.inflight = max(0, inst.inflight - 1)
-            inst.inflight_tokens = max(0, inst.inflight_tokens - tokens)
-
-    def _remember(self, inst: InstanceRef, hashes: list[int]) -> None:
-        for h in hashes:
-            inst.cached.pop(h, None)
-            inst.cached[h] = None
-        while len(inst.cached) > CACHED_HASHES_PER_INSTANCE:
-            inst.cached.pop(next(iter(inst.cached)))
+        return [i for i in self.instances.values() if i.role in roles and i.healthy and not i.draining]
 
     def _dispatch_roles(self) -> tuple[str, ...]:
         return ("prefill",) if self.has_pd else ("mixed", "prefill", "decode")
 
-    def _pick_decode(self, request_id: str, tokens: int) -> InstanceRef:
-        decodes = self._candidates(("decode",))
-        if not decodes:
-            raise NoInstanceAvailable("no healthy decode instance")
-        req = QueuedRequest(request_id, tokens, 0, time.monotonic())
-        view = self.policy.choose_decode(req, [d.refresh_view() for d in decodes]) if hasattr(self.policy, "choose_decode") \
-            else min((d.refresh_view() for d in decodes), key=lambda v: (v.running, -v.free_blocks, v.name))
-        return self.instances[view.name]
+    def _uncached(self, req: QueuedRequest, inst: InstanceRef) -> int:
+        """Prompt tokens the instance would compute: those past its cached prefix
+        (or the global cache's, which it loads)."""
+        depth = max(inst.index.depth(req.block_hashes), req.global_depth)
+        return max(1, req.prompt_tokens - depth * self.block_size)
 
-    def _dispatch_once(self) -> bool:
-        """Assign queued requests in weighted order while instances have room."""
-        if self.paused:
-            return False
+    def _dispatch_prefill(self) -> None:
+        """Assign queued requests, in weighted order, to instances under their budgets."""
+        now = time.monotonic()
         roles = self._dispatch_roles()
-        progressed = False
-        for req in self.sorter.prefill_order([r for r, _ in self.queue.values()], time.monotonic()):
-            room = [i for i in self._candidates(roles) if self._has_room(i)]
-            if not room:
-                break
-            req.global_depth = prefix_depth(req.block_hashes, self.global_index)
-            view = self.policy.choose(req, [i.refresh_view() for i in room], self.block_size)
-            inst = self.instances[view.name]
-            local_depth = view.match_depth(req.block_hashes)
-            _, fut = self.queue.pop(req.request_id)
-            tokens = req.prompt_tokens + req.max_tokens
-            dec = None
-            if self.has_pd and self.pd_mode == "parallel":
-                try:
-                    dec = self._pick_decode(req.request_id, tokens)
-                except NoInstanceAvailable as err:  # answer it now rather than leave it waiting
-                    self._reject("no_instance")
-                    if not fut.done():
-                        fut.set_exception(err)
-                    continue
-                self._take(dec, tokens)
-            self._take(inst, tokens)
-            self._remember(inst, req.block_hashes)
-            decision = Decision(inst.name, inst.engine, None, None, "mixed", time.monotonic() - req.arrival_s,
-                                local_depth, req.global_depth)
-            if self.has_pd:
-                decision.mode = self.pd_mode
-                if dec is not None:
-                    decision.decode, decision.decode_engine = dec.name, dec.engine
-            else:
-                decision.prefill, decision.prefill_engine = None, None
-                decision.decode, decision.decode_engine = inst.name, inst.engine
-            self.assigned[req.request_id] = (inst.name, decision.decode, tokens, req.block_hashes)
-            self.counters["dispatched"] += 1
-            self.metrics.dispatched.inc()
-            self.dispatch_log.append({"request_id": req.request_id, "prompt_tokens": req.prompt_tokens,
-                                      "prefill": decision.prefill, "decode": decision.decode,
-                                      "local_blocks": local_depth, "global_blocks": req.global_depth,
-                                      "queued_s": decision.queued_s})
-            if not fut.done():
-                fut.set_result(decision)
-            progressed = True
-        return progressed
+        parallel = self.has_pd and self.pd_mode == "parallel"
+        for req in self.sorter.prefill_order([w.req for w in self.queue.values()], now):
+            open_ = [i for i in self._candidates(roles) if i.load.fits_prefill(1, self.budgets)]
+            if not open_:
+                return  # every instance is at its sequence budget: nothing else fits either
+            req.global_depth = self.global_index.depth(req.block_hashes)
+            fits = [i for i in open_ if i.load.fits_prefill(self._uncached(req, i), self.budgets)]
+            decodes = [d for d in self._candidates(("decode",)) if d.load.fits_decode(self.budgets)] if parallel else []
+            if not fits or (parallel and not decodes):
+                if self.sorter.starved(req, now):
+                    return  # hold the line: the next room is the starved request's
+                continue
+            inst = self.instances[self.policy.choose(req, [i.view() for i in fits], self.block_size).name]
+            dec = self.instances[self.policy.choose_decode(req, [d.view() for d in decodes]).name] if parallel else None
+            self._assign(self.queue.pop(req.request_id), inst, dec, now)
+
+    def _assign(self, waiting: Waiting, inst: InstanceRef, dec: InstanceRef | None, now: float) -> None:
+        req = waiting.req
+        waiting.stamps["prefill_scheduled"] = now
+        local = inst.index.depth(req.block_hashes)
+        inst.load.start_prefill(req.request_id, self._uncached(req, inst))
+        a = Assignment(inst.name, None, req.prompt_tokens, req.max_tokens)
+        if self.has_pd:
+            decision = Decision(inst.name, inst.engine, None, None, self.pd_mode)
+            if dec is not None:
+                dec.load.start_decode(req.request_id, a.total_tokens)
+                a.decode, decision.decode, decision.decode_engine = dec.name, dec.name, dec.engine
+        else:
+            a.decode = inst.name
+            decision = Decision(None, None, inst.name, inst.engine, "mixed")
+        decision.queued_s, decision.local_blocks, decision.global_blocks = now - req.arrival_s, local, req.global_depth
+        self.assigned[req.request_id] = a
+        self.waits_max["queue"] = max(self.waits_max["queue"], decision.queued_s)
+        self.counters["dispatched"] += 1
+        self.metrics.dispatched.inc()
+        self.dispatch_log.append({"request_id": req.request_id, "prompt_tokens": req.prompt_tokens,
+                                  "prefill": a.prefill if self.has_pd else None, "decode": a.decode,
+                                  "local_blocks": local, "global_blocks": req.global_depth,
+                                  "queued_s": decision.queued_s})
+        if not waiting.future.done():
+            waiting.future.set_result(decision)
+
+    def _dispatch_decode(self) -> None:
+        """Assign prefilled requests, in decode-weight order, to decode instances under their budget."""
+        now = time.monotonic()
+        if not self._candidates(("decode",)):
+            for rid in list(self.decode_queue):  # answer them now rather than leave them waiting
+                waiting = self.decode_queue.pop(rid)
+                if not waiting.future.done():
+                    waiting.future.set_exception(NoInstanceAvailable("no healthy decode instance"))
+            return
+        for req in self.sorter.decode_order([w.req for w in self.decode_queue.values()], now):
+            decodes = [d for d in self._candidates(("decode",)) if d.load.fits_decode(self.budgets)]
+            if not decodes:
+                return
+            dec = self.instances[self.policy.choose_decode(req, [d.view() for d in decodes]).name]
+            waiting = self.decode_queue.pop(req.request_id)
+            a = self.assigned[req.request_id]
+            a.decode = dec.name
+            dec.load.start_decode(req.request_id, a.total_tokens)
+            self.waits_max["decode_queue"] = max(self.waits_max["decode_queue"], now - req.arrival_s)
+            if not waiting.future.done():
+                waiting.future.set_result(Decision(a.prefill, None, dec.name, dec.engine, "sequential",
+                                                   queued_s=now - req.arrival_s))
 
     async def _dispatch_loop(self) -> None:
+        """Dispatch whenever something changed: a request came, room was freed, an
+        instance came back, a KV event landed. No timer: room only changes then."""
+        await self._adopt_running()
         while True:
-            if not self.queue or self.paused:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
+            self._wake.clear()
             try:
-                if not self._dispatch_once():
-                    await asyncio.sleep(0.001)  # the original's 1 ms timer: wait for room
+                if not self.paused:
+                    self._dispatch_prefill()
+                    self._dispatch_decode()
             except Exception:
                 logger.exception("master dispatch failed")
                 await asyncio.sleep(0.01)
+            await self._wake.wait()
 
-    async def _refresh_loop(self, period_s: float = 0.05, cache_sync_every: int = 10) -> None:
-        """Pull each engine's load (and now and then its cached prefixes); publish the
-        snapshot for the slaves."""
+    async def _refresh_loop(self) -> None:
+        """Each engine's health and free KV blocks (and now and then its NPUs' and the
+        global KV cache's stats, for the cluster view); publish the snapshot."""
         n = 0
         while True:
             try:
-                await self.refresh(sync_cache=n % cache_sync_every == 0)
-                self.metrics.instances(len(self.queue), self.instances.values())
-                if n % max(1, round(self.publish_period_s / period_s)) == 0:
+                await self.refresh(detail=n % DETAIL_EVERY == 0)
+                self.metrics.instances(len(self.queue), len(self.decode_queue), self.instances.values())
+                if n % max(1, round(self.publish_period_s / REFRESH_PERIOD_S)) == 0:
                     self._published.append(ray.put(self.snapshot()))
             except Exception:  # one bad round must not leave routing and /v1/cluster stale for good
                 logger.exception("master: refreshing the instances' state failed")
             n += 1
-            await asyncio.sleep(period_s)
+            await asyncio.sleep(REFRESH_PERIOD_S)
 
-    async def refresh(self, sync_cache: bool = False) -> None:
-        """Each engine's load; with sync_cache, also the prefix blocks it really holds
-        (plus those of requests routed there and still running). An engine that died
-        is marked unhealthy, one that does not answer in time after a few refreshes
-        in a row."""
+    async def refresh(self, detail: bool = False) -> None:
+        """Each engine's stats; with `detail`, its NPUs' too, and the global KV
+        cache's. An engine that died is marked unhealthy, one that does not answer
+        in time after a few refreshes in a row."""
 
         async def one(inst: InstanceRef):
             try:
                 st = await asyncio.wait_for(inst.engine.stats.remote(), self.refresh_timeout_s)
-                asked = time.monotonic()  # what finished after this may be missing from `held`
-                held = await asyncio.wait_for(inst.engine.cached_hashes.remote(), self.refresh_timeout_s) \
-                    if sync_cache else None
-                if sync_cache:
+                if detail:
                     inst.npus = await asyncio.wait_for(inst.engine.npu_stats.remote(), self.refresh_timeout_s)
             except asyncio.TimeoutError:
                 inst.unanswered += 1
                 if inst.unanswered >= UNANSWERED_REFRESHES_UNHEALTHY:
-                    inst.view.healthy = False
+                    inst.healthy = False
                 return
             except ray.exceptions.RayError:  # died, or its call failed
-                inst.view.healthy = False
+                inst.healthy = False
                 return
             inst.unanswered = 0
-            v = inst.view
-            v.running, v.waiting = st["running"], st["waiting"]
-            v.healthy = st.get("healthy", True) and not inst.failed  # a reported failure sticks (until rebuilt)
-            v.free_blocks, v.total_blocks = min(st["free_blocks"]), min(st["total_blocks"])
+            was = inst.healthy
+            inst.healthy = st.get("healthy", True) and not inst.failed  # a reported failure sticks (until rebuilt)
+            inst.free_blocks, inst.total_blocks = min(st["free_blocks"]), min(st["total_blocks"])
             inst.stats = st
-            if held is not None:
-                inst.cached = dict.fromkeys(held)
-                for prefill, _, _, hashes in self.assigned.values():
-                    if prefill == inst.name:
-                        self._remember(inst, hashes)
-                recent = inst.finished_recently
-                while recent and recent[0][0] < asked:  # in `held` already (unless evicted): no later sync needs them
-                    recent.popleft()
-                for _, hashes in recent:
-                    self._remember(inst, hashes)
+            if inst.healthy and not was and self._wake is not None:
+                self._wake.set()
 
         await asyncio.gather(*(one(i) for i in self.instances.values()))
-        if sync_cache:
-            await self._sync_global_index()
-
-    async def _sync_global_index(self) -> None:
-        from actors.kv_cache import KV_CACHE_NAME
-
-        try:
-            cache = ray.get_actor(KV_CACHE_NAME)
-            self.global_index = set(await asyncio.wait_for(cache.hashes.remote(), 2.0))
-            if self.metrics is not None:
-                self.metrics.kv_cache(await asyncio.wait_for(cache.stats.remote(), 2.0))
-        except (ValueError, asyncio.TimeoutError, ray.exceptions.RayError):  # no global cache, or restarting
-            self.global_index = set()
+        if detail and self.global_cache:
+            try:
+                self.kv_cache_stats = await asyncio.wait_for(_kv_cache_actor().stats.remote(), self.refresh_timeout_s)
+                if self.metrics is not None:
+                    self.metrics.kv_cache(self.kv_cache_stats)
+            except (ValueError, asyncio.TimeoutError, ray.exceptions.RayError):  # restarting
+                pass
 
     async def published(self) -> list:
         """[ref] of the latest published snapshot (in a list so Ray hands over the ref):
@@ -447,14 +523,22 @@ class OmniMaster:
             "pd_mode": self.pd_mode if self.has_pd else "mixed",
             "recent_dispatches": list(self.dispatch_log),
             "queue_length": len(self.queue),
+            "decode_queue_length": len(self.decode_queue),
+            "queue_wait_max_s": self.waits_max["queue"],
+            "decode_queue_wait_max_s": self.waits_max["decode_queue"],
+            "starvation_ms": self.sorter.config.starvation_ms,
+            "budgets": vars(self.budgets),
             "max_queue": self.max_queue,
             "started": self.started,
             "time": time.time(),
             "counters": dict(self.counters),
             "latencies": list(self.latencies),
             "instances": [
-                {"name": i.name, "role": i.role, "healthy": i.view.healthy, "draining": i.draining, "inflight": i.inflight,
-                 "cached_prefix_blocks": len(i.cached), "engine": i.stats, "npus": [_npu_summary(n) for n in i.npus]}
+                {"name": i.name, "role": i.role, "healthy": i.healthy, "draining": i.draining,
+                 "inflight": i.load.running, "queued_tokens": i.load.queued_tokens,
+                 "prefilling": len(i.load.prefilling), "decoding": len(i.load.decoding),
+                 "cached_prefix_blocks": len(i.index.hashes), "kv_events_applied": i.index.applied,
+                 "engine": i.stats, "npus": [_npu_summary(n) for n in i.npus]}
                 for i in self.instances.values()
             ],
         }
@@ -476,6 +560,12 @@ async def fetch_published(master, timeout_s: float) -> dict | None:
         return None
 
 
+def _kv_cache_actor():
+    from actors.kv_cache import KV_CACHE_NAME
+
+    return ray.get_actor(KV_CACHE_NAME)
+
+
 def _npu_summary(npu: dict) -> dict:
     """An NPU's line in the cluster view: HBM use and the experts it holds."""
     hbm = npu.get("hbm", {})
@@ -484,9 +574,10 @@ def _npu_summary(npu: dict) -> dict:
             "expert_load": npu.get("expert_load", {})}
 
 
-def _current_membership(initial: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
-    """The instances now: the cluster controller's list when there is one (instances
-    were added or removed since start), else what the master was started with."""
+def _current_membership(initial: list[tuple]) -> list[tuple]:
+    """The instances now, as (name, role): the cluster controller's list when there
+    is one (instances were added or removed since start), else what the master was
+    started with."""
     from cluster.controller import CONTROLLER_NAME
 
     try:
@@ -500,8 +591,7 @@ def create_master(instances, **kwargs):
     other actors while it comes up. It restarts on failure (calls in flight are
     retried on the new one) and rebuilds its view from its arguments — instance
     names only — and the engines, found by name."""
-    seqs = kwargs.pop("max_num_seqs", 32)
-    spec = [(i.name, i.role, seqs) for i in instances]
+    spec = [(i.name, i.role) for i in instances]
     master = ray.remote(OmniMaster).options(
         name=MASTER_NAME, num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=10_000
     ).remote(spec, **kwargs)

@@ -4,10 +4,17 @@ block hashes along; prefill and decode engines never tokenize.
 
 mixed:      master picks one instance; it prefills and decodes.
 sequential: master picks a prefill instance; it runs to the first token and
-            exports the KV (object store); then the master picks a decode
-            instance by its load at that moment, which loads the KV and goes on.
+            exports the KV (object store); then the request waits in the
+            master's decode queue for a decode instance under its budget,
+            which loads the KV and goes on.
 parallel:   master picks both at dispatch; the decode request goes out the
             moment the prefill's KV is in the object store.
+In both P/D modes the client's first token goes out with the decode
+instance's first output (as the original's decode returns the stream).
+
+The slave tells the master when a request's prompt is done (its tokens leave
+the instance's prefill budget) and when it finished; the stages the master and
+the engines stamp arrive as ages on their answers (cluster.proxy.lifecycle).
 """
 
 from __future__ import annotations
@@ -53,8 +60,6 @@ class Pipeline:
         (a greedy request ends with the same tokens), up to MAX_RESUMES times."""
         rid = f"req-{uuid.uuid4().hex[:16]}"
         hashes = block_hashes(prompt_ids, self.block_size)
-        life.stamp("prefix_matched")
-        life.stamp("queued")
         params = SamplingParams(
             temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"], seed=sampling["seed"]
         )
@@ -67,12 +72,13 @@ class Pipeline:
         text, emitted, cached = "", 0, 0
         out_ids: list[int] = []  # every token generated so far, across resumes
         engines, finish, cut, ended, attempt = [], None, None, False, 0
+        told = None  # the attempt whose prefill the master has been told of
         try:
             while True:
                 attempt_id = rid if attempt == 0 else f"{rid}-resume{attempt}"
                 decision = await self.master.schedule.remote(attempt_id, len(prompt_ids) + len(out_ids),
                                                              sampling["max_tokens"] - len(out_ids), hashes)
-                life.stamp("prefill_scheduled")
+                life.stamp_ages(decision.stamps)
                 life.route.update(prefill=decision.prefill, decode=decision.decode, mode=decision.mode,
                                   local_blocks=decision.local_blocks, global_blocks=decision.global_blocks)
                 base["output_ids"] = list(out_ids)
@@ -80,6 +86,9 @@ class Pipeline:
                     async for _, out in self._streams(attempt_id, decision, base, life, engines):
                         if not out_ids and out.token_ids:
                             life.stamp("first_token")
+                        if decision.mode == "mixed" and out.token_ids and told != attempt_id:
+                            told = attempt_id  # its prompt is done: its tokens leave the prefill budget
+                            self.master.prefill_done.remote(attempt_id)
                         cached = max(cached, out.num_cached_tokens)
                         out_ids += out.token_ids
                         for t in out.token_ids:
@@ -128,7 +137,7 @@ class Pipeline:
         `engines` collects every engine the request was sent to (to abort on exit)."""
         if decision.mode == "mixed":
             engines.append((decision.decode, decision.decode_engine))
-            async for out in _outputs(decision.decode_engine.generate.remote(EngineRequest(rid, **base))):
+            async for out in _outputs(decision.decode_engine.generate.remote(EngineRequest(rid, **base)), life):
                 yield decision.decode_engine, out
             return
         parallel = decision.mode == "parallel"
@@ -139,33 +148,38 @@ class Pipeline:
             prefill_req.deliver_to = decision.decode_engine
         engines.append((decision.prefill, decision.prefill_engine))
         first = None
-        async for out in _outputs(decision.prefill_engine.generate.remote(prefill_req)):
+        async for out in _outputs(decision.prefill_engine.generate.remote(prefill_req), life):
             first = out
-        life.stamp("prefill_done")
         so_far = base["output_ids"] + list(first.token_ids)
         if first.finish_reason == "stop" or base["max_tokens"] <= len(so_far):
             if parallel:
                 decision.decode_engine.abort.remote(rid)  # the parked decode has nothing to do
             yield decision.prefill_engine, first
             return
-        life.stamp("kv_transferred")  # the prompt's KV is in the object store (and, parallel, pushed to decode)
-        if not parallel:
-            decision = await self.master.schedule_decode.remote(rid)
-            life.route["decode"] = decision.decode
+        if parallel:
+            self.master.prefill_done.remote(rid)
+        else:  # the decode queue: the master answers when a decode instance has room
+            decision = await self.master.schedule_decode.remote(rid, len(base["prompt_ids"]), base["max_tokens"])
+            life.route.update(decode=decision.decode, decode_queued_s=decision.queued_s)
             engines.append((decision.decode, decision.decode_engine))
             decode_outputs = decision.decode_engine.generate.remote(
                 EngineRequest(rid, **{**base, "output_ids": so_far}, kv_transfer=first.kv_transfer))
-        life.stamp("decode_scheduled")
         first.finished, first.finish_reason = False, None
-        yield decision.decode_engine, first
-        async for out in _outputs(decode_outputs):
+        async for out in _outputs(decode_outputs, life):
+            if first is not None:  # the first token goes out with the decode's first output
+                yield decision.decode_engine, first
+                first = None
             yield decision.decode_engine, out
 
 
-async def _outputs(stream):
-    """EngineOutputs of an engine's streaming generate call."""
+async def _outputs(stream, life: Lifecycle):
+    """EngineOutputs of an engine's streaming generate call; the stages the engine
+    stamped are stamped on the request's lifecycle as each output arrives."""
     async for ref in stream:
-        yield await ref
+        out = await ref
+        if out.stamps:
+            life.stamp_ages(out.stamps)
+        yield out
 
 
 def _instance_failed(err: Exception) -> bool:

@@ -1,14 +1,25 @@
 """Routing policies: which instance a request goes to.
 
-Four policies, one small class each, so experiments can A/B them by name
+Five policies, one small class each, so experiments can A/B them by name
 (``make_policy``): ``round_robin`` and ``least_loaded`` (baselines),
 ``cache_aware`` (the SGLang router's rule: prefix affinity unless the load is
-out of balance) and ``omni``.
+out of balance), ``omni_reference`` (the original Omni Proxy's rule) and
+``omni``.
 
-The original Omni Proxy picks a prefill instance by the deepest prefix match,
-then fewest queued tokens, then fewest running: the cached prefix always wins,
-however long the queue behind it. It has no formula trading the two. ``Omni``
-is that formula, with every term in tokens of prefill work:
+What a policy sees of an instance (``InstanceView``) is the master's own
+account, exact at decision time: ``queued_tokens`` are the uncached prompt
+tokens dispatched there and not yet prefilled (released when the prefill is
+done), ``running`` counts each request the master has there once, from
+dispatch to finish, and ``cached`` is the instance's prefix-block index, kept
+exact by the KV events its engine emits every step (cluster.proxy.prefix_index).
+The master passes only candidates under their budgets (cluster.proxy.budgets).
+
+``omni_reference``, as the original schedules prefill (omni_proxy's
+omni_scheduler.c / omni_apc.c): the deepest prefix match, then fewest queued
+tokens, then fewest running; when nothing matches anywhere, fewest queued
+tokens, scanning round robin from the last choice. The cached prefix always
+wins, however long the queue behind it. ``omni`` trades the two in one
+formula, every term in tokens of prefill work:
 
     score = cached_tokens - alpha * queued_tokens - beta * running * block_size
 
@@ -16,40 +27,47 @@ is that formula, with every term in tokens of prefill work:
                   + gamma * max(0, global_depth - match_depth) * block_size
                                                further prefix blocks in the global KV cache:
                                                loaded, not recomputed, but the load costs
-    gamma   (0.5) a block loaded from the object store counts half a held one
+    gamma (0.5)   a block loaded from the object store counts half a held one
     alpha (1.0)   one queued token ahead of us costs one token of prefill
     beta  (0.5)   each running sequence slows every step of the batch we join by
                   about half a block of prefill (a stand-in for predicted batch time)
 
-Candidates that cannot take the request now (``running >= max_num_seqs``, or
-fewer free KV blocks than ``ceil((prompt_tokens + max_tokens) / block_size)``)
-are skipped unless none qualify. Highest score wins; ties go to fewer queued
-tokens, then name. For decode, ``Omni.choose_decode`` picks the instance with
-fewest running sequences among those under ``max_num_seqs``, then most free
-blocks (the original: fewest tokens under ``decode_max_num_seqs``).
+Candidates with fewer free KV blocks than ``ceil((prompt_tokens + max_tokens) /
+block_size)`` are skipped unless none qualify. Highest score wins; ties go to
+fewer queued tokens, then name.
 
-Policies only choose: the caller passes candidates that are non-empty, healthy
-and of the right role.
+Decode (P/D): every policy picks the decode instance with the fewest decode
+tokens (prompt + max_tokens of the requests decoding there), then fewest
+running, then name: the original's rule (fewest tokens among the instances
+under ``decode_max_num_seqs``; it computes a decode match depth but never uses
+it, and so does OmniRay: a decode instance loads the whole prompt's KV anyway).
+
+Every constant is a field of ``RoutingConfig`` (manifest ``proxy:`` settings).
+Policies only choose: the caller passes candidates that are non-empty, healthy,
+of the right role and under their budgets.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
+from cluster.proxy.prefix_index import prefix_depth
 from cluster.proxy.sorting import QueuedRequest
 
 
-def prefix_depth(hashes: list[int], cached: Collection[int]) -> int:
-    """Leading hashes all present in ``cached``: a prefix chain, so the first miss ends it."""
-    depth = 0
-    for h in hashes:
-        if h not in cached:
-            break
-        depth += 1
-    return depth
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Every constant of every policy (the manifest's ``proxy:`` settings of the same names)."""
+
+    omni_alpha: float = 1.0  # omni: weight of a queued token against a cached one
+    omni_beta: float = 0.5  # omni: blocks of prefill one running sequence costs
+    omni_gamma: float = 0.5  # omni: worth of a global-cache block against a held one
+    cache_threshold: float = 0.5  # cache_aware: least match ratio that earns affinity
+    balance_abs_threshold: float = 32  # cache_aware: load gap (tokens) that may be imbalance...
+    balance_rel_threshold: float = 1.5  # ...if the busiest also has this times the idlest's load
 
 
 @dataclass
@@ -58,14 +76,13 @@ class InstanceView:
 
     name: str
     role: str  # "mixed" | "prefill" | "decode"
-    running: int = 0
-    waiting: int = 0
-    queued_tokens: int = 0  # tokens dispatched there and not yet finished
+    running: int = 0  # requests the master has there, each counted once (dispatch to finish)
+    queued_tokens: int = 0  # uncached prompt tokens dispatched there and not yet prefilled
+    decode_tokens: int = 0  # prompt + max_tokens of the requests decoding there
     free_blocks: int = 0
     total_blocks: int = 1
-    max_num_seqs: int = 32
     healthy: bool = True
-    cached: frozenset[int] | set | Collection[int] = frozenset()  # block hashes believed cached there
+    cached: frozenset[int] | set | Collection[int] = frozenset()  # block hashes cached there (its KV events)
 
     def match_depth(self, hashes: list[int]) -> int:
         """Length of the longest prefix of ``hashes`` all in ``cached`` (a chain: a miss ends it)."""
@@ -84,39 +101,66 @@ class InstanceView:
 class RoutingPolicy(Protocol):
     name: str
 
-    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView: ...
+    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView:
+        """The prefill (or mixed) instance for ``req`` among ``candidates``."""
+
+    def choose_decode(self, req: QueuedRequest, candidates: list[InstanceView]) -> InstanceView:
+        """The decode instance for a prefilled ``req`` (P/D) among ``candidates``."""
 
 
 def _least_loaded_key(v: InstanceView) -> tuple[int, int, str]:
     return (v.queued_tokens, v.running, v.name)
 
 
-class RoundRobin:
-    """Cycles through the candidates in name order, whatever their load or cache."""
+class _DecodeByTokens:
+    """The decode choice every policy shares (the module docstring)."""
 
-    name = "round_robin"
+    def choose_decode(self, req: QueuedRequest, candidates: list[InstanceView]) -> InstanceView:
+        return min(candidates, key=lambda v: (v.decode_tokens, v.running, v.name))
+
+
+class _RoundRobinCursor:
+    """The next candidate in name order after the last one picked, wrapping;
+    robust to candidates coming and going."""
 
     def __init__(self):
         self.last: str | None = None
 
-    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView:
+    def rotation(self, candidates: list[InstanceView]) -> list[InstanceView]:
         ordered = sorted(candidates, key=lambda v: v.name)
-        # the next name after the last choice, wrapping; robust to candidates coming and going
-        pick = next((v for v in ordered if self.last is not None and v.name > self.last), ordered[0])
+        start = next((i for i, v in enumerate(ordered) if self.last is not None and v.name > self.last), 0)
+        return ordered[start:] + ordered[:start]
+
+    def took(self, pick: InstanceView) -> InstanceView:
         self.last = pick.name
         return pick
 
 
-class LeastLoaded:
+class RoundRobin(_DecodeByTokens):
+    """Cycles through the candidates in name order, whatever their load or cache."""
+
+    name = "round_robin"
+
+    def __init__(self, config: RoutingConfig | None = None):
+        self.cursor = _RoundRobinCursor()
+
+    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView:
+        return self.cursor.took(self.cursor.rotation(candidates)[0])
+
+
+class LeastLoaded(_DecodeByTokens):
     """Fewest queued tokens, then fewest running, then name."""
 
     name = "least_loaded"
+
+    def __init__(self, config: RoutingConfig | None = None):
+        pass
 
     def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView:
         return min(candidates, key=_least_loaded_key)
 
 
-class CacheAware:
+class CacheAware(_DecodeByTokens):
     """SGLang-router style: prefix affinity while the load is balanced.
 
     Imbalanced when ``max_load - min_load > balance_abs_threshold`` and
@@ -127,11 +171,11 @@ class CacheAware:
 
     name = "cache_aware"
 
-    def __init__(self, cache_threshold: float = 0.5, balance_abs_threshold: float = 32,
-                 balance_rel_threshold: float = 1.5):
-        self.cache_threshold = cache_threshold
-        self.balance_abs_threshold = balance_abs_threshold
-        self.balance_rel_threshold = balance_rel_threshold
+    def __init__(self, config: RoutingConfig | None = None):
+        c = config or RoutingConfig()
+        self.cache_threshold = c.cache_threshold
+        self.balance_abs_threshold = c.balance_abs_threshold
+        self.balance_rel_threshold = c.balance_rel_threshold
 
     def imbalanced(self, candidates: list[InstanceView]) -> bool:
         hi, lo = max(v.load for v in candidates), min(v.load for v in candidates)
@@ -146,13 +190,30 @@ class CacheAware:
         return best if ratio >= self.cache_threshold else least
 
 
-class Omni:
+class OmniReference(_DecodeByTokens):
+    """The original Omni Proxy's prefill rule (see the module docstring)."""
+
+    name = "omni_reference"
+
+    def __init__(self, config: RoutingConfig | None = None):
+        self.cursor = _RoundRobinCursor()
+
+    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView:
+        depth = {v.name: v.match_depth(req.block_hashes) for v in candidates}
+        if max(depth.values()) > 0:
+            return self.cursor.took(min(candidates, key=lambda v: (-depth[v.name], *_least_loaded_key(v))))
+        # min keeps the first of equals: the first in the rotation from the last choice
+        return self.cursor.took(min(self.cursor.rotation(candidates), key=lambda v: v.queued_tokens))
+
+
+class Omni(_DecodeByTokens):
     """One formula weighing cached prefix against queued work (see the module docstring)."""
 
     name = "omni"
 
-    def __init__(self, alpha: float = 1.0, beta: float = 0.5, gamma: float = 0.5):
-        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+    def __init__(self, config: RoutingConfig | None = None):
+        c = config or RoutingConfig()
+        self.alpha, self.beta, self.gamma = c.omni_alpha, c.omni_beta, c.omni_gamma
 
     @staticmethod
     def blocks_needed(req: QueuedRequest, block_size: int) -> int:
@@ -166,20 +227,20 @@ class Omni:
 
     def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView:
         need = self.blocks_needed(req, block_size)
-        room = [v for v in candidates if v.running < v.max_num_seqs and v.free_blocks >= need] or candidates
+        room = [v for v in candidates if v.free_blocks >= need] or candidates
         return min(room, key=lambda v: (-self.score(req, v, block_size), v.queued_tokens, v.name))
 
-    def choose_decode(self, req: QueuedRequest, candidates: list[InstanceView]) -> InstanceView:
-        """Fewest running among those under max_num_seqs (else all), then most free blocks, then name."""
-        room = [v for v in candidates if v.running < v.max_num_seqs] or candidates
-        return min(room, key=lambda v: (v.running, -v.free_blocks, v.name))
+
+POLICIES: dict[str, type] = {p.name: p for p in (RoundRobin, LeastLoaded, CacheAware, OmniReference, Omni)}
 
 
-POLICIES: dict[str, type] = {p.name: p for p in (RoundRobin, LeastLoaded, CacheAware, Omni)}
-
-
-def make_policy(name: str, **kwargs) -> RoutingPolicy:
-    """A policy by its name; keyword arguments go to its constructor."""
+def make_policy(name: str, config: RoutingConfig | None = None) -> RoutingPolicy:
+    """A policy by its name, with the constants of ``config`` (default: RoutingConfig())."""
     if name not in POLICIES:
         raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(sorted(POLICIES))}")
-    return POLICIES[name](**kwargs)
+    return POLICIES[name](config)
+
+
+def routing_config(settings) -> RoutingConfig:
+    """The RoutingConfig of an object with fields of the same names (the manifest's ProxySettings)."""
+    return RoutingConfig(**{f.name: getattr(settings, f.name) for f in fields(RoutingConfig)})

@@ -5,8 +5,11 @@ bad mean TTFT). The Omni Proxy sorts the prefill queue by a weight that puts
 short prompts first and lets long waits catch up, and sorts the decode queue
 longest first. This module computes exactly those weights, recomputed each
 round from the queue as it is now, and goes further than the original in one
-way: its starvation timeout is ENFORCED (the original has the setting but never
-applies it), so no request waits past ``starvation_ms`` behind shorter ones.
+way: its starvation timeout is ENFORCED on both queues (the original has the
+setting but never applies it): a request that waited ``starvation_ms`` goes
+before all others, oldest first, and the master holds the line for it (nothing
+behind it is dispatched while it does not fit), so no request waits much past
+``starvation_ms`` plus the time for room to free up.
 
 Prefill weight of request i (descending):
 
@@ -17,7 +20,7 @@ Prefill weight of request i (descending):
 where max_prompt and max_waited_ms are taken over the queue. Requests with
 ``waited_ms >= starvation_ms`` go before all others, oldest first.
 
-Decode weight (descending, longest first):
+Decode weight (descending, longest first; starved requests first, as above):
 
     weight = (prompt_i + decode_max_tokens_weight * max_tokens_i) / max_total
 
@@ -81,18 +84,26 @@ class WeightedSorter:
             for r in queue
         ]
 
-    def prefill_order(self, queue: list[QueuedRequest], now_s: float) -> list[QueuedRequest]:
+    def starved(self, r: QueuedRequest, now_s: float) -> bool:
+        """Waited the starvation bound: it goes first, and the master holds the line for it."""
+        return self.waited_ms(r, now_s) >= self.config.starvation_ms
+
+    def _order(self, queue: list[QueuedRequest], weights: list[float], now_s: float) -> list[QueuedRequest]:
         """Starved requests first (oldest first), then the rest by weight, descending."""
-        if not self.config.enabled:
-            return sorted(queue, key=_fifo_key)
         starved, rest = [], []
-        for r, w in zip(queue, self.prefill_weights(queue, now_s)):
-            if self.waited_ms(r, now_s) >= self.config.starvation_ms:
+        for r, w in zip(queue, weights):
+            if self.starved(r, now_s):
                 starved.append(r)
             else:
                 rest.append((w, r))
         rest.sort(key=lambda wr: (-wr[0], *_fifo_key(wr[1])))
         return sorted(starved, key=_fifo_key) + [r for _, r in rest]
+
+    def prefill_order(self, queue: list[QueuedRequest], now_s: float) -> list[QueuedRequest]:
+        """Starved requests first (oldest first), then the rest by prefill weight; FIFO when disabled."""
+        if not self.config.enabled:
+            return sorted(queue, key=_fifo_key)
+        return self._order(queue, self.prefill_weights(queue, now_s), now_s)
 
     def decode_weights(self, queue: list[QueuedRequest]) -> list[float]:
         """The decode weight of each request, (prompt + k * max_tokens) / max_total, aligned with ``queue``."""
@@ -102,11 +113,8 @@ class WeightedSorter:
         return [t / max_total for t in totals]
 
     def decode_order(self, queue: list[QueuedRequest], now_s: float) -> list[QueuedRequest]:
-        """Longest first (the decode weight, descending); FIFO when disabled.
-
-        ``now_s`` is unused by the weight but kept so both orders share one signature.
-        """
+        """Starved requests first (oldest first), then longest first (the decode
+        weight, descending); FIFO when disabled."""
         if not self.config.enabled:
             return sorted(queue, key=_fifo_key)
-        pairs = sorted(zip(self.decode_weights(queue), queue), key=lambda wr: (-wr[0], *_fifo_key(wr[1])))
-        return [r for _, r in pairs]
+        return self._order(queue, self.decode_weights(queue), now_s)
