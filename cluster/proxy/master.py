@@ -47,8 +47,8 @@ LATENCY_WINDOW = 256  # recent requests' TTFT/TPOT kept for the autoscaler's SLO
 # count failures before they call a replica unhealthy)
 UNANSWERED_REFRESHES_UNHEALTHY = 3
 REFRESH_TIMEOUT_S = 2.0  # how long a refresh waits for each engine's answer
-REFRESH_PERIOD_S = 0.05  # engines' health and free KV blocks
-DETAIL_EVERY = 10  # refreshes between reads of the NPUs' and the global KV cache's stats (the cluster view)
+REFRESH_PERIOD_S = 0.1  # engines' health and free KV blocks
+DETAIL_EVERY = 5  # refreshes between reads of the NPUs' and the global KV cache's stats (the cluster view)
 # published snapshots the master keeps owning after newer ones: a slave handed a ref
 # fetches it after the master may have published again, and a ref its owner drops
 # while a borrower fetches it can leave that fetch hanging (seen about 1 in 50 first
@@ -327,11 +327,11 @@ class OmniMaster:
                 self._follow(inst)
 
     def _follow(self, inst: InstanceRef) -> None:
-        """Follow the instance's KV events (its prefix index): every event batch that
-        lands may change a routing decision, so it wakes the dispatcher."""
-        if inst.name not in self._followers and self._wake is not None:
+        """Follow the instance's KV events (its prefix index). They change where a
+        request goes, not whether there is room: they do not wake the dispatcher."""
+        if inst.name not in self._followers and self._tasks:
             self._followers[inst.name] = asyncio.get_running_loop().create_task(
-                follow(lambda: inst.engine, inst.index, inst.name, self._wake.set))
+                follow(lambda: inst.engine, inst.index, inst.name))
 
     async def start(self) -> None:
         """Read the instances' health and start the loops: the followers rebuild every
@@ -375,15 +375,22 @@ class OmniMaster:
         depth = max(inst.index.depth(req.block_hashes), req.global_depth)
         return max(1, req.prompt_tokens - depth * self.block_size)
 
+    def _open(self, roles: tuple[str, ...]) -> list[InstanceRef]:
+        """Instances that could take some request now (under their sequence budget,
+        with room for at least one more prefill token)."""
+        return [i for i in self._candidates(roles) if i.load.fits_prefill(1, self.budgets)]
+
     def _dispatch_prefill(self) -> None:
         """Assign queued requests, in weighted order, to instances under their budgets."""
         now = time.monotonic()
         roles = self._dispatch_roles()
         parallel = self.has_pd and self.pd_mode == "parallel"
+        open_ = self._open(roles)
+        if not (open_ and self.queue):
+            return  # under overload the common case: no need to sort the queue
         for req in self.sorter.prefill_order([w.req for w in self.queue.values()], now):
-            open_ = [i for i in self._candidates(roles) if i.load.fits_prefill(1, self.budgets)]
             if not open_:
-                return  # every instance is at its sequence budget: nothing else fits either
+                return  # every instance is at its budgets: nothing else fits either
             req.global_depth = self.global_index.depth(req.block_hashes)
             fits = [i for i in open_ if i.load.fits_prefill(self._uncached(req, i), self.budgets)]
             decodes = [d for d in self._candidates(("decode",)) if d.load.fits_decode(self.budgets)] if parallel else []
@@ -394,6 +401,7 @@ class OmniMaster:
             inst = self.instances[self.policy.choose(req, [i.view() for i in fits], self.block_size).name]
             dec = self.instances[self.policy.choose_decode(req, [d.view() for d in decodes]).name] if parallel else None
             self._assign(self.queue.pop(req.request_id), inst, dec, now)
+            open_ = [i for i in open_ if i.load.fits_prefill(1, self.budgets)]
 
     def _assign(self, waiting: Waiting, inst: InstanceRef, dec: InstanceRef | None, now: float) -> None:
         req = waiting.req

@@ -65,11 +65,9 @@ class PrefixIndex:
             self.applied += 1
 
 
-async def follow(source: Callable[[], object], index: PrefixIndex, name: str,
-                 applied: Callable[[], None] | None = None) -> None:
+async def follow(source: Callable[[], object], index: PrefixIndex, name: str) -> None:
     """Keep `index` up to date with the KV events of `source()` (an actor handle,
-    looked up at each call: a named actor may come and go) until cancelled.
-    `applied()` runs after each non-empty answer (the master wakes its dispatcher)."""
+    looked up at each call: a named actor may come and go) until cancelled."""
     while True:
         try:
             batches = await asyncio.wait_for(source().kv_events.remote(index.seq, index.epoch), WAIT_S + 5.0)
@@ -81,5 +79,3 @@ async def follow(source: Callable[[], object], index: PrefixIndex, name: str,
             continue
         if batches:
             index.apply(batches)
-            if applied is not None:
-                applied()
