@@ -169,6 +169,9 @@ def test_out_of_blocks_queues_and_preempts_instead_of_failing(model):
     for p, outs in zip(prompts, results):
         assert _tokens(outs) == generate(reference, [p], 20).tokens[0]
     assert stats["free_blocks"] == [8]
+    # readmitted after a preemption, a sequence finds its own blocks again: not a prefix hit
+    assert stats["preemptions"] > 0 and stats["cached_tokens"] == 0
+    assert all(outs[-1].num_cached_tokens == 0 for outs in results)
 
 
 def test_kv_events_follow_what_the_npus_store_and_evict(model):

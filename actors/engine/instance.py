@@ -371,7 +371,7 @@ class InstanceEngine:
             queue.put_nowait(
                 EngineOutput(
                     seq.seq_id, new, bool(seq.finish_reason), seq.finish_reason,
-                    len(seq.request.prompt_ids), seq.num_cached, transfer, seq.take_stamps(),
+                    len(seq.request.prompt_ids), seq.first_cached or 0, transfer, seq.take_stamps(),
                 )
             )
 
@@ -380,7 +380,7 @@ class InstanceEngine:
             seq.request.deliver_to.deliver.remote(seq.seq_id, list(seq.output_ids), transfer)
         seq.finish_reason = reason
         self.pending.pop(seq.seq_id, None)
-        self.counters["cached_tokens"] += seq.num_cached
+        self.counters["cached_tokens"] += seq.first_cached or 0
         self.scheduler.finish(seq)
         self.seqs.pop(seq.seq_id, None)
         self.hashes.pop(seq.seq_id, None)

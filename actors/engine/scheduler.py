@@ -85,6 +85,8 @@ class Scheduler:
             return None
         seq.rank, seq.block_table, seq.num_computed = rank, table, computed
         seq.num_cached = min(computed, len(seq.request.prompt_ids))
+        if seq.first_cached is None:
+            seq.first_cached = seq.num_cached
         seq.registered_blocks = len(local)
         seq.status = Status.RUNNING
         return Scheduled(seq, n, load)  # after num_computed is set: `samples` depends on it

@@ -23,7 +23,10 @@ class Sequence:
     rank: int | None = None  # the NPU holding its KV (attention is data-parallel)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose KV is in the block table
-    num_cached: int = 0  # prompt tokens taken from a cache instead of computed
+    num_cached: int = 0  # prompt tokens taken from a cache instead of computed (at its latest admission)
+    # ...at its first admission: what prefix reuse saved it. A preempted sequence finds its
+    # own blocks again when readmitted; that is not reuse, and must not count as a hit
+    first_cached: int | None = None
     registered_blocks: int = 0  # full blocks already named by their prefix hash
     arrival: float = field(default_factory=time.monotonic)
     finish_reason: str | None = None
