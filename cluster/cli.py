@@ -84,69 +84,6 @@ def cmd_bench_engine(args) -> int:
     return 0 if result.tokens_match else 1
 
 
-def _workload(args, vocab_size: int):
-    from cluster.bench.workloads import make_workload
-
-    return make_workload(args.workload, args.requests, seed=args.seed, token_range=(16, vocab_size),
-                         input_len=args.input_len, output_len=args.output_len, block_tokens=args.block_tokens,
-                         time_scale=args.time_scale, max_requests=args.max_requests,
-                         num_prefixes=args.num_prefixes, prefix_len=args.prefix_len, turns=args.turns)
-
-
-def cmd_bench_serve(args) -> int:
-    from contextlib import nullcontext
-
-    from cluster.bench.loadgen import LoadConfig
-    from cluster.bench.report import SLO, print_summary
-    from cluster.bench.serve import local_server, run_serve_bench, write_outputs
-
-    manifest = load_manifest(args.manifest)
-    items = _workload(args, args.vocab_size or manifest.model.vocab_size)
-    slo = None
-    if args.slo_ttft_ms or args.slo_tpot_ms or args.slo_e2e_ms:
-        ms = lambda v: v / 1000 if v else None  # noqa: E731
-        slo = SLO(ms(args.slo_ttft_ms), ms(args.slo_tpot_ms), ms(args.slo_e2e_ms))
-    with (nullcontext(None) if args.url else local_server(manifest, args.address)) as server:
-        url = args.url or server.url
-        console.print(f"{len(items)} requests of workload {args.workload} against {url}")
-        cfg = LoadConfig(url, args.model, args.concurrency, args.qps, args.seed, args.api_key,
-                         detokenize=_detokenizer(manifest) if args.text or args.chat else None, chat=args.chat)
-        result = run_serve_bench(items, cfg, slo, console, label=args.workload)
-    print_summary(result.summary, console, f"bench serve: {args.workload}")
-    write_outputs(result, args.out, args.plot, args.json, f"omniray bench serve: {args.workload}")
-    return 0 if result.summary["failed"] == 0 else 1
-
-
-def _detokenizer(manifest):
-    from cluster.proxy.tokens import Tokenizer
-
-    tok = Tokenizer.from_file(manifest.tokenizer)
-    return lambda ids: tok.decode(ids)
-
-
-def cmd_bench_compare(args) -> int:
-    from dataclasses import replace
-
-    from cluster.bench.compare import parse_vary, plot_compare, print_compare, run_compare
-    from cluster.bench.loadgen import LoadConfig
-    from cluster.bench.report import write_json
-
-    manifest = load_manifest(args.manifest)
-    variants = parse_vary(args.vary or f"policy={args.policies}")
-    items = _workload(args, manifest.model.vocab_size)
-    base = LoadConfig("", None, args.concurrency, args.qps, args.seed, manifest.proxy.api_keys[0]
-                      if manifest.proxy.api_keys else None,
-                      detokenize=_detokenizer(manifest) if args.text or args.chat else None, chat=args.chat)
-    results = run_compare(manifest, variants, items, lambda url: replace(base, url=url), console, args.address)
-    title = f"bench compare: {args.workload}, {len(items)} requests, manifest {manifest.name}"
-    print_compare(results, console, title)
-    if args.plot:
-        plot_compare(results, args.plot, title)
-    if args.json:
-        write_json({name: r.summary for name, r in results.items()}, args.json)
-    return 0 if all(r.summary["failed"] == 0 for r in results.values()) else 1
-
-
 def cmd_bench_elastic(args) -> int:
     from cluster.bench.elastic import ElasticBenchConfig, print_elastic, run_elastic_bench
     from cluster.bench.report import write_json
@@ -397,41 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--address", default=None)
     bg.add_argument("--json", default=None, help="write the summary here")
     bg.set_defaults(func=cmd_bench_engine)
-    bs = bench.add_parser("serve", help="load-test an OpenAI-compatible server (default: one started from a manifest)")
-    bs.add_argument("--url", default=None, help="server base URL; default: start OmniRay from --manifest")
-    bs.add_argument("--manifest", default="local")
-    bs.add_argument("--address", default=None, help="Ray cluster for the server this command starts")
-    _workload_args(bs)
-    bs.add_argument("--concurrency", type=_positive, default=16, help="requests in flight at most")
-    bs.add_argument("--qps", type=float, default=None, help="Poisson arrival rate (default: closed loop)")
-    bs.add_argument("--model", default=None, help="model name (default: the server's first)")
-    bs.add_argument("--api-key", default=None)
-    bs.add_argument("--vocab-size", type=_positive, default=None,
-                    help="token ids of synthetic prompts stay below this (default: the manifest model's)")
-    bs.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput SLO: TTFT bound")
-    bs.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput SLO: TPOT bound")
-    bs.add_argument("--slo-e2e-ms", type=float, default=None, help="goodput SLO: end-to-end bound")
-    bs.add_argument("--out", default=None, help="per-request results (parquet)")
-    bs.add_argument("--plot", default=None, help="latency CDFs and throughput over time (PNG)")
-    bs.add_argument("--json", default=None, help="write the summary here")
-    bs.add_argument("--text", action="store_true", help="send prompts as text (the server tokenizes them)")
-    bs.add_argument("--chat", action="store_true", help="multi-turn: send conversations as chat messages (text)")
-    bs.set_defaults(func=cmd_bench_serve)
-    bc = bench.add_parser("compare", help="one workload against a fresh server per variant of a proxy setting")
-    bc.add_argument("--manifest", default="local-routing")
-    bc.add_argument("--address", default=None)
-    bc.add_argument("--policies", default="round_robin,least_loaded,cache_aware,omni",
-                    help="routing policies to compare (the default variation)")
-    bc.add_argument("--vary", default=None, help="KEY=V1,V2 over a proxy setting instead, e.g. pd_mode=sequential,"
-                    "parallel | weighted_sorting=true,false | tokenizer_reuse=true,false (with --text)")
-    _workload_args(bc)
-    bc.add_argument("--concurrency", type=_positive, default=16)
-    bc.add_argument("--qps", type=float, default=None)
-    bc.add_argument("--text", action="store_true", help="send prompts as text (needed to compare tokenizer reuse)")
-    bc.add_argument("--chat", action="store_true", help="multi-turn: send conversations as chat messages (text)")
-    bc.add_argument("--plot", default=None, help="bar chart of the variants (PNG)")
-    bc.add_argument("--json", default=None, help="write {variant: summary} here")
-    bc.set_defaults(func=cmd_bench_compare)
+    from cluster.bench.commands import add_compare_parser, add_serve_parser
+
+    add_serve_parser(bench, console)
+    add_compare_parser(bench, console)
     bl = bench.add_parser("elastic", help="ElasticMoE: scale an instance up and down under load vs a cold start")
     bl.add_argument("--manifest", default="local")
     bl.add_argument("--address", default=None)
@@ -471,21 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     bx.add_argument("--json", default=None, help="write the summary here")
     bx.set_defaults(func=cmd_bench_chaos)
     return parser
-
-
-def _workload_args(p) -> None:
-    p.add_argument("--workload", default="shared-prefix",
-                   help="random | shared-prefix | multi-turn | trace:PATH (Mooncake JSONL)")
-    p.add_argument("--requests", type=_positive, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--input-len", type=_positive, default=128, help="mean prompt tokens (synthetic workloads)")
-    p.add_argument("--output-len", type=_positive, default=32, help="mean output tokens (synthetic workloads)")
-    p.add_argument("--num-prefixes", type=_positive, default=4, help="shared-prefix: distinct shared prefixes")
-    p.add_argument("--prefix-len", type=_positive, default=96, help="shared-prefix: tokens of each shared prefix")
-    p.add_argument("--turns", type=_positive, default=4, help="multi-turn: turns per conversation")
-    p.add_argument("--block-tokens", type=_positive, default=16, help="trace: tokens per hash block after scaling")
-    p.add_argument("--time-scale", type=float, default=1.0, help="trace: arrival times divided by this")
-    p.add_argument("--max-requests", type=_positive, default=None, help="trace: replay at most this many lines")
 
 
 def main(argv: list[str] | None = None) -> int:

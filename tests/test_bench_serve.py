@@ -34,7 +34,7 @@ def test_bench_serve_summary_matches_parquet(server, tmp_path):
     out, png, js = tmp_path / "r.parquet", tmp_path / "r.png", tmp_path / "s.json"
     rc = main(["bench", "serve", "--url", server.url, "--workload", "shared-prefix", "--requests", "16",
                "--concurrency", "4", "--output-len", "6", "--slo-ttft-ms", "60000", "--out", str(out), "--plot", str(png),
-               "--json", str(js)])
+               "--json", str(js), "--time-scale", "3"])
     assert rc == 0
     rows = pq.read_table(out).to_pylist()
     summary = json.loads(js.read_text())
@@ -49,6 +49,14 @@ def test_bench_serve_summary_matches_parquet(server, tmp_path):
     assert summary["slo_attainment"] == 1.0
     # 16 requests over 4 shared prefixes: a request whose prefix ran before reuses its blocks
     assert summary["kv_hit_rate"] is not None and summary["kv_hit_rate"] > 0.3
+    assert 0 < summary["ideal_kv_hit_rate"] < 1  # at the default block size of a server that does not say its own
+    assert summary["kv_hit_fraction_of_ideal"] == summary["kv_hit_rate"] / summary["ideal_kv_hit_rate"]
+    shortest = sorted(ok, key=lambda r: (r["prompt_tokens"], r["index"]))[:6]  # a third of 16, rounded up
+    assert summary["ttft_p50_short_third_s"] == np.percentile([r["ttft_s"] for r in shortest], 50)
+    # a server at --url: the time scale stretches only the arrivals (none here), the summary stays in wall seconds
+    assert summary["time_scale"] == 3.0 and summary["latency_unit"] == "wall_s"
+    for key in ("emulation_overrun_fraction", "max_queue_wait_s", "max_decode_queue_wait_s", "starvation_ms"):
+        assert key in summary  # None until the server publishes it
     assert png.stat().st_size > 10_000
 
 
@@ -75,27 +83,26 @@ def test_trace_replay_hits_the_prefixes_the_hash_ids_imply(server):
     """One mixed instance with a pool big enough to evict nothing, one request at a
     time: the engine reuses exactly the prefix blocks the trace's hash ids share
     (less the last block when a repeat covers the whole prompt: its last token is
-    always recomputed to produce the next one)."""
+    always recomputed to produce the next one), which is the workload's ideal."""
     from cluster.bench.loadgen import LoadConfig
     from cluster.bench.serve import run_serve_bench
     from cluster.bench.workloads import expected_prefix_hits, make_workload
 
     bs = 16
-    items = make_workload("trace:cluster/bench/traces/sample_mooncake.jsonl", block_tokens=bs, time_scale=1e6,
+    items = make_workload("trace:cluster/bench/traces/sample_mooncake.jsonl", block_tokens=bs, time_scale=1e-6,
                           max_requests=24, token_range=(16, 512))
-    implied = 0
-    for i, item in enumerate(items):
-        hits = expected_prefix_hits(items[: i + 1], bs) - expected_prefix_hits(items[:i], bs)
-        implied += min(hits, (len(item.prompt_ids) - 1) // bs)
+    implied = expected_prefix_hits(items, bs, reusable=True)
     assert implied > 20  # the sample trace shares prefixes
     engine = server.instances[0].engine
     before = ray.get(engine.stats.remote())  # the server is the module's: count this run's part
-    result = run_serve_bench(items, LoadConfig(server.url, concurrency=1))
+    result = run_serve_bench(items, LoadConfig(server.url, concurrency=1), block_size=bs)
     after = ray.get(engine.stats.remote())
     cached, prompt = (after[k] - before[k] for k in ("cached_tokens", "prompt_tokens"))
     assert result.summary["failed"] == 0
     assert cached == implied * bs
     assert result.summary["kv_hit_rate"] == implied * bs / prompt
+    assert result.summary["ideal_kv_hit_rate"] == implied * bs / sum(len(it.prompt_ids) for it in items)
+    assert result.summary["kv_hit_fraction_of_ideal"] == pytest.approx(1.0)
 
 
 class _StaleClusterView(BaseHTTPRequestHandler):

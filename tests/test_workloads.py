@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.bench.workloads import WorkItem, expected_prefix_hits, make_workload
+from cluster.bench.workloads import WorkItem, expected_prefix_hits, ideal_hit_rate, make_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "cluster" / "bench" / "traces" / "sample_mooncake.jsonl"
@@ -150,7 +150,9 @@ def test_trace_cut_and_extended_to_the_scaled_length(tmp_path):
 def test_trace_time_scale_and_max_requests(tmp_path):
     spec = write_trace(tmp_path / "t.jsonl", [row(1000 + 250 * i, 512, 512, [i]) for i in range(6)])
     assert [it.arrival_s for it in make_workload(spec)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
-    assert [it.arrival_s for it in make_workload(spec, time_scale=10)] == pytest.approx([0.025 * i for i in range(6)])
+    # wall seconds per trace second, as the emulator's time_scale: 10 stretches the replay tenfold
+    assert [it.arrival_s for it in make_workload(spec, time_scale=10)] == pytest.approx([2.5 * i for i in range(6)])
+    assert [it.arrival_s for it in make_workload(spec, time_scale=0.1)] == pytest.approx([0.025 * i for i in range(6)])
     assert len(make_workload(spec, 1, max_requests=4)) == 4  # num_requests is ignored for traces
     assert len(make_workload(spec, max_requests=100)) == 6
 
@@ -214,6 +216,27 @@ def test_missing_trace_file(tmp_path):
 def test_expected_prefix_hits_matches_its_definition(prompts, bt):
     items = [WorkItem(0.0, p, 1) for p in prompts]
     assert expected_prefix_hits(items, bt) == brute_force_hits(items, bt)
+
+
+def test_ideal_hit_rate_counts_only_the_blocks_an_engine_can_reuse():
+    """Blocks of 2 tokens. [1,2,3,4,5] (5 tokens) then [1,2,3,4] (4) then [1,2,3,4,9,9] (6):
+    the second shares both full blocks but must compute its last token: 1 reusable
+    block of (4-1)//2 = 1; the third shares 2 of its (6-1)//2 = 2 reusable blocks."""
+    items = [WorkItem(0.0, p, 1) for p in ([1, 2, 3, 4, 5], [1, 2, 3, 4], [1, 2, 3, 4, 9, 9])]
+    assert expected_prefix_hits(items, 2) == 2 + 2
+    assert expected_prefix_hits(items, 2, reusable=True) == 1 + 2
+    assert ideal_hit_rate(items, 2) == (1 + 2) * 2 / (5 + 4 + 6)
+    assert ideal_hit_rate([WorkItem(0.0, [1, 2], 1)] * 2, 4) == 0.0  # no full block
+    assert ideal_hit_rate([], 16) is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(prompts=st.lists(st.lists(st.integers(0, 2), max_size=9), max_size=6), bt=st.integers(1, 3))
+def test_reusable_hits_are_the_hits_capped_per_prompt(prompts, bt):
+    items = [WorkItem(0.0, p, 1) for p in prompts]
+    capped = sum(min(expected_prefix_hits(items[: i + 1], bt) - expected_prefix_hits(items[:i], bt),
+                     (len(p) - 1) // bt) for i, p in enumerate(prompts) if p)
+    assert expected_prefix_hits(items, bt, reusable=True) == capped
 
 
 def test_multi_turn_messages_concatenate_to_the_prompt_and_alternate_roles():

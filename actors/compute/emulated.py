@@ -150,7 +150,10 @@ class EmulatedCompute:
         ).total_s
         loaded = blocks_loaded(batch)
         self.kv_blocks_loaded.update(loaded)
-        device_s += self._load_time(loaded)
+        load_device_s = self._load_time(loaded)
+        device_s += load_device_s
+        # the loads come first in the modelled step, and the sleep below covers them
+        load_s = load_device_s * self.spec.time_scale + (time.perf_counter() - t0) if loaded else 0.0
         tokens, accepted, drafts = {}, {}, {}
         for w in batch.seqs:
             if w.num_drafts:  # the draft's value is not modelled, only whether it is accepted
@@ -173,11 +176,14 @@ class EmulatedCompute:
         remaining = device_s * self.spec.time_scale - (time.perf_counter() - t0)
         if remaining > 0:
             time.sleep(remaining)
+        # the host's own work outlasted the modelled step: it lasted the host's time, not the chip's
+        overrun = self.spec.time_scale > 0 and remaining < 0
         # no tensors: a block is a marker; the index still charges its real size
         saved = [(w.seq_id, h, np.zeros(0, dtype=np.uint8)) for w in batch.seqs for _, h in w.save_blocks]
         exported = self.publisher.publish(saved) if saved else {}
         return NPUStepResult(
-            self.spec.rank, tokens, None, device_s, time.perf_counter() - t0, exported, accepted, drafts
+            self.spec.rank, tokens, None, device_s, time.perf_counter() - t0, exported, accepted, drafts,
+            overrun, load_s,
         )
 
     def _load_time(self, loaded: dict[str, int]) -> float:

@@ -175,6 +175,7 @@ class RealCompute:
         t0 = time.perf_counter()
         fb = ForwardBatch.build([(w.seq_id, w.token_ids, w.start_pos) for w in batch.seqs])
         cache = self._cache_for(batch)
+        load_s = time.perf_counter() - t0 if any(w.load_blocks for w in batch.seqs) else 0.0
         residual = self.model.residual(fb, cache, self.experts)
         hidden = self.model.norm(residual)
         tokens, accepted, logits_out = {}, {}, {} if batch.return_logits else None
@@ -200,7 +201,8 @@ class RealCompute:
         ).total_s
         exported = self._save(batch)
         return NPUStepResult(
-            self.spec.rank, tokens, logits_out, device_s, time.perf_counter() - t0, exported, accepted, drafts
+            self.spec.rank, tokens, logits_out, device_s, time.perf_counter() - t0, exported, accepted, drafts,
+            load_s=load_s,
         )
 
     def free(self, seq_id: str) -> None:

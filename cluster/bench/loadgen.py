@@ -216,16 +216,3 @@ async def cluster_stats(cfg: LoadConfig, newer_than: float | None = None, wait_s
     except httpx.HTTPError:
         return None
 
-
-def kv_hit_rate(before: dict | None, after: dict | None) -> float | None:
-    """Prompt tokens served from a KV cache / prompt tokens, over the run, from the
-    engines' counters (prefill or mixed instances: where prompts are computed)."""
-    if not before or not after:
-        return None
-
-    def totals(snap: dict) -> tuple[int, int]:
-        engines = [i["engine"] for i in snap["instances"] if i["role"] != "decode" and i.get("engine")]
-        return sum(e.get("cached_tokens", 0) for e in engines), sum(e.get("prompt_tokens", 0) for e in engines)
-
-    (c0, p0), (c1, p1) = totals(before), totals(after)
-    return (c1 - c0) / (p1 - p0) if p1 > p0 else None

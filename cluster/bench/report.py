@@ -14,6 +14,13 @@ import pyarrow.parquet as pq
 from cluster.bench.loadgen import RequestResult
 
 
+LATENCY_KEYS = (  # summary keys in seconds of the run's clock (device seconds: cluster.bench.clock)
+    *(f"{m}_p{q}_s" for m in ("ttft", "tpot", "e2e") for q in (50, 90, 99)),
+    "itl_p50_s", "itl_p99_s", "ttft_p50_short_third_s", "max_queue_wait_s", "max_decode_queue_wait_s",
+)
+RATE_KEYS = ("request_per_s", "output_tok_per_s", "goodput_req_per_s")  # per second of the run's clock
+
+
 @dataclass(frozen=True)
 class SLO:
     """A request is good if it finished and met every bound given (None: no bound)."""
@@ -52,8 +59,9 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def summarize(table: pa.Table, wall_s: float, slo: SLO | None = None, kv_hit_rate: float | None = None) -> dict:
-    """The summary of one run (keys documented in the README)."""
+def summarize(table: pa.Table, wall_s: float, slo: SLO | None = None) -> dict:
+    """The summary of one run, from the client's side (keys documented in the README;
+    the server's figures are added by cluster.bench.server_view)."""
     rows = table.to_pylist()
     ok = [r for r in rows if not r["error"]]
     out_tokens = sum(r["output_tokens"] for r in ok)
@@ -66,7 +74,6 @@ def summarize(table: pa.Table, wall_s: float, slo: SLO | None = None, kv_hit_rat
         "output_tok_per_s": out_tokens / wall_s if wall_s > 0 else None,
         "input_tokens": sum(r["prompt_tokens"] for r in ok),
         "output_tokens": out_tokens,
-        "kv_hit_rate": kv_hit_rate,
     }
     for metric in ("ttft_s", "tpot_s", "e2e_s"):
         values = [r[metric] for r in ok if r[metric] is not None]
@@ -74,11 +81,19 @@ def summarize(table: pa.Table, wall_s: float, slo: SLO | None = None, kv_hit_rat
             summary[f"{metric[:-2]}_p{q}_s"] = _pct(values, q)
     itl = [g for r in ok for g in r["itl_s"]]
     summary["itl_p50_s"], summary["itl_p99_s"] = _pct(itl, 50), _pct(itl, 99)
+    summary["ttft_p50_short_third_s"] = _short_third_ttft(ok)
     if slo is not None:
         good = sum(slo.met(r) for r in rows)
         summary["goodput_req_per_s"] = good / wall_s if wall_s > 0 else None
         summary["slo_attainment"] = good / len(rows) if rows else None
     return summary
+
+
+def _short_third_ttft(ok: list[dict]) -> float | None:
+    """TTFT p50 of the third of the completed requests with the shortest prompts (ties
+    by index; at least one): what weighted sorting should bring down, short jobs first."""
+    shortest = sorted(ok, key=lambda r: (r["prompt_tokens"], r["index"]))[: -(-len(ok) // 3)]
+    return _pct([r["ttft_s"] for r in shortest if r["ttft_s"] is not None], 50)
 
 
 def write_json(summary: dict, path: str) -> None:
@@ -92,10 +107,15 @@ def print_summary(summary: dict, console, title: str = "bench serve") -> None:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
+    unit = "device ms" if summary.get("latency_unit") == "device_s" else "ms"
     for key, value in summary.items():
         if isinstance(value, float):
-            seconds = key.endswith("_s") and not key.endswith("per_s") and key != "wall_s"
-            value = f"{value * 1000:.1f} ms" if seconds else f"{value:.3f}"
+            if key in LATENCY_KEYS:
+                value = f"{value * 1000:.1f} {unit}"
+            elif key.endswith("_s") and not key.endswith("per_s") and key != "wall_s":
+                value = f"{value * 1000:.1f} ms"
+            else:
+                value = f"{value:.3f}"
         table.add_row(key, str(value))
     console.print(table)
 

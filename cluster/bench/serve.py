@@ -10,8 +10,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from cluster.bench.loadgen import LoadConfig, cluster_stats, kv_hit_rate, run_load
+from cluster.bench.clock import Clock
+from cluster.bench.loadgen import LoadConfig, cluster_stats, run_load
 from cluster.bench.report import SLO, plot, summarize, to_table, write_json, write_parquet
+from cluster.bench.server_view import (DEFAULT_BLOCK_SIZE, block_size_of, overrun_warning, prefix_reuse,
+                                       server_figures)
 from cluster.bench.workloads import WorkItem
 
 STATS_SETTLE_S = 1.0  # the master publishes engine counters every ~0.1 s; slaves poll every 0.2 s
@@ -46,8 +49,11 @@ def local_server(manifest, address: str | None = None, port: int | None = None, 
 
 
 def run_serve_bench(items: list[WorkItem], cfg: LoadConfig, slo: SLO | None = None, console=None,
-                    label: str = "requests") -> ServeBenchResult:
-    """Run the workload once; the summary is computed from the per-request table."""
+                    label: str = "requests", clock: Clock = Clock(), block_size: int | None = None) -> ServeBenchResult:
+    """Run the workload once (its arrivals and cfg's rate already on `clock`); the
+    summary is computed from the per-request table and the server's state before and
+    after, in the clock's unit (SLO bounds too). `block_size`: the server's, for the
+    ideal hit rate (None: what its state says, else the default)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     before = asyncio.run(cluster_stats(cfg))
@@ -60,12 +66,15 @@ def run_serve_bench(items: list[WorkItem], cfg: LoadConfig, slo: SLO | None = No
         after = asyncio.run(cluster_stats(cfg, newer_than=time.time() + STATS_SETTLE_S))
         if after is None and console is not None:
             console.print("[yellow]the server's /v1/cluster did not update after the run: "
-                          "KV hit rate and tokenizer figures left out[/yellow]")
+                          "KV hit rate, overrun and tokenizer figures left out[/yellow]")
     table = to_table(results)
-    summary = summarize(table, wall_s, slo, kv_hit_rate(before, after))
-    if after is not None:
-        summary["tokenizer_s"] = after["tokenizer"]["tokenizer_s"] - before["tokenizer"]["tokenizer_s"]
-        summary["tokenizer_calls"] = after["tokenizer"]["tokenizer_calls"] - before["tokenizer"]["tokenizer_calls"]
+    summary = summarize(table, wall_s, clock.wall_slo(slo))
+    summary.update(server_figures(before, after))
+    block_size = block_size or block_size_of(before) or DEFAULT_BLOCK_SIZE
+    summary.update(prefix_reuse(items, block_size, summary["kv_hit_rate"]))
+    summary = clock.report(summary)
+    if console is not None and (warning := overrun_warning(summary)):
+        console.print(f"[yellow]{label}: {warning}[/yellow]")
     return ServeBenchResult(summary, table)
 
 

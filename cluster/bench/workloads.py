@@ -5,14 +5,17 @@ run sends the same requests, so each workload here is a pure function of its
 arguments and seed: prompts are token-id lists (no tokenizer needed), output
 lengths are exact (the client sends `ignore_eos`), and the prefix structure is
 explicit, so `expected_prefix_hits` can say how many KV blocks a perfect prefix
-cache would reuse and a run's measured hit rate can be judged against it.
+cache would reuse and a run's measured hit rate can be judged against it
+(`ideal_hit_rate`).
 
 Specs:
 - `random`: independent prompts, nothing shared.
 - `shared-prefix`: a few system prompts, each request one of them plus its own question.
 - `multi-turn`: chats whose every turn resends the whole history.
 - `trace:PATH`: replay a Mooncake JSONL trace (hash ids of 512-token blocks
-  become reproducible blocks of `block_tokens` token ids; lengths scale alike).
+  become reproducible blocks of `block_tokens` token ids; lengths scale alike;
+  arrival times are the trace's times `time_scale` wall seconds per second, the
+  emulator's `time_scale`, so one knob slows a whole experiment down alike).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def make_workload(spec: str, num_requests: int = 100, *, seed: int = 0, token_ra
     Synthetic specs make `num_requests` items with lengths around `input_len` /
     `output_len`; `trace:PATH` replays (at most `max_requests` lines of) a
     Mooncake trace with `block_tokens` tokens per hash id and arrival times
-    divided by `time_scale`. Token ids are drawn from [token_range[0], token_range[1]).
+    multiplied by `time_scale` (wall seconds per trace second). Token ids are drawn from [token_range[0], token_range[1]).
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"workload spec must be a non-empty string, got {spec!r}")
@@ -81,25 +84,36 @@ def make_workload(spec: str, num_requests: int = 100, *, seed: int = 0, token_ra
     return _multi_turn(rng, num_requests, low, high, input_len, output_len, turns)
 
 
-def expected_prefix_hits(items: list[WorkItem], block_tokens: int) -> int:
+def expected_prefix_hits(items: list[WorkItem], block_tokens: int, reusable: bool = False) -> int:
     """Full blocks of each prompt whose whole prefix chain (every token from the prompt's start through the end of
     that block) already appeared, as a full block at the same position, in an EARLIER item's prompt (list order).
-    This is how many KV blocks a perfect prefix cache of unbounded size would reuse."""
+    This is how many KV blocks a perfect prefix cache of unbounded size would reuse. `reusable`: count only each
+    prompt's first (len - 1) // block_tokens blocks, as an engine does (it computes at least the prompt's last
+    token, to sample the next one), though every full block still enters the cache."""
     _positive_int("block_tokens", block_tokens)
     # A trie of full blocks: node id of (parent node id, block tokens). A node stands for a whole prefix chain.
     nodes: dict[tuple[int, tuple[int, ...]], int] = {}
     hits = 0
     for item in items:
         parent, ids = -1, item.prompt_ids
-        for start in range(0, len(ids) - block_tokens + 1, block_tokens):
+        countable = (len(ids) - 1) // block_tokens if reusable else len(ids)
+        for k, start in enumerate(range(0, len(ids) - block_tokens + 1, block_tokens)):
             key = (parent, tuple(ids[start:start + block_tokens]))
             node = nodes.get(key)
             if node is None:  # nodes added while walking this item have new parents: no self-hits
                 node = nodes[key] = len(nodes)
-            else:
+            elif k < countable:
                 hits += 1
             parent = node
     return hits
+
+
+def ideal_hit_rate(items: list[WorkItem], block_size: int) -> float | None:
+    """The share of prompt tokens an unbounded prefix cache of `block_size`-token
+    blocks could serve over the workload, in order: the ceiling a run's measured KV
+    hit rate is judged against (None for a workload without prompt tokens)."""
+    total = sum(len(item.prompt_ids) for item in items)
+    return expected_prefix_hits(items, block_size, reusable=True) * block_size / total if total else None
 
 
 # -- synthetic -------------------------------------------------------------------------------------------------
@@ -186,7 +200,7 @@ def _trace(path: Path, seed: int, low: int, high: int, block_tokens: int, time_s
             if len(prompt) < length:  # more tokens than the hash ids cover: fill with this request's own tokens
                 own = random.Random(f"omniray-trace:{seed}:line:{lineno}")
                 prompt += _tokens(own, length - len(prompt), low, high)
-            arrival = (ts - first_ts) / 1000.0 / time_scale
+            arrival = (ts - first_ts) / 1000.0 * time_scale
             items.append(WorkItem(arrival, prompt, max(1, round(n_out * factor))))
     return items
 
