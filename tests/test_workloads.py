@@ -153,6 +153,8 @@ def test_trace_time_scale_and_max_requests(tmp_path):
     # wall seconds per trace second, as the emulator's time_scale: 10 stretches the replay tenfold
     assert [it.arrival_s for it in make_workload(spec, time_scale=10)] == pytest.approx([2.5 * i for i in range(6)])
     assert [it.arrival_s for it in make_workload(spec, time_scale=0.1)] == pytest.approx([0.025 * i for i in range(6)])
+    # speedup: the trace's rate times 4, in device time; on the same clock
+    assert [it.arrival_s for it in make_workload(spec, time_scale=2, speedup=4)] == pytest.approx([0.125 * i for i in range(6)])
     assert len(make_workload(spec, 1, max_requests=4)) == 4  # num_requests is ignored for traces
     assert len(make_workload(spec, max_requests=100)) == 6
 
@@ -199,6 +201,7 @@ def test_sample_trace_is_regenerated_by_its_script():
     ("random", {"block_tokens": 0}, "block_tokens"),
     ("trace:", {}, "trace:PATH"),
     ("trace:{sample}", {"time_scale": 0}, "time_scale"),
+    ("trace:{sample}", {"speedup": -1}, "speedup"),
     ("trace:{sample}", {"max_requests": 0}, "max_requests"),
 ])
 def test_bad_arguments(spec, kwargs, match):

@@ -27,7 +27,7 @@ def _workload(args, vocab_size: int, time_scale: float):
 
     return make_workload(args.workload, args.requests, seed=args.seed, token_range=(16, vocab_size),
                          input_len=args.input_len, output_len=args.output_len, block_tokens=args.block_tokens,
-                         time_scale=time_scale, max_requests=args.max_requests,
+                         time_scale=time_scale, speedup=args.speedup, max_requests=args.max_requests,
                          num_prefixes=args.num_prefixes, prefix_len=args.prefix_len, turns=args.turns)
 
 
@@ -171,3 +171,6 @@ def _workload_args(p) -> None:
                         "it, and an emulated manifest started here sleeps by it (default: that manifest's "
                         "time_scale, else 1); latencies then read in device seconds")
     p.add_argument("--max-requests", type=_positive, default=None, help="trace: replay at most this many lines")
+    p.add_argument("--speedup", type=_positive_float, default=1.0,
+                   help="trace: replay it this many times as fast, in device time (the offered load: a cluster "
+                        "smaller than the trace's sees a share of it)")

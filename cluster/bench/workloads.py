@@ -15,7 +15,9 @@ Specs:
 - `trace:PATH`: replay a Mooncake JSONL trace (hash ids of 512-token blocks
   become reproducible blocks of `block_tokens` token ids; lengths scale alike;
   arrival times are the trace's times `time_scale` wall seconds per second, the
-  emulator's `time_scale`, so one knob slows a whole experiment down alike).
+  emulator's `time_scale`, so one knob slows a whole experiment down alike;
+  `speedup` replays the trace that many times as fast in device time: the
+  offered load, for a cluster smaller than the trace's).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class WorkItem:
 
 def make_workload(spec: str, num_requests: int = 100, *, seed: int = 0, token_range: tuple[int, int] = (16, 512),
                   input_len: int = 128, output_len: int = 32, block_tokens: int = 16, time_scale: float = 1.0,
+                  speedup: float = 1.0,
                   max_requests: int | None = None, num_prefixes: int = 4, prefix_len: int = 96,
                   turns: int = 4) -> list[WorkItem]:
     """spec: "random" | "shared-prefix" | "multi-turn" | "trace:PATH".
@@ -51,7 +54,8 @@ def make_workload(spec: str, num_requests: int = 100, *, seed: int = 0, token_ra
     Synthetic specs make `num_requests` items with lengths around `input_len` /
     `output_len`; `trace:PATH` replays (at most `max_requests` lines of) a
     Mooncake trace with `block_tokens` tokens per hash id and arrival times
-    multiplied by `time_scale` (wall seconds per trace second). Token ids are drawn from [token_range[0], token_range[1]).
+    multiplied by `time_scale` (wall seconds per trace second) and divided by `speedup` (the
+    replay's rate against the trace's). Token ids are drawn from [token_range[0], token_range[1]).
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"workload spec must be a non-empty string, got {spec!r}")
@@ -61,12 +65,12 @@ def make_workload(spec: str, num_requests: int = 100, *, seed: int = 0, token_ra
         path = spec[len("trace:"):]
         if not path:
             raise ValueError("workload spec 'trace:PATH' needs a path after 'trace:'")
-        if isinstance(time_scale, bool) or not isinstance(time_scale, (int, float)) \
-                or not math.isfinite(time_scale) or time_scale <= 0:
-            raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
+        for name, value in (("time_scale", time_scale), ("speedup", speedup)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if max_requests is not None:
             _positive_int("max_requests", max_requests)
-        return _trace(Path(path), seed, low, high, block_tokens, float(time_scale), max_requests)
+        return _trace(Path(path), seed, low, high, block_tokens, time_scale / speedup, max_requests)
     if spec not in ("random", "shared-prefix", "multi-turn"):
         raise ValueError(f"unknown workload spec {spec!r}: expected random, shared-prefix, multi-turn or trace:PATH")
     _positive_int("num_requests", num_requests)
