@@ -207,6 +207,50 @@ def test_a_starved_request_holds_the_line():
     assert order == ["first", "small", "long", "late"]
 
 
+def _congested(policy: str, starvation_ms: float = 60_000) -> list[tuple[str, str, int]]:
+    """Two instances, one prefill at a time each, both busy: "b-holder" holds the
+    prefix of a conversation's next turn, which queues behind four requests with
+    nothing cached anywhere. Room frees on "a-free", then on the holder. Returns
+    (request, instance, cached blocks) of the two dispatches."""
+    prefix = list(range(100, 120))  # 20 blocks of 16 tokens
+
+    async def scenario():
+        holder, free = FakeEngine(holding=prefix), FakeEngine()
+        master = _master({"b-holder": holder, "a-free": free}, policy=policy,
+                         budgets=Budgets(prefill_max_num_seqs=1, decode_max_num_seqs=64),
+                         sorting=SortingConfig(enabled=False, starvation_ms=starvation_ms))
+        await master.start()
+        await _until(lambda: master.instances["b-holder"].index.hashes == set(prefix))
+        for name in master.instances:
+            master.instances[name].load.start_prefill(f"busy-{name}", 50)
+        tasks = [asyncio.create_task(master.schedule(f"q{i}", 400, 4, [])) for i in range(4)]
+        tasks.append(asyncio.create_task(master.schedule("turn2", 400, 4, prefix)))
+        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.02)  # (starvation_ms=1: all of them starved by now)
+        for name in ("a-free", "b-holder"):
+            master.instances[name].load.finish(f"busy-{name}")
+            master._wake.set()
+            await asyncio.sleep(0.05)
+        for t in tasks:
+            t.cancel()
+        return [(e["request_id"], e["decode"], e["local_blocks"]) for e in master.dispatch_log]
+
+    return asyncio.run(scenario())
+
+
+def test_omni_gives_the_room_freed_on_the_holder_to_the_conversations_next_turn():
+    assert _congested("omni") == [("q0", "a-free", 0), ("turn2", "b-holder", 20)]
+
+
+@pytest.mark.parametrize("policy", ["omni_reference", "cache_aware", "round_robin"])
+def test_a_policy_that_does_not_wait_gives_each_room_to_the_first_in_line(policy):
+    assert [(rid, inst) for rid, inst, _ in _congested(policy)] == [("q0", "a-free"), ("q1", "b-holder")]
+
+
+def test_starved_requests_go_first_in_line_onto_any_room():
+    assert [(rid, inst) for rid, inst, _ in _congested("omni", starvation_ms=1)] == [("q0", "a-free"), ("q1", "b-holder")]
+
+
 def test_the_decode_queue_is_served_in_decode_weight_order():
     budgets = Budgets(decode_max_num_seqs=1)
     roles = {"p0": "prefill", "d0": "decode"}

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 MASTER_NAME = "omniray_master"
 DISPATCH_LOG_LEN = 256  # decisions kept for the cluster view
+AFFINITY_SCAN = 256  # queued requests, in order, that the affinity pass considers per round
 LATENCY_WINDOW = 256  # recent requests' TTFT/TPOT kept for the autoscaler's SLO attainment
 # refreshes in a row an engine may leave unanswered (slow, not dead: a busy host) before
 # it leaves routing; one that died leaves at once (Ray Serve's health checks likewise
@@ -381,27 +382,72 @@ class OmniMaster:
         return [i for i in self._candidates(roles) if i.load.fits_prefill(1, self.budgets)]
 
     def _dispatch_prefill(self) -> None:
-        """Assign queued requests, in weighted order, to instances under their budgets."""
+        """Assign queued requests, in weighted order, to instances under their budgets.
+        With a policy that waits for its choice, a first pass gives free room to the
+        requests whose prefix is held there and nowhere else as much (see _affine)."""
         now = time.monotonic()
         roles = self._dispatch_roles()
-        parallel = self.has_pd and self.pd_mode == "parallel"
         open_ = self._open(roles)
         if not (open_ and self.queue):
             return  # under overload the common case: no need to sort the queue
-        for req in self.sorter.prefill_order([w.req for w in self.queue.values()], now):
+        order = self.sorter.prefill_order([w.req for w in self.queue.values()], now)
+        for req in order:
+            req.global_depth = self.global_index.depth(req.block_hashes)
+        if self.policy.waits_for_choice and not self.sorter.starved(order[0], now):
+            for req in order[:AFFINITY_SCAN]:
+                inst = self._affine(req, open_, roles)
+                if inst is not None and self._place(req, inst, now):
+                    open_ = self._open(roles)
+                    if not open_:
+                        return
+        for req in order:
+            if req.request_id not in self.queue:
+                continue  # placed by the first pass
             if not open_:
                 return  # every instance is at its budgets: nothing else fits either
-            req.global_depth = self.global_index.depth(req.block_hashes)
+            starved = self.sorter.starved(req, now)
             fits = [i for i in open_ if i.load.fits_prefill(self._uncached(req, i), self.budgets)]
-            decodes = [d for d in self._candidates(("decode",)) if d.load.fits_decode(self.budgets)] if parallel else []
-            if not fits or (parallel and not decodes):
-                if self.sorter.starved(req, now):
+            inst = self._choose(req, fits, roles, starved) if fits else None
+            if inst is None or not self._place(req, inst, now):
+                if starved:
                     return  # hold the line: the next room is the starved request's
                 continue
-            inst = self.instances[self.policy.choose(req, [i.view() for i in fits], self.block_size).name]
-            dec = self.instances[self.policy.choose_decode(req, [d.view() for d in decodes]).name] if parallel else None
-            self._assign(self.queue.pop(req.request_id), inst, dec, now)
-            open_ = [i for i in open_ if i.load.fits_prefill(1, self.budgets)]
+            open_ = self._open(roles)
+
+    def _choose(self, req: QueuedRequest, fits: list[InstanceRef], roles: tuple[str, ...],
+                starved: bool) -> InstanceRef | None:
+        """The policy's choice among the instances with room (`fits`); a policy that
+        waits for its choice chooses among every healthy instance, and None means the
+        request waits for a full one (unless it is starved: then the best with room)."""
+        pool = fits if starved or not self.policy.waits_for_choice else self._candidates(roles)
+        pick = self.instances[self.policy.choose(req, [i.view() for i in pool], self.block_size, len(self.queue)).name]
+        return pick if any(pick is f for f in fits) else None
+
+    def _affine(self, req: QueuedRequest, open_: list[InstanceRef], roles: tuple[str, ...]) -> InstanceRef | None:
+        """The open instance that is the policy's choice for `req` and holds more of
+        its prefix than any other instance: room freed on the instance holding a
+        conversation goes to its next turn before a request that would do as well
+        anywhere (else, under load, whichever request is first takes the room the
+        turn waits for, and the conversation scatters)."""
+        every = self._candidates(roles)
+        depth = {i.name: i.index.depth(req.block_hashes) for i in every}
+        best = max(depth.values(), default=0)
+        holders = [i for i in open_ if depth[i.name] == best > 0]
+        if len(holders) != 1 or sum(d == best for d in depth.values()) > 1:
+            return None
+        fits = [i for i in holders if i.load.fits_prefill(self._uncached(req, i), self.budgets)]
+        return self._choose(req, fits, roles, starved=False) if fits else None
+
+    def _place(self, req: QueuedRequest, inst: InstanceRef, now: float) -> bool:
+        """Dispatch `req` to `inst` (and, parallel P/D, to a decode instance with room)."""
+        dec = None
+        if self.has_pd and self.pd_mode == "parallel":
+            decodes = [d for d in self._candidates(("decode",)) if d.load.fits_decode(self.budgets)]
+            if not decodes:
+                return False
+            dec = self.instances[self.policy.choose_decode(req, [d.view() for d in decodes]).name]
+        self._assign(self.queue.pop(req.request_id), inst, dec, now)
+        return True
 
     def _assign(self, waiting: Waiting, inst: InstanceRef, dec: InstanceRef | None, now: float) -> None:
         req = waiting.req

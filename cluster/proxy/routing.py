@@ -21,7 +21,8 @@ tokens, scanning round robin from the last choice. The cached prefix always
 wins, however long the queue behind it. ``omni`` trades the two in one
 formula, every term in tokens of prefill work:
 
-    score = cached_tokens - alpha * queued_tokens - beta * running * block_size
+    score = (1 + kappa * congestion) * cached_tokens
+            - alpha * queued_tokens - beta * running * block_size
 
     cached_tokens = match_depth * block_size   prefix KV the instance holds, not recomputed
                   + gamma * max(0, global_depth - match_depth) * block_size
@@ -31,10 +32,19 @@ formula, every term in tokens of prefill work:
     alpha (1.0)   one queued token ahead of us costs one token of prefill
     beta  (0.5)   each running sequence slows every step of the batch we join by
                   about half a block of prefill (a stand-in for predicted batch time)
+    congestion    requests waiting in the master's prefill queue per candidate
+    kappa (1.0)   every token a request recomputes is capacity that each of them
+                  waits for: the busier the cluster, the more a cached token is
+                  worth (idle, the score is the request's own predicted TTFT)
 
-Candidates with fewer free KV blocks than ``ceil((prompt_tokens + max_tokens) /
-block_size)`` are skipped unless none qualify. Highest score wins; ties go to
-fewer queued tokens, then name.
+Unlike the others, ``omni`` is given every healthy instance, those at their
+budgets too (their queued tokens and running requests count against them), and
+a request whose best instance is full waits in the master's queue for it while
+requests behind it may go elsewhere (``waits_for_choice``): under load, taking
+whichever instance frees up first would scatter every conversation. A starved
+request takes the best instance with room. Candidates with fewer free KV blocks
+than ``ceil((prompt_tokens + max_tokens) / block_size)`` are skipped unless none
+qualify. Highest score wins; ties go to fewer queued tokens, then name.
 
 Decode (P/D): every policy picks the decode instance with the fewest decode
 tokens (prompt + max_tokens of the requests decoding there), then fewest
@@ -65,6 +75,7 @@ class RoutingConfig:
     omni_alpha: float = 1.0  # omni: weight of a queued token against a cached one
     omni_beta: float = 0.5  # omni: blocks of prefill one running sequence costs
     omni_gamma: float = 0.5  # omni: worth of a global-cache block against a held one
+    omni_kappa: float = 1.0  # omni: how much a cached token is worth more per request waiting per instance
     cache_threshold: float = 0.5  # cache_aware: least match ratio that earns affinity
     balance_abs_threshold: float = 32  # cache_aware: load gap (tokens) that may be imbalance...
     balance_rel_threshold: float = 1.5  # ...if the busiest also has this times the idlest's load
@@ -100,9 +111,14 @@ class InstanceView:
 
 class RoutingPolicy(Protocol):
     name: str
+    # True: `choose` is given every healthy instance, also those at their budgets, and
+    # the request waits for its choice; False: only those under their budgets
+    waits_for_choice: bool
 
-    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView:
-        """The prefill (or mixed) instance for ``req`` among ``candidates``."""
+    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int,
+               waiting: int = 0) -> InstanceView:
+        """The prefill (or mixed) instance for ``req`` among ``candidates``;
+        ``waiting``: requests in the master's prefill queue (the congestion)."""
 
     def choose_decode(self, req: QueuedRequest, candidates: list[InstanceView]) -> InstanceView:
         """The decode instance for a prefilled ``req`` (P/D) among ``candidates``."""
@@ -114,6 +130,8 @@ def _least_loaded_key(v: InstanceView) -> tuple[int, int, str]:
 
 class _DecodeByTokens:
     """The decode choice every policy shares (the module docstring)."""
+
+    waits_for_choice = False
 
     def choose_decode(self, req: QueuedRequest, candidates: list[InstanceView]) -> InstanceView:
         return min(candidates, key=lambda v: (v.decode_tokens, v.running, v.name))
@@ -144,7 +162,8 @@ class RoundRobin(_DecodeByTokens):
     def __init__(self, config: RoutingConfig | None = None):
         self.cursor = _RoundRobinCursor()
 
-    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView:
+    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int,
+               waiting: int = 0) -> InstanceView:
         return self.cursor.took(self.cursor.rotation(candidates)[0])
 
 
@@ -156,7 +175,8 @@ class LeastLoaded(_DecodeByTokens):
     def __init__(self, config: RoutingConfig | None = None):
         pass
 
-    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView:
+    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int,
+               waiting: int = 0) -> InstanceView:
         return min(candidates, key=_least_loaded_key)
 
 
@@ -181,7 +201,8 @@ class CacheAware(_DecodeByTokens):
         hi, lo = max(v.load for v in candidates), min(v.load for v in candidates)
         return hi - lo > self.balance_abs_threshold and hi > self.balance_rel_threshold * lo
 
-    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView:
+    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int,
+               waiting: int = 0) -> InstanceView:
         least = min(candidates, key=_least_loaded_key)
         if self.imbalanced(candidates) or not req.block_hashes:
             return least
@@ -198,7 +219,8 @@ class OmniReference(_DecodeByTokens):
     def __init__(self, config: RoutingConfig | None = None):
         self.cursor = _RoundRobinCursor()
 
-    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView:
+    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int,
+               waiting: int = 0) -> InstanceView:
         depth = {v.name: v.match_depth(req.block_hashes) for v in candidates}
         if max(depth.values()) > 0:
             return self.cursor.took(min(candidates, key=lambda v: (-depth[v.name], *_least_loaded_key(v))))
@@ -211,24 +233,30 @@ class Omni(_DecodeByTokens):
 
     name = "omni"
 
+    waits_for_choice = True
+
     def __init__(self, config: RoutingConfig | None = None):
         c = config or RoutingConfig()
         self.alpha, self.beta, self.gamma = c.omni_alpha, c.omni_beta, c.omni_gamma
+        self.kappa = c.omni_kappa
 
     @staticmethod
     def blocks_needed(req: QueuedRequest, block_size: int) -> int:
         return math.ceil((req.prompt_tokens + req.max_tokens) / block_size)
 
-    def score(self, req: QueuedRequest, v: InstanceView, block_size: int) -> float:
-        """cached_tokens - alpha * queued_tokens - beta * running * block_size."""
+    def score(self, req: QueuedRequest, v: InstanceView, block_size: int, congestion: float = 0.0) -> float:
+        """(1 + kappa * congestion) * cached_tokens - alpha * queued_tokens - beta * running * block_size."""
         depth = v.match_depth(req.block_hashes)
         cached_tokens = (depth + self.gamma * max(0, req.global_depth - depth)) * block_size
-        return cached_tokens - self.alpha * v.queued_tokens - self.beta * v.running * block_size
+        return ((1 + self.kappa * congestion) * cached_tokens - self.alpha * v.queued_tokens
+                - self.beta * v.running * block_size)
 
-    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int) -> InstanceView:
+    def choose(self, req: QueuedRequest, candidates: list[InstanceView], block_size: int,
+               waiting: int = 0) -> InstanceView:
         need = self.blocks_needed(req, block_size)
         room = [v for v in candidates if v.free_blocks >= need] or candidates
-        return min(room, key=lambda v: (-self.score(req, v, block_size), v.queued_tokens, v.name))
+        congestion = waiting / len(candidates)
+        return min(room, key=lambda v: (-self.score(req, v, block_size, congestion), v.queued_tokens, v.name))
 
 
 POLICIES: dict[str, type] = {p.name: p for p in (RoundRobin, LeastLoaded, CacheAware, OmniReference, Omni)}
