@@ -83,7 +83,8 @@ def launch_backend(manifest: Manifest) -> tuple[list[Instance], object, object]:
     instances = launch_manifest(manifest, refs)
     p = manifest.proxy
     sorting = SortingConfig(enabled=p.weighted_sorting, token_weight=p.token_weight, time_weight=p.time_weight,
-                            starvation_ms=p.starvation_ms, decode_max_tokens_weight=p.decode_max_tokens_weight)
+                            starvation_ms=p.starvation_ms, decode_max_tokens_weight=p.decode_max_tokens_weight,
+                            time_scale=manifest.time_scale if manifest.compute == "emulated" and manifest.time_scale else 1.0)
     budgets = Budgets(p.max_batch_num_token, p.prefill_max_num_seqs, p.decode_max_num_seqs)
     # the master and the controller come up side by side (each is a new worker process)
     started = []

@@ -121,3 +121,10 @@ def test_decode_order_properties(q, k):
 def test_disabled_fifo_property(q):
     out = WeightedSorter(SortingConfig(enabled=False)).prefill_order(q, 5.0)
     assert [(r.arrival_s, r.request_id) for r in out] == sorted((r.arrival_s, r.request_id) for r in q)
+
+
+def test_waits_are_in_device_time_under_a_time_scale():
+    r = req("a", 100, arrival=0.0)
+    assert WeightedSorter(SortingConfig(time_scale=1.0)).starved(r, now_s=0.6)  # 600 ms >= 400
+    slowed = WeightedSorter(SortingConfig(time_scale=2.0))  # the emulator runs at half speed
+    assert slowed.waited_ms(r, now_s=0.6) == pytest.approx(300.0) and not slowed.starved(r, now_s=0.6)

@@ -18,7 +18,9 @@ Prefill weight of request i (descending):
     weight  = token_weight * token_i + time_weight * time_i
 
 where max_prompt and max_waited_ms are taken over the queue. Requests with
-``waited_ms >= starvation_ms`` go before all others, oldest first.
+``waited_ms >= starvation_ms`` go before all others, oldest first. Waits are
+in device time: wall time / ``time_scale`` (an emulated manifest's, else 1), so
+an experiment slowed down by its time scale keeps the order and the bound.
 
 Decode weight (descending, longest first; starved requests first, as above):
 
@@ -56,6 +58,7 @@ class SortingConfig:
     min_wait_norm_ms: float = 50.0  # floor of the waiting-time normaliser (the original's 50 ms)
     starvation_ms: float = 400.0  # waited this long: served first, whatever its length
     decode_max_tokens_weight: float = 0.0
+    time_scale: float = 1.0  # wall seconds per device second (emulated); waits are in device time
 
 
 def _fifo_key(r: QueuedRequest) -> tuple[float, str]:
@@ -68,9 +71,9 @@ class WeightedSorter:
     def __init__(self, config: SortingConfig | None = None):
         self.config = config or SortingConfig()
 
-    @staticmethod
-    def waited_ms(r: QueuedRequest, now_s: float) -> float:
-        return max(0.0, (now_s - r.arrival_s) * 1000.0)
+    def waited_ms(self, r: QueuedRequest, now_s: float) -> float:
+        """Device milliseconds `r` has waited."""
+        return max(0.0, (now_s - r.arrival_s) * 1000.0 / self.config.time_scale)
 
     def prefill_weights(self, queue: list[QueuedRequest], now_s: float) -> list[float]:
         """The prefill weight of each request (the module docstring's formula), aligned with ``queue``."""
