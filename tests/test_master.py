@@ -251,6 +251,21 @@ def test_starved_requests_go_first_in_line_onto_any_room():
     assert [(rid, inst) for rid, inst, _ in _congested("omni", starvation_ms=1)] == [("q0", "a-free"), ("q1", "b-holder")]
 
 
+def test_omni_does_not_wait_for_a_full_instance_that_holds_no_more_of_the_prefix():
+    budgets = Budgets(max_batch_num_token=10_000, prefill_max_num_seqs=8, decode_max_num_seqs=2)
+
+    async def scenario():
+        master = _master({"a-full": FakeEngine(), "b-open": FakeEngine()}, budgets=budgets)
+        await master.start()
+        full, busy = master.instances["a-full"].load, master.instances["b-open"].load
+        full.start_decode("d1", 100)
+        full.start_decode("d2", 100)  # at its sequence budget, nothing queued: the "least loaded" by tokens
+        busy.start_prefill("p1", 3000)
+        return await asyncio.wait_for(master.schedule("r", 500, 4, []), 5)
+
+    assert asyncio.run(scenario()).decode == "b-open"
+
+
 def test_the_decode_queue_is_served_in_decode_weight_order():
     budgets = Budgets(decode_max_num_seqs=1)
     roles = {"p0": "prefill", "d0": "decode"}

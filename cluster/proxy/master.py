@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 MASTER_NAME = "omniray_master"
 DISPATCH_LOG_LEN = 256  # decisions kept for the cluster view
-AFFINITY_SCAN = 256  # queued requests, in order, that the affinity pass considers per round
 LATENCY_WINDOW = 256  # recent requests' TTFT/TPOT kept for the autoscaler's SLO attainment
 # refreshes in a row an engine may leave unanswered (slow, not dead: a busy host) before
 # it leaves routing; one that died leaves at once (Ray Serve's health checks likewise
@@ -123,6 +122,7 @@ class Waiting:
     req: QueuedRequest
     future: asyncio.Future
     stamps: dict[str, float] = field(default_factory=dict)  # stages at the master (monotonic)
+    holder: str | None = None  # the one instance holding more of its prefix than any other (at arrival)
 
 
 class OmniMaster:
@@ -180,8 +180,10 @@ class OmniMaster:
             raise NoInstanceAvailable(f"no healthy {'/'.join(self._dispatch_roles())} instance")
         req = QueuedRequest(request_id, prompt_tokens, max_tokens, time.monotonic(), list(block_hashes))
         req.global_depth = self.global_index.depth(req.block_hashes)  # APC match: global and per instance
-        req.cached_tokens = max(i.index.depth(req.block_hashes) for i in candidates) * self.block_size
-        waiting = Waiting(req, asyncio.get_running_loop().create_future(), {"prefix_matched": time.monotonic()})
+        depth = {i.name: i.index.depth(req.block_hashes) for i in candidates}
+        req.cached_tokens = max(depth.values()) * self.block_size
+        waiting = Waiting(req, asyncio.get_running_loop().create_future(), {"prefix_matched": time.monotonic()},
+                          _sole_holder(depth))
         self.queue[request_id] = waiting
         waiting.stamps["queued"] = time.monotonic()
         self._wake.set()
@@ -383,20 +385,22 @@ class OmniMaster:
 
     def _dispatch_prefill(self) -> None:
         """Assign queued requests, in weighted order, to instances under their budgets.
-        With a policy that waits for its choice, a first pass gives free room to the
-        requests whose prefix is held there and nowhere else as much (see _affine)."""
+        With a policy that waits for its choice, room freed on the instance that holds
+        more of a request's prefix than any other goes first to such a request (a
+        conversation's next turn) before one that would do as well anywhere: under
+        load, whichever request is first would otherwise take the room the turn waits
+        for, and the conversation would scatter. Starved requests come first in the
+        order and hold the line."""
         now = time.monotonic()
         roles = self._dispatch_roles()
         open_ = self._open(roles)
         if not (open_ and self.queue):
             return  # under overload the common case: no need to sort the queue
         order = self.sorter.prefill_order([w.req for w in self.queue.values()], now)
-        for req in order:
-            req.global_depth = self.global_index.depth(req.block_hashes)
         if self.policy.waits_for_choice and not self.sorter.starved(order[0], now):
-            for req in order[:AFFINITY_SCAN]:
-                inst = self._affine(req, open_, roles)
-                if inst is not None and self._place(req, inst, now):
+            for req in order:
+                inst = next((i for i in open_ if i.name == self.queue[req.request_id].holder), None)
+                if inst is not None and self._holds_most(req, inst, roles) and self._place(req, inst, now):
                     open_ = self._open(roles)
                     if not open_:
                         return
@@ -405,38 +409,35 @@ class OmniMaster:
                 continue  # placed by the first pass
             if not open_:
                 return  # every instance is at its budgets: nothing else fits either
+            req.global_depth = self.global_index.depth(req.block_hashes)
             starved = self.sorter.starved(req, now)
-            fits = [i for i in open_ if i.load.fits_prefill(self._uncached(req, i), self.budgets)]
-            inst = self._choose(req, fits, roles, starved) if fits else None
+            inst = self._choose(req, open_, starved)
             if inst is None or not self._place(req, inst, now):
                 if starved:
                     return  # hold the line: the next room is the starved request's
                 continue
             open_ = self._open(roles)
 
-    def _choose(self, req: QueuedRequest, fits: list[InstanceRef], roles: tuple[str, ...],
-                starved: bool) -> InstanceRef | None:
-        """The policy's choice among the instances with room (`fits`); a policy that
-        waits for its choice chooses among every healthy instance, and None means the
-        request waits for a full one (unless it is starved: then the best with room)."""
-        pool = fits if starved or not self.policy.waits_for_choice else self._candidates(roles)
-        pick = self.instances[self.policy.choose(req, [i.view() for i in pool], self.block_size, len(self.queue)).name]
-        return pick if any(pick is f for f in fits) else None
-
-    def _affine(self, req: QueuedRequest, open_: list[InstanceRef], roles: tuple[str, ...]) -> InstanceRef | None:
-        """The open instance that is the policy's choice for `req` and holds more of
-        its prefix than any other instance: room freed on the instance holding a
-        conversation goes to its next turn before a request that would do as well
-        anywhere (else, under load, whichever request is first takes the room the
-        turn waits for, and the conversation scatters)."""
-        every = self._candidates(roles)
-        depth = {i.name: i.index.depth(req.block_hashes) for i in every}
-        best = max(depth.values(), default=0)
-        holders = [i for i in open_ if depth[i.name] == best > 0]
-        if len(holders) != 1 or sum(d == best for d in depth.values()) > 1:
+    def _choose(self, req: QueuedRequest, open_: list[InstanceRef], starved: bool) -> InstanceRef | None:
+        """The policy's choice among the open instances where `req` fits; None: it
+        fits nowhere, or (a policy that waits for its choice) it would rather wait
+        for the full instance holding more of its prefix than any other."""
+        fits = [i for i in open_ if i.load.fits_prefill(self._uncached(req, i), self.budgets)]
+        if not fits:
             return None
-        fits = [i for i in holders if i.load.fits_prefill(self._uncached(req, i), self.budgets)]
-        return self._choose(req, fits, roles, starved=False) if fits else None
+        waiting = len(self.queue)
+        best = self.instances[self.policy.choose(req, [i.view() for i in fits], self.block_size, waiting).name]
+        holder = self.instances.get(self.queue[req.request_id].holder or "")
+        if starved or not self.policy.waits_for_choice or holder is None or any(holder is i for i in fits):
+            return best
+        pick = self.policy.choose(req, [i.view() for i in (*fits, holder)], self.block_size, waiting)
+        return None if pick.name == holder.name else best
+
+    def _holds_most(self, req: QueuedRequest, inst: InstanceRef, roles: tuple[str, ...]) -> bool:
+        """`inst` holds more of the prompt's prefix than every other instance, and it fits there."""
+        depth = inst.index.depth(req.block_hashes)
+        others = (i.index.depth(req.block_hashes) for i in self._candidates(roles) if i is not inst)
+        return depth > max(others, default=0) and inst.load.fits_prefill(self._uncached(req, inst), self.budgets)
 
     def _place(self, req: QueuedRequest, inst: InstanceRef, now: float) -> bool:
         """Dispatch `req` to `inst` (and, parallel P/D, to a decode instance with room)."""
@@ -612,6 +613,14 @@ async def fetch_published(master, timeout_s: float) -> dict | None:
         return await asyncio.wait_for(fetch(), timeout_s)
     except (asyncio.TimeoutError, ray.exceptions.RayError):  # the next poll tries again
         return None
+
+
+def _sole_holder(depth: dict[str, int]) -> str | None:
+    """The instance holding more blocks of the prefix than any other (None: no such one)."""
+    ranked = sorted(depth.items(), key=lambda kv: -kv[1])
+    if not ranked or ranked[0][1] == 0 or (len(ranked) > 1 and ranked[1][1] == ranked[0][1]):
+        return None
+    return ranked[0][0]
 
 
 def _kv_cache_actor():
