@@ -59,6 +59,9 @@ def server_figures(before: dict | None, after: dict | None) -> dict:
     out = {"kv_hit_rate": kv_hit_rate(before, after), "emulation_overrun_fraction": overrun_fraction(before, after),
            "preemptions": _delta(before, after, "preemptions")}
     out.update({key: (after or {}).get(snap_key) for key, snap_key in PEAKS})
+    counters0, counters1 = (before or {}).get("counters", {}), (after or {}).get("counters", {})
+    if "dispatch_s" in counters0 and "dispatch_s" in counters1:  # the master's own time deciding (host seconds)
+        out["master_dispatch_s"] = counters1["dispatch_s"] - counters0["dispatch_s"]
     tok0, tok1 = (before or {}).get("tokenizer"), (after or {}).get("tokenizer")
     if tok0 and tok1:
         for key in ("tokenizer_s", "tokenizer_calls"):

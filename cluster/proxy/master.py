@@ -146,7 +146,8 @@ class OmniMaster:
         self.queue: dict[str, Waiting] = {}  # prefill queue
         self.decode_queue: dict[str, Waiting] = {}  # sequential P/D: prefilled, waiting for a decode instance
         self.assigned: dict[str, Assignment] = {}
-        self.counters = {"dispatched": 0, "finished": 0, "rejected": 0}
+        # dispatch_s: the master's own time in dispatch rounds (its share of an emulated run's host CPU)
+        self.counters = {"dispatched": 0, "finished": 0, "rejected": 0, "dispatch_rounds": 0, "dispatch_s": 0.0}
         self.waits_max = {"queue": 0.0, "decode_queue": 0.0}  # the longest wait in each queue so far
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
@@ -507,8 +508,11 @@ class OmniMaster:
             self._wake.clear()
             try:
                 if not self.paused:
+                    t0 = time.perf_counter()
                     self._dispatch_prefill()
                     self._dispatch_decode()
+                    self.counters["dispatch_rounds"] += 1
+                    self.counters["dispatch_s"] += time.perf_counter() - t0
             except Exception:
                 logger.exception("master dispatch failed")
                 await asyncio.sleep(0.01)
