@@ -106,3 +106,18 @@ def test_gaps_bridge_and_telescope(stamps):
         assert gaps[f"{a}->{b}"] == stamps[b] - stamps[a]
     total = stamps[present[-1]] - stamps[present[0]]
     assert sum(gaps.values()) == pytest.approx(total, abs=1e-6)
+
+
+def test_remote_stages_arrive_as_ages_and_land_on_this_clock():
+    clock = FakeClock()
+    life = Lifecycle("r", clock=clock)
+    life.stamp("received")  # 100.0
+    clock.t = 100.5
+    # the master answered: matched 0.3 s ago, queued 0.3 s ago, dispatched 0.1 s ago
+    life.stamp_ages({"prefix_matched": 0.3, "queued": 0.3, "prefill_scheduled": 0.1})
+    clock.t = 101.0
+    life.stamp_ages({"prefill_done": 0.05})
+    assert life.stamps == pytest.approx({"received": 100.0, "prefix_matched": 100.2, "queued": 100.2,
+                                         "prefill_scheduled": 100.4, "prefill_done": 100.95})
+    life.stamp_ages({"prefill_done": 0.0}, at=200.0)  # a second report of a stage keeps the first
+    assert life.stamps["prefill_done"] == pytest.approx(100.95)
