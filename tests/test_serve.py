@@ -318,17 +318,19 @@ def test_weighted_sorting_dispatches_short_prompts_first(server, http):
 def test_omni_routing_follows_the_cached_prefix(server, http):
     prefix = "Omni placement balances the experts across every NPU of the instance. " * 2
 
-    matched = []
+    matched, cached = [], []
 
     def route(suffix: str) -> str:
         body = http.post("/v1/completions", json={"model": "tiny-gqa-moge", "prompt": prefix + suffix,
                                                   "max_tokens": 1, "debug": True}).json()
         matched.append(body["debug"]["route"]["local_blocks"])
+        cached.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])  # as OpenAI reports it
         return body["debug"]["route"]["prefill"]
 
     holder = route("first")
     assert [route(f"again {i}") for i in range(4)] == [holder] * 4
     assert matched[0] == 0 and min(matched[1:]) >= 2  # the master matched the prompt's blocks on the holder
+    assert cached[0] == 0 and min(cached[1:]) >= 2 * server.manifest.engine.block_size  # and the engine used them
     _configure(server, policy="round_robin")
     try:
         assert len({route(f"rr {i}") for i in range(4)}) == 2  # the baseline ignores the prefix

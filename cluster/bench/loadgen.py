@@ -37,6 +37,7 @@ class RequestResult:
     e2e_s: float | None
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server reports it
 
     @property
     def ok(self) -> bool:
@@ -99,6 +100,7 @@ async def _one(client: httpx.AsyncClient, cfg: LoadConfig, model: str, index: in
                 if chunk.get("usage"):
                     res.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     res.output_tokens = chunk["usage"]["completion_tokens"]
+                    res.cached_tokens = (chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
                 if any(c.get("text") or (c.get("delta") or {}).get("content") for c in chunk.get("choices", [])):
                     now = time.perf_counter()
                     if last is None:

@@ -47,6 +47,7 @@ def to_table(results: list[RequestResult]) -> pa.Table:
         "tpot_s": pa.array([r.tpot_s for r in results], pa.float64()),
         "e2e_s": pa.array([r.e2e_s for r in results], pa.float64()),
         "itl_s": pa.array([r.itl_s for r in results], pa.list_(pa.float64())),
+        "cached_tokens": pa.array([r.cached_tokens for r in results], pa.int64()),
         "error": [r.error for r in results],
     })
 

@@ -262,10 +262,15 @@ class _Out(BaseModel):
         return data
 
 
+class PromptTokensDetails(_Out):
+    cached_tokens: int  # prompt tokens whose KV came from a cache (the instance's prefix cache or the global one)
+
+
 class Usage(_Out):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 def _id(prefix: str):

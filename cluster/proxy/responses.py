@@ -49,8 +49,10 @@ CHAT = ResponseKind(
 
 
 def usage(delta) -> dict:
+    """OpenAI's usage, with the prompt tokens served from a KV cache (as OpenAI and vLLM report them)."""
     return {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
-            "total_tokens": delta.prompt_tokens + delta.completion_tokens}
+            "total_tokens": delta.prompt_tokens + delta.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": delta.cached_tokens}}
 
 
 def _envelope(kind: ResponseKind) -> dict[str, Any]:
