@@ -30,6 +30,6 @@ def test_the_pool_fits_beside_the_weights_and_holds_the_longest_request(name):
 def test_the_two_differ_only_in_the_split():
     routing, pd = load_manifest("routing-72b"), load_manifest("pd-72b")
     assert [i.role for i in routing.instances] == ["mixed"] * 4
-    assert sorted(i.role for i in pd.instances) == ["decode", "decode", "prefill", "prefill"]
+    assert sorted(i.role for i in pd.instances) == ["decode", "prefill", "prefill", "prefill"]
     assert routing.engine == pd.engine and routing.proxy == pd.proxy and routing.model == pd.model
     assert routing.time_scale == pd.time_scale  # one clock: bench compare runs them side by side
