@@ -96,6 +96,7 @@ class ProxySettings(BaseModel):
     omni_beta: float = Field(0.5, ge=0.0)
     omni_gamma: float = Field(0.5, ge=0.0)
     omni_kappa: float = Field(1.0, ge=0.0)
+    omni_waits: bool = True
     cache_threshold: float = Field(0.5, ge=0.0, le=1.0)
     balance_abs_threshold: float = Field(32.0, ge=0.0)
     balance_rel_threshold: float = Field(1.5, ge=1.0)

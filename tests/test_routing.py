@@ -208,11 +208,11 @@ def test_make_policy():
 def test_every_constant_is_a_manifest_setting():
     from cluster.config import ProxySettings
 
-    values = dict(omni_alpha=0.25, omni_beta=2.0, omni_gamma=0.0, omni_kappa=3.0, cache_threshold=0.9,
-                  balance_abs_threshold=7, balance_rel_threshold=3.0)
+    values = dict(omni_alpha=0.25, omni_beta=2.0, omni_gamma=0.0, omni_kappa=3.0, omni_waits=False,
+                  cache_threshold=0.9, balance_abs_threshold=7, balance_rel_threshold=3.0)
     assert routing_config(ProxySettings(**values)) == RoutingConfig(**values)
     om = make_policy("omni", routing_config(ProxySettings(**values)))
-    assert (om.alpha, om.beta, om.gamma, om.kappa) == (0.25, 2.0, 0.0, 3.0)
+    assert (om.alpha, om.beta, om.gamma, om.kappa, om.waits_for_choice) == (0.25, 2.0, 0.0, 3.0, False)
 
 
 instances = st.lists(

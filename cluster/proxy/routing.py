@@ -40,9 +40,9 @@ formula, every term in tokens of prefill work:
 Unlike the others, ``omni`` is given every healthy instance, those at their
 budgets too (their queued tokens and running requests count against them), and
 a request whose best instance is full waits in the master's queue for it while
-requests behind it may go elsewhere (``waits_for_choice``): under load, taking
-whichever instance frees up first would scatter every conversation. A starved
-request takes the best instance with room. Candidates with fewer free KV blocks
+requests behind it may go elsewhere (``waits_for_choice``; ``omni_waits: false``
+switches it off): under load, taking whichever instance frees up first would
+scatter every conversation. A starved request takes the best instance with room. Candidates with fewer free KV blocks
 than ``ceil((prompt_tokens + max_tokens) / block_size)`` are skipped unless none
 qualify. Highest score wins; ties go to fewer queued tokens, then name.
 
@@ -76,6 +76,7 @@ class RoutingConfig:
     omni_beta: float = 0.5  # omni: blocks of prefill one running sequence costs
     omni_gamma: float = 0.5  # omni: worth of a global-cache block against a held one
     omni_kappa: float = 1.0  # omni: how much a cached token is worth more per request waiting per instance
+    omni_waits: bool = True  # omni: a request may wait for a full instance that holds more of its prefix
     cache_threshold: float = 0.5  # cache_aware: least match ratio that earns affinity
     balance_abs_threshold: float = 32  # cache_aware: load gap (tokens) that may be imbalance...
     balance_rel_threshold: float = 1.5  # ...if the busiest also has this times the idlest's load
@@ -233,12 +234,11 @@ class Omni(_DecodeByTokens):
 
     name = "omni"
 
-    waits_for_choice = True
-
     def __init__(self, config: RoutingConfig | None = None):
         c = config or RoutingConfig()
         self.alpha, self.beta, self.gamma = c.omni_alpha, c.omni_beta, c.omni_gamma
         self.kappa = c.omni_kappa
+        self.waits_for_choice = c.omni_waits
 
     @staticmethod
     def blocks_needed(req: QueuedRequest, block_size: int) -> int:
