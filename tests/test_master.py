@@ -207,6 +207,27 @@ def test_a_starved_request_holds_the_line():
     assert order == ["first", "small", "long", "late"]
 
 
+def test_a_starved_request_reserves_the_instance_that_drains_first_and_the_others_keep_working():
+    budgets = Budgets(max_batch_num_token=100, prefill_max_num_seqs=8, decode_max_num_seqs=64)
+
+    async def scenario():
+        master = _master({"a": FakeEngine(), "b": FakeEngine()}, budgets=budgets,
+                         sorting=SortingConfig(starvation_ms=50))
+        await master.start()
+        a, b = master.instances["a"].load, master.instances["b"].load
+        a.start_prefill("a-busy", 40)
+        b.start_prefill("b-busy", 70)
+        long = asyncio.create_task(master.schedule("long", 90, 4, []))  # fits on neither now
+        await asyncio.sleep(0.1)  # starved: it reserves "a" (40 queued tokens drain before 70)
+        small = await asyncio.wait_for(master.schedule("small", 20, 4, []), 5)  # "a" is reserved: "b"
+        waiting = not long.done()
+        a.finish("a-busy")
+        master._wake.set()
+        return small.decode, waiting, (await asyncio.wait_for(long, 5)).decode
+
+    assert asyncio.run(scenario()) == ("b", True, "a")
+
+
 def _congested(policy: str, starvation_ms: float = 60_000) -> list[tuple[str, str, int]]:
     """Two instances, one prefill at a time each, both busy: "b-holder" holds the
     prefix of a conversation's next turn, which queues behind four requests with

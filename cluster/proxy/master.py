@@ -386,38 +386,54 @@ class OmniMaster:
 
     def _dispatch_prefill(self) -> None:
         """Assign queued requests, in weighted order, to instances under their budgets.
-        With a policy that waits for its choice, room freed on the instance that holds
-        more of a request's prefix than any other goes first to such a request (a
-        conversation's next turn) before one that would do as well anywhere: under
+
+        Starved requests lead the order. One that fits nowhere reserves the instance
+        that will have room for it soonest (the fewest queued tokens): nothing else
+        goes there until it fits, while the other instances go on taking work (a
+        reservation, as backfilling schedulers make one, rather than holding the
+        whole line: one long prompt waiting for room must not idle every instance).
+        Then, with a policy that waits for its choice, room freed on the instance that
+        holds more of a request's prefix than any other goes first to such a request
+        (a conversation's next turn) before one that would do as well anywhere: under
         load, whichever request is first would otherwise take the room the turn waits
-        for, and the conversation would scatter. Starved requests come first in the
-        order and hold the line."""
+        for, and the conversation would scatter. Then the rest, in order."""
         now = time.monotonic()
         roles = self._dispatch_roles()
-        open_ = self._open(roles)
-        if not (open_ and self.queue):
+        if not (self._open(roles) and self.queue):
             return  # under overload the common case: no need to sort the queue
         order = self.sorter.prefill_order([w.req for w in self.queue.values()], now)
-        if self.policy.waits_for_choice and not self.sorter.starved(order[0], now):
-            for req in order:
-                inst = next((i for i in open_ if i.name == self.queue[req.request_id].holder), None)
-                if inst is not None and self._holds_most(req, inst, roles) and self._place(req, inst, now):
-                    open_ = self._open(roles)
-                    if not open_:
-                        return
-        for req in order:
-            if req.request_id not in self.queue:
-                continue  # placed by the first pass
-            if not open_:
-                return  # every instance is at its budgets: nothing else fits either
+        reserved: set[str] = set()
+
+        def open_now() -> list[InstanceRef]:
+            return [i for i in self._open(roles) if i.name not in reserved]
+
+        for req in order:  # the starved, first in the order
+            if not self.sorter.starved(req, now):
+                break
             req.global_depth = self.global_index.depth(req.block_hashes)
-            starved = self.sorter.starved(req, now)
-            inst = self._choose(req, open_, starved)
+            inst = self._choose(req, open_now(), starved=True)
             if inst is None or not self._place(req, inst, now):
-                if starved:
-                    return  # hold the line: the next room is the starved request's
-                continue
-            open_ = self._open(roles)
+                free = [i for i in self._candidates(roles) if i.name not in reserved]
+                if not free:
+                    return
+                reserved.add(min(free, key=lambda i: (i.load.queued_tokens, i.name)).name)
+        if self.policy.waits_for_choice:
+            for req in order:
+                if req.request_id not in self.queue:
+                    continue
+                inst = next((i for i in open_now() if i.name == self.queue[req.request_id].holder), None)
+                if inst is not None and self._holds_most(req, inst, roles):
+                    self._place(req, inst, now)
+        for req in order:
+            if req.request_id not in self.queue or self.sorter.starved(req, now):
+                continue  # placed above, or starved and waiting on its reservation
+            open_ = open_now()
+            if not open_:
+                return  # every instance is at its budgets or reserved: nothing else fits either
+            req.global_depth = self.global_index.depth(req.block_hashes)
+            inst = self._choose(req, open_, starved=False)
+            if inst is not None:
+                self._place(req, inst, now)
 
     def _choose(self, req: QueuedRequest, open_: list[InstanceRef], starved: bool) -> InstanceRef | None:
         """The policy's choice among the open instances where `req` fits; None: it
