@@ -62,11 +62,11 @@ def _gib(n: float) -> str:
 def render(snap: dict):
     """The cluster view as rich renderables."""
     head = (f"policy [bold]{snap.get('policy')}[/bold]  P/D {snap.get('pd_mode')}  "
-            f"queue {snap.get('queue_length')}/{snap.get('max_queue')}  "
+            f"queue {snap.get('queue_length')}/{snap.get('max_queue')} (decode {snap.get('decode_queue_length', 0)})  "
             f"paused {snap.get('paused')}  counters {snap.get('counters')}")
     inst = Table(title="instances", expand=True)
-    for col in ("instance", "role", "healthy", "running", "waiting", "in flight", "free KV blocks", "cached prefixes",
-                "expert imbalance (per layer)"):
+    for col in ("instance", "role", "healthy", "running", "waiting", "in flight", "queued tokens", "free KV blocks",
+                "cached prefixes", "expert imbalance (per layer)"):
         inst.add_column(col)
     npus = Table(title="NPUs", expand=True)
     for col in ("npu", "device", "HBM", "used GiB", "of GiB", "experts held"):
@@ -78,7 +78,7 @@ def render(snap: dict):
         loads = device_loads(i.get("npus", []))
         imb = " ".join(f"{imbalance_score(v):.2f}" for _, v in sorted(loads.items())) or "-"
         inst.add_row(i["name"], i["role"], "yes" if i["healthy"] else "[red]no[/red]", str(e.get("running", "-")),
-                     str(e.get("waiting", "-")), str(i.get("inflight", 0)),
+                     str(e.get("waiting", "-")), str(i.get("inflight", 0)), str(i.get("queued_tokens", "-")),
                      f"{min(free)}/{min(total)}" if free and total else "-", str(i.get("cached_prefix_blocks", 0)), imb)
         for n in i.get("npus", []):
             hbm = n.get("hbm", {})
