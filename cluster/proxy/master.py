@@ -394,8 +394,7 @@ class OmniMaster:
         whole line: one long prompt waiting for room must not idle every instance).
         Then, with a policy that waits for its choice, room freed on the instance that
         holds more of a request's prefix than any other goes first to such a request
-        (a conversation's next turn) that the policy would send there, before one that
-        would do as well anywhere: under
+        (a conversation's next turn) before one that would do as well anywhere: under
         load, whichever request is first would otherwise take the room the turn waits
         for, and the conversation would scatter. Then the rest, in order."""
         now = time.monotonic()
@@ -423,7 +422,7 @@ class OmniMaster:
                 if req.request_id not in self.queue:
                     continue
                 inst = next((i for i in open_now() if i.name == self.queue[req.request_id].holder), None)
-                if inst is not None and self._holds_most(req, inst, roles) and self._choose(req, open_now(), False) is inst:
+                if inst is not None and self._holds_most(req, inst, roles):
                     self._place(req, inst, now)
         for req in order:
             if req.request_id not in self.queue or self.sorter.starved(req, now):
