@@ -55,7 +55,8 @@ def test_bench_serve_summary_matches_parquet(server, tmp_path):
     assert summary["ttft_p50_short_third_s"] == np.percentile([r["ttft_s"] for r in shortest], 50)
     # a server at --url: the time scale stretches only the arrivals (none here), the summary stays in wall seconds
     assert summary["time_scale"] == 3.0 and summary["latency_unit"] == "wall_s"
-    for key in ("emulation_overrun_fraction", "max_queue_wait_s", "max_decode_queue_wait_s", "starvation_ms"):
+    for key in ("emulation_overrun_fraction", "emulation_host_gap_fraction", "max_queue_wait_s",
+                "max_decode_queue_wait_s", "starvation_ms"):
         assert key in summary  # None until the server publishes it
     assert png.stat().st_size > 10_000
 

@@ -10,7 +10,7 @@ import pytest
 from cluster.bench.clock import Clock, experiment_clock, with_clock
 from cluster.bench.loadgen import RequestResult
 from cluster.bench.report import SLO, summarize, to_table
-from cluster.bench.server_view import overrun_fraction, overrun_warning, server_figures
+from cluster.bench.server_view import host_gap_fraction, overrun_fraction, overrun_warning, server_figures
 from cluster.config import MANIFEST_DIR, parse_manifest
 
 
@@ -73,6 +73,17 @@ def test_overrun_fraction_is_over_all_instances_and_unknown_without_its_keys():
     assert overrun_fraction(None, after) is None
 
 
+def test_host_gap_fraction_is_the_engines_time_between_steps_over_their_busy_time():
+    before = _snap(("prefill", {"host_gap_s": 1.0, "step_wall_s": 10.0}), ("decode", {"host_gap_s": 0.0, "step_wall_s": 2.0}))
+    after = _snap(("prefill", {"host_gap_s": 4.0, "step_wall_s": 30.0}), ("decode", {"host_gap_s": 1.0, "step_wall_s": 8.0}))
+    assert host_gap_fraction(before, after) == pytest.approx(4 / (4 + 26))
+    assert host_gap_fraction(before, before) is None  # no busy time in the run
+    assert host_gap_fraction(_snap(("mixed", {"steps": 3})), after) is None  # an engine that does not count it
+    warning = overrun_warning({"emulation_overrun_fraction": 0.0, "emulation_host_gap_fraction": 0.25})
+    assert "idled 25.0% of their busy time" in warning and "overran" not in warning
+    assert overrun_warning({"emulation_host_gap_fraction": 0.05}) is None
+
+
 def test_server_figures_read_peaks_after_the_run_and_unknown_when_absent():
     before = _snap(("mixed", {"steps": 0, "overrun_steps": 0, "cached_tokens": 0, "prompt_tokens": 0,
                               "preemptions": 1}), tokenizer={"tokenizer_s": 1.0, "tokenizer_calls": 3})
@@ -80,7 +91,8 @@ def test_server_figures_read_peaks_after_the_run_and_unknown_when_absent():
                              "preemptions": 4}),
                   tokenizer={"tokenizer_s": 1.5, "tokenizer_calls": 10}, queue_wait_max_s=0.7, starvation_ms=400.0)
     figures = server_figures(before, after)
-    assert figures == {"kv_hit_rate": 0.25, "emulation_overrun_fraction": 0.02, "preemptions": 3,
+    assert figures == {"kv_hit_rate": 0.25, "emulation_overrun_fraction": 0.02, "emulation_host_gap_fraction": None,
+                       "preemptions": 3,
                        "max_queue_wait_s": 0.7,
                        "max_decode_queue_wait_s": None, "starvation_ms": 400.0, "tokenizer_s": 0.5,
                        "tokenizer_calls": 7}

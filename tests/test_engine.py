@@ -99,6 +99,8 @@ def test_prefix_reuse_equals_full_prefill(model):
     assert second[-1].num_cached_tokens == 64  # 4 full blocks of the shared prefix, computed once
     assert _tokens(second) == generate(reference, [b], 6).tokens[0]
     assert stats["computed_tokens"] < len(a) + len(b) + 12
+    # the NPUs' time in steps, and the engine's own between two steps while it had work
+    assert stats["step_wall_s"] > 0 and stats["host_gap_s"] > 0
 
 
 def test_global_kv_cache_serves_another_instance_and_pd_equals_mixed(model):

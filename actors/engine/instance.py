@@ -65,6 +65,10 @@ class InstanceEngine:
             "drafted_tokens": 0, "accepted_tokens": 0, "reconfigurations": 0, "migrated_seqs": 0,
             "kv_exports": 0,  # export calls of leaving NPUs (one each, for all its migrating sequences)
             "overrun_steps": 0,  # steps in which an emulated NPU took longer than its modelled time
+            # wall seconds the NPUs ran steps, and wall seconds between two steps while there was work
+            # (the engine's own host time: scheduling, results, events): an emulated chip idles through
+            # the second, which on a real host takes a few ms a step
+            "step_wall_s": 0.0, "host_gap_s": 0.0,
         }
         self.device_time_s = 0.0
         self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
@@ -210,22 +214,27 @@ class InstanceEngine:
         self._after_step = []
 
     async def _steps(self) -> None:
+        last_end = None  # when the last step ended, while the work went on since
         while True:
             if self._reconfig is not None:
                 await self._switch(*self._reconfig)
                 self._reconfig = None
             if not self.scheduler.has_work():
                 self._step_done(None)  # (aborted, or finished by a failed step): no step to wait for
+                last_end = None
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 self._publish_kv_events()  # a failed admission may have evicted
+                last_end = None  # waiting for blocks, not host work
                 await asyncio.sleep(0.001)  # admission waits for blocks freed by a finishing request
                 continue
             works = [self._work(s) for s in scheduled]
             submitted = time.monotonic()
+            if last_end is not None:
+                self.counters["host_gap_s"] += submitted - last_end
             refs = self.executor.submit(works, ranks=[s.seq.rank for s in scheduled])
             self._retired = None  # freed while the NPUs run the step: what the last switch replaced
             try:
@@ -242,6 +251,8 @@ class InstanceEngine:
                 self._publish_kv_events()
                 continue
             self.device_time_s += out.device_time_s
+            last_end = time.monotonic()
+            self.counters["step_wall_s"] += last_end - submitted
             self.counters["steps"] += 1
             self.counters["overrun_steps"] += out.overruns > 0
             generated = self.counters["generated_tokens"]

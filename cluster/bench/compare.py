@@ -26,7 +26,7 @@ COLUMNS = (  # (summary key, header, unit scale)
     ("output_tok_per_s", "out tok/s", 1), ("request_per_s", "req/s", 1),
     ("kv_hit_rate", "KV hit rate", 1), ("ideal_kv_hit_rate", "ideal hit rate", 1),
     ("kv_hit_fraction_of_ideal", "hit/ideal", 1), ("preemptions", "preempt", 1),
-    ("emulation_overrun_fraction", "overrun", 1),
+    ("emulation_overrun_fraction", "overrun", 1), ("emulation_host_gap_fraction", "host gap", 1),
     ("tokenizer_calls", "tokenizer calls", 1), ("tokenizer_s", "tokenizer ms", 1000), ("failed", "failed", 1),
 )
 SLO_COLUMNS = (("goodput_req_per_s", "goodput req/s", 1), ("slo_attainment", "SLO met", 1))

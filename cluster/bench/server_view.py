@@ -9,6 +9,7 @@ from cluster.bench.workloads import WorkItem, ideal_hit_rate
 
 DEFAULT_BLOCK_SIZE = 16  # EngineSettings' default, for a server that does not say its own
 OVERRUN_WARN = 0.01  # above this share of steps, the emulator's latencies are partly the host's
+HOST_GAP_WARN = 0.10  # above this share of the engines' busy wall time, the chips idled for the host
 PEAKS = (  # summary key <- snapshot key (the master's since it started)
     ("max_queue_wait_s", "queue_wait_max_s"), ("max_decode_queue_wait_s", "decode_queue_wait_max_s"),
     ("starvation_ms", "starvation_ms"),
@@ -51,13 +52,22 @@ def overrun_fraction(before: dict | None, after: dict | None) -> float | None:
     return _ratio(before, after, "overrun_steps", "steps", skip_decode=False)
 
 
+def host_gap_fraction(before: dict | None, after: dict | None) -> float | None:
+    """Wall time the engines spent between two steps while they had work / that
+    time plus the steps' own: the share of an instance's busy time its emulated
+    NPUs idled for the host (scheduling, results, KV events: a few ms a step on
+    a real host; on an overloaded one, far more, and device time stretches with it)."""
+    gap, steps = _delta(before, after, "host_gap_s"), _delta(before, after, "step_wall_s")
+    return gap / (gap + steps) if gap is not None and steps is not None and gap + steps > 0 else None
+
+
 def server_figures(before: dict | None, after: dict | None) -> dict:
     """The run's figures from the server: hit rate, emulator overruns, preemptions
     (a preempted request that finds its own blocks again counts them as cached:
     a hit rate above the ideal), queue-wait peaks and the starvation bound, and
     (when known) the tokenizer's work."""
     out = {"kv_hit_rate": kv_hit_rate(before, after), "emulation_overrun_fraction": overrun_fraction(before, after),
-           "preemptions": _delta(before, after, "preemptions")}
+           "emulation_host_gap_fraction": host_gap_fraction(before, after), "preemptions": _delta(before, after, "preemptions")}
     out.update({key: (after or {}).get(snap_key) for key, snap_key in PEAKS})
     counters0, counters1 = (before or {}).get("counters", {}), (after or {}).get("counters", {})
     if "dispatch_s" in counters0 and "dispatch_s" in counters1:  # the master's own time deciding (host seconds)
@@ -84,9 +94,15 @@ def prefix_reuse(items: list[WorkItem], block_size: int, hit_rate: float | None)
 
 
 def overrun_warning(summary: dict) -> str | None:
-    """A line to print when the emulator overran in more than 1 % of the steps."""
+    """A line to print when the emulator overran in more than 1 % of the steps, or
+    its chips idled for the host more than 10 % of their busy time."""
+    lines = []
     frac = summary.get("emulation_overrun_fraction")
-    if frac is None or frac <= OVERRUN_WARN:
+    if frac is not None and frac > OVERRUN_WARN:
+        lines.append(f"the emulator overran its modelled time in {frac:.1%} of steps")
+    gap = summary.get("emulation_host_gap_fraction")
+    if gap is not None and gap > HOST_GAP_WARN:
+        lines.append(f"the emulated NPUs idled {gap:.1%} of their busy time waiting for the host between steps")
+    if not lines:
         return None
-    return (f"the emulator overran its modelled time in {frac:.1%} of steps: latencies are partly the host's "
-            "(raise --time-scale)")
+    return "; ".join(lines) + ": latencies are partly the host's (raise --time-scale)"
