@@ -60,6 +60,19 @@ def test_device_seconds_divide_latencies_and_multiply_rates():
     assert clock.wall_qps(2.0) == 0.5 and clock.wall_qps(None) is None  # qps per device second
 
 
+def test_goodput_slo_counts_a_one_token_answer_by_its_ttft():
+    """A one-token answer has no TPOT, so only its TTFT can miss; no first token misses."""
+    slo = SLO(ttft_s=1.0, tpot_s=0.1)
+    row = {"error": None, "ttft_s": 0.5, "tpot_s": None, "e2e_s": 0.5}
+    assert slo.met(row)
+    assert not slo.met({**row, "ttft_s": 1.5})
+    assert not slo.met({**row, "tpot_s": 0.2})
+    assert slo.met({**row, "tpot_s": 0.05})
+    assert not slo.met({**row, "ttft_s": None})
+    assert not slo.met({**row, "error": "HTTPError"})
+    assert not SLO(e2e_s=1.0).met({**row, "e2e_s": None})
+
+
 # -- what the server says --------------------------------------------------------------------------------------
 
 
