@@ -169,6 +169,27 @@ def test_the_master_queue_respects_the_token_and_sequence_budgets():
     assert dispatched == 4
 
 
+@pytest.mark.parametrize("sorting, dispatched", [(True, ["r0", "short"]), (False, ["r0"])])
+def test_without_sorting_the_first_request_that_fits_nowhere_holds_the_line(sorting, dispatched):
+    """FCFS (sorting off): a long prompt waiting for room keeps a later short one
+    waiting too; with sorting, the short one goes into the room that is left."""
+    async def scenario():
+        master = _master({"m0": FakeEngine()}, budgets=Budgets(max_batch_num_token=100),
+                         sorting=SortingConfig(enabled=sorting, starvation_ms=60_000))
+        await master.start()
+        tasks = [asyncio.create_task(master.schedule("r0", 60, 4, []))]
+        await asyncio.sleep(0.02)
+        tasks.append(asyncio.create_task(master.schedule("long", 80, 4, [])))  # 60 + 80 > 100
+        await asyncio.sleep(0.02)
+        tasks.append(asyncio.create_task(master.schedule("short", 30, 4, [])))  # 60 + 30 fits
+        await asyncio.sleep(0.05)
+        for t in tasks:
+            t.cancel()
+        return [e["request_id"] for e in master.dispatch_log]
+
+    assert asyncio.run(scenario()) == dispatched
+
+
 def test_a_request_over_the_whole_token_budget_goes_alone():
     async def scenario():
         master = _master({"m0": FakeEngine()}, budgets=Budgets(max_batch_num_token=100))

@@ -396,7 +396,10 @@ class OmniMaster:
         holds more of a request's prefix than any other goes first to such a request
         (a conversation's next turn) before one that would do as well anywhere: under
         load, whichever request is first would otherwise take the room the turn waits
-        for, and the conversation would scatter. Then the rest, in order."""
+        for, and the conversation would scatter. Then the rest, in order: with weighted
+        sorting, any that fits goes (a shorter one passes a long one waiting for room);
+        without, first come first served as vLLM's and SGLang's FCFS schedulers are, the
+        first that fits nowhere holds the line."""
         now = time.monotonic()
         roles = self._dispatch_roles()
         if not (self._open(roles) and self.queue):
@@ -434,12 +437,14 @@ class OmniMaster:
             inst = self._choose(req, open_, starved=False)
             if inst is not None:
                 self._place(req, inst, now)
+            elif not self.sorter.config.enabled and not self._fitting(req, open_):
+                return  # FCFS: nothing passes the head of the line
 
     def _choose(self, req: QueuedRequest, open_: list[InstanceRef], starved: bool) -> InstanceRef | None:
         """The policy's choice among the open instances where `req` fits; None: it
         fits nowhere, or (a policy that waits for its choice) it would rather wait
         for the full instance holding more of its prefix than any other."""
-        fits = [i for i in open_ if i.load.fits_prefill(self._uncached(req, i), self.budgets)]
+        fits = self._fitting(req, open_)
         if not fits:
             return None
         waiting = len(self.queue)
@@ -449,6 +454,10 @@ class OmniMaster:
             return best
         pick = self.policy.choose(req, [i.view() for i in (*fits, holder)], self.block_size, waiting)
         return None if pick.name == holder.name else best
+
+    def _fitting(self, req: QueuedRequest, open_: list[InstanceRef]) -> list[InstanceRef]:
+        """The open instances where `req` fits under the budgets."""
+        return [i for i in open_ if i.load.fits_prefill(self._uncached(req, i), self.budgets)]
 
     def _holds_most(self, req: QueuedRequest, inst: InstanceRef, roles: tuple[str, ...]) -> bool:
         """`inst` holds more of the prompt's prefix than every other instance, and it fits there."""

@@ -27,7 +27,9 @@ Decode weight (descending, longest first; starved requests first, as above):
     weight = (prompt_i + decode_max_tokens_weight * max_tokens_i) / max_total
 
 Ties are broken by arrival time, then request_id, so the order is deterministic.
-With ``enabled=False`` both orders are plain FIFO (arrival, then request_id).
+With ``enabled=False`` both orders are plain FIFO (arrival, then request_id)
+and the master serves the prefill queue first come, first served: the first
+request that fits nowhere holds the line (with sorting, whatever fits goes).
 """
 
 from __future__ import annotations
