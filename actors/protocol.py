@@ -9,14 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.expert_map import ExpertMap
 from actors.model.config import ModelConfig
 
 
+MAX_LOGPROBS = 20  # the most alternatives a request may ask for (OpenAI's limit)
+
+
 class SamplingParams(BaseModel):
-    """Per-request sampling; seeded draws are reproducible (see actors.model.sampler)."""
+    """Per-request sampling, with vLLM's semantics (see actors.model.sampler for
+    the order the options apply in); seeded draws are reproducible."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -24,10 +29,41 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)  # 0 = all
     seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # minus this once a token is in the output
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)  # minus this per occurrence in the output
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)  # prompt or output tokens: logit / p if > 0, else * p
+    logit_bias: dict[int, float] = Field(default_factory=dict)  # token id -> added to its logit
+    # no EOS or stop token before this many output tokens: the engine bans them (SeqWork.banned)
+    min_tokens: int = Field(0, ge=0)
+    # None: no logprobs; N: the sampled token's (raw) logprob and the N most likely tokens'
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # likewise, every prompt token after the first
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, bias: dict[int, float]) -> dict[int, float]:
+        for token, value in bias.items():
+            if token < 0 or not -100.0 <= value <= 100.0:
+                raise ValueError(f"logit_bias: token {token}: ids are >= 0 and biases in [-100, 100] (got {value})")
+        return bias
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling reads the tokens generated so far (SeqWork.output_ids)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's logprob (raw: the model's log-softmax, before any sampling option)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the N most likely tokens, (id, logprob), most likely first
 
 
 ComputeMode = Literal["real", "emulated"]
@@ -87,7 +123,38 @@ class SeqWork:
     # which for a prefill chunk that is not the last needs the token after the chunk.
     num_drafts: int = 0
     propose: bool = False
+    # the token after a non-final prefill chunk (for MTP's proposal, and as the target
+    # of that chunk's last row for prompt logprobs)
     next_token: int | None = None
+    # sampling options that need more than the params (filled by the engine only when used)
+    output_ids: tuple[int, ...] = ()  # tokens generated so far (presence/frequency/repetition penalties)
+    prompt_ids: tuple[int, ...] = ()  # the prompt (repetition penalty)
+    banned: tuple[int, ...] = ()  # may not be sampled this step (min_tokens: EOS and stop ids)
+    # guided decoding: a packed int32 bitmask of ceil(V/32) words, bit j of word i =
+    # token 32*i+j allowed (xgrammar / llguidance layout); tokens past it are disallowed
+    allowed: np.ndarray | None = None
+
+    @property
+    def prompt_targets(self) -> list[int]:
+        """The prompt tokens this chunk's rows predict, from its first row on (prompt
+        logprobs): token_ids[1:], then next_token if the chunk does not sample."""
+        return list(self.token_ids[1:]) + ([self.next_token] if not self.sample and self.next_token is not None else [])
+
+
+def sampleable(allowed: np.ndarray | None, banned, vocab_size: int) -> np.ndarray | None:
+    """The tokens a step may sample ([V] bool) under a SeqWork's `allowed` bitmask and
+    `banned` ids (ids outside the vocabulary are ignored); None when both are empty."""
+    if allowed is None and not banned:
+        return None
+    if allowed is None:
+        mask = np.ones(vocab_size, dtype=bool)
+    else:
+        bits = np.unpackbits(np.ascontiguousarray(allowed, dtype="<i4").view(np.uint8), bitorder="little")
+        mask = np.zeros(vocab_size, dtype=bool)
+        mask[: min(vocab_size, bits.size)] = bits[:vocab_size].astype(bool)
+    ids = np.fromiter((t for t in banned if 0 <= t < vocab_size), dtype=np.int64)
+    mask[ids] = False
+    return mask
 
 
 @dataclass(frozen=True)
@@ -115,6 +182,11 @@ class NPUStepResult:
     # this step lasted the host's time, not the chip's (an overrun of the emulator)
     overrun: bool = False
     load_s: float = 0.0  # wall seconds from the step's start until its KV loads were in place
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # seq id -> its sampled token's (params.logprobs)
+    # seq id -> an entry per row of the chunk fed this step (params.prompt_logprobs): row i's is
+    # the logprob of the prompt token after it (token_ids[i+1], or next_token after the last row
+    # of a non-final chunk); None for the last row of a chunk that samples (its target is generated)
+    prompt_logprobs: dict[str, list[TokenLogprob | None]] = field(default_factory=dict)
 
 
 @dataclass
