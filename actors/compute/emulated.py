@@ -4,11 +4,21 @@ The ledger is charged what the weights and KV of the configured shapes would
 take; each step sleeps the cost model's time for the chip (scaled by
 `time_scale`); the next token is a deterministic stand-in that depends only
 on the sequence's last token and position, so any schedule (batching, P/D
-split, NPU count) yields the same tokens."""
+split, NPU count) yields the same tokens.
+
+Sampling options, with no logits to apply them to: the stand-in is chosen among
+the tokens a step may sample (SeqWork.allowed minus SeqWork.banned) as the
+digest modulo their count, so min_tokens and guided decoding hold; penalties,
+logit_bias (bans aside), temperature and seeds change nothing. Logprobs are a
+stand-in too: the uniform distribution over those tokens (logprob
+-log(#sampleable); top N: the chosen token, then the lowest other sampleable
+ids), and prompt logprobs the uniform one over the vocabulary (likewise with
+the prompt token first)."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -20,7 +30,7 @@ from actors.compute.kv_pool import BlockPublisher, block_bytes, blocks_loaded, r
 from actors.cost_model import CostModel
 from actors.hbm import HBMLedger
 from actors.model.config import DTYPE_BYTES, ModelConfig
-from actors.protocol import NPUBatch, NPUSpec, NPUStepResult
+from actors.protocol import NPUBatch, NPUSpec, NPUStepResult, SeqWork, TokenLogprob, sampleable
 
 
 def _digest(text: str) -> int:
@@ -29,6 +39,41 @@ def _digest(text: str) -> int:
 
 def standin_token(last_token: int, position: int, vocab_size: int) -> int:
     return _digest(f"{last_token}:{position}") % vocab_size
+
+
+def standin_sample(w: SeqWork, vocab_size: int) -> tuple[int, TokenLogprob | None]:
+    """The stand-in token of a sampling work (among the tokens it may sample) and,
+    if its params ask, its stand-in logprobs (see the module docstring)."""
+    last, position = w.token_ids[-1], w.start_pos + len(w.token_ids)
+    mask = sampleable(w.allowed, w.banned, vocab_size)
+    if mask is None:
+        token, count, lowest = standin_token(last, position, vocab_size), vocab_size, range(vocab_size)
+    else:
+        ids = np.flatnonzero(mask)
+        if not ids.size:
+            raise ValueError(f"sequence {w.seq_id}: its allowed bitmask and banned ids exclude every token")
+        token, count, lowest = int(ids[_digest(f"{last}:{position}") % ids.size]), int(ids.size), ids
+    n = w.params.logprobs
+    return token, None if n is None else _uniform(token, count, lowest, n)
+
+
+def standin_prompt_logprobs(w: SeqWork, vocab_size: int) -> list[TokenLogprob | None]:
+    """NPUStepResult.prompt_logprobs of a chunk, uniform over the vocabulary."""
+    after, n = w.prompt_targets, w.params.prompt_logprobs
+    return [_uniform(t, vocab_size, range(vocab_size), n) for t in after] + [None] * (len(w.token_ids) - len(after))
+
+
+def _uniform(token: int, count: int, lowest, n: int) -> TokenLogprob:
+    """`token`'s logprob under the uniform distribution over `count` tokens, with
+    itself and then the lowest others of `lowest` (ascending ids) as the top n."""
+    lp = -math.log(count)
+    top = [token]
+    for t in lowest:
+        if len(top) >= n:
+            break
+        if t != token:
+            top.append(int(t))
+    return TokenLogprob(token, lp, tuple((t, lp) for t in top[:n]))
 
 
 def standin_accepts(last_token: int, position: int, rate: float) -> bool:
@@ -154,7 +199,7 @@ class EmulatedCompute:
         device_s += load_device_s
         # the loads come first in the modelled step, and the sleep below covers them
         load_s = load_device_s * self.spec.time_scale + (time.perf_counter() - t0) if loaded else 0.0
-        tokens, accepted, drafts = {}, {}, {}
+        tokens, accepted, drafts, logprobs, prompt_lps = {}, {}, {}, {}, {}
         for w in batch.seqs:
             if w.num_drafts:  # the draft's value is not modelled, only whether it is accepted
                 last, pos = w.token_ids[-1 - w.num_drafts], w.start_pos + len(w.token_ids) - w.num_drafts
@@ -165,7 +210,11 @@ class EmulatedCompute:
                     pos += 1
                 tokens[w.seq_id] = standin_token(last, pos, cfg.vocab_size)
             elif w.sample:
-                tokens[w.seq_id] = standin_token(w.token_ids[-1], w.start_pos + len(w.token_ids), cfg.vocab_size)
+                tokens[w.seq_id], lp = standin_sample(w, cfg.vocab_size)
+                if lp is not None:
+                    logprobs[w.seq_id] = lp
+            if w.params.prompt_logprobs is not None:
+                prompt_lps[w.seq_id] = standin_prompt_logprobs(w, cfg.vocab_size)
             if w.propose and w.seq_id in tokens:
                 drafts[w.seq_id] = tokens[w.seq_id]  # a placeholder: see above
         if drafts:  # the MTP depth is one more decoder layer over the proposing rows
@@ -183,7 +232,7 @@ class EmulatedCompute:
         exported = self.publisher.publish(saved) if saved else {}
         return NPUStepResult(
             self.spec.rank, tokens, None, device_s, time.perf_counter() - t0, exported, accepted, drafts,
-            overrun, load_s,
+            overrun, load_s, logprobs, prompt_lps,
         )
 
     def _load_time(self, loaded: dict[str, int]) -> float:

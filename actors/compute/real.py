@@ -25,7 +25,7 @@ from actors.model.model import TORCH_DTYPES, MoEModel
 from actors.model.layers import SwiGLU
 from actors.model.moe import LocalExperts
 from actors.model.paged_kv import PagedKVStore
-from actors.model.sampler import sample
+from actors.model.sampler import RowContext, prompt_logprobs, sample_rows
 from actors.model.shared_tensor import fetch_shared
 from actors.model.weights import expert_of, shard_names
 from actors.protocol import NPUBatch, NPUSpec, NPUStepResult
@@ -183,13 +183,18 @@ class RealCompute:
             if w.num_drafts:
                 accepted[w.seq_id], tokens[w.seq_id] = verify_drafts(self.model, hidden, seq, w)
         sampling = [i for i, w in enumerate(batch.seqs) if w.sample and not w.num_drafts]
+        logprobs = {}
         if sampling:
             logits = self.model.logits(hidden[fb.last_rows()[sampling]])
+            sampled, sampled_lps = sample_rows(logits, [RowContext.of(batch.seqs[i]) for i in sampling])
             for row, i in enumerate(sampling):
                 w = batch.seqs[i]
-                tokens[w.seq_id] = sample(logits[row], w.params, w.output_index)
+                tokens[w.seq_id] = sampled[row]
+                if sampled_lps[row] is not None:
+                    logprobs[w.seq_id] = sampled_lps[row]
                 if logits_out is not None:
                     logits_out[w.seq_id] = logits[row].tolist()
+        prompt_lps = prompt_logprobs(self.model.logits, hidden, fb, batch.seqs)
         drafts = propose_drafts(self.model, residual, fb, batch.seqs, tokens, accepted, cache) if self.model.mtp else {}
         device_s = self.cost.step_time(
             self.spec.model,
@@ -202,7 +207,7 @@ class RealCompute:
         exported = self._save(batch)
         return NPUStepResult(
             self.spec.rank, tokens, logits_out, device_s, time.perf_counter() - t0, exported, accepted, drafts,
-            load_s=load_s,
+            load_s=load_s, logprobs=logprobs, prompt_logprobs=prompt_lps,
         )
 
     def free(self, seq_id: str) -> None:
