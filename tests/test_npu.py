@@ -160,6 +160,34 @@ def test_real_npu_charges_kv_per_token_and_frees_it(ray_session):
         inst.shutdown()
 
 
+def test_real_prompt_logprobs_at_ep2_equal_the_reference(ray_session):
+    """A prompt prefilled in two chunks (the first's last row predicts next_token)
+    on a real EP-2 instance: its prompt logprobs are the reference's."""
+    import ray
+
+    from actors.model.reference import build_reference, generate
+    from actors.protocol import SamplingParams
+
+    m = load_manifest("local")
+    prompt, params = [5, 17, 300, 42, 9, 77, 8, 123, 64, 3, 211], SamplingParams(prompt_logprobs=3, logprobs=1)
+    ref = generate(build_reference(m.model), [prompt], 1, params=params)
+    inst = launch_instance("plp", m.model, 2, "real", m.device, publish_weights(m.model))
+    try:
+        got = []
+        for works in ([SeqWork("a", prompt[:4], 0, False, params, next_token=prompt[4]), SeqWork("b", [1, 2], 0)],
+                      [SeqWork("a", prompt[4:], 4, params=params), SeqWork("b", [3], 2)]):
+            results = ray.get(inst.executor.submit(works))
+            got += [lp for r in results for lp in r.prompt_logprobs.get("a", [])]
+            last = next((r.logprobs["a"] for r in results if "a" in r.logprobs), None)
+    finally:
+        inst.shutdown()
+    assert len(got) == len(prompt) and got[-1] is None
+    for mine, want in zip(got[:-1], ref.prompt_logprobs[0][1:]):
+        assert (mine.token_id, [t for t, _ in mine.top]) == (want.token_id, [t for t, _ in want.top])
+        assert abs(mine.logprob - want.logprob) < 1e-9
+    assert last.token_id == ref.tokens[0][0] and abs(last.logprob - ref.logprobs[0][0].logprob) < 1e-9
+
+
 def test_emulated_tokens_do_not_depend_on_ep_size(ray_session):
     m = load_manifest("pangu-pro-moe-72b")
     prompts = [[7, 8, 9, 10], [11, 12], [13, 14, 15, 16, 17, 18]]
