@@ -4,6 +4,8 @@
 Metrics objects are made inside the actors that record them, never at import:
 `ProxyMetrics` in each slave, `MasterMetrics` in the master. Ray's exporter
 adds its own `ray_` prefix on the Prometheus side (`ray_omniray_ttft_seconds`).
+A slave also keeps its own metrics (the `slave` rows) in a registry of its own,
+which its `GET /metrics` serves under the same names, without the prefix.
 
 | metric | kind | tags | recorded by |
 | --- | --- | --- | --- |
@@ -40,6 +42,7 @@ adds its own `ray_` prefix on the Prometheus side (`ray_omniray_ttft_seconds`).
 
 from __future__ import annotations
 
+import prometheus_client
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from actors.expert_map import imbalance_score
@@ -49,6 +52,25 @@ from cluster.placement import npu_loads
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0]
 
 
+class _Twin:
+    """A slave's metric recorded twice: through Ray's metrics agent (with every other
+    actor's) and in the slave's own registry (its /metrics)."""
+
+    _KINDS = {Counter: (prometheus_client.Counter, "inc"), Gauge: (prometheus_client.Gauge, "set"),
+              Histogram: (prometheus_client.Histogram, "observe")}
+
+    def __init__(self, kind: type, registry: prometheus_client.CollectorRegistry, name: str, doc: str,
+                 tag_keys: tuple[str, ...], buckets: list[float] | None = None):
+        local_kind, self._verb = self._KINDS[kind]
+        self._ray = kind(name, doc, buckets, tag_keys=tag_keys) if buckets else kind(name, doc, tag_keys=tag_keys)
+        extra = {"buckets": buckets} if buckets else {}
+        self._local = local_kind(name, doc, tag_keys, registry=registry, **extra)
+
+    def record(self, value: float, tags: dict[str, str]) -> None:
+        getattr(self._ray, self._verb)(value, tags)
+        getattr(self._local.labels(**tags), self._verb)(value)
+
+
 class ProxyMetrics:
     """What a slave records per request: the lifecycle gaps, TTFT, end to end,
     token counts, outcomes and the tokenizer's work."""
@@ -56,40 +78,48 @@ class ProxyMetrics:
     def __init__(self, model: str):
         tags = ("model",)
         self.model = {"model": model}
-        self.stage = Histogram("omniray_request_stage_seconds", "time between consecutive lifecycle stages",
-                               LATENCY_BUCKETS, tag_keys=(*tags, "gap"))
-        self.ttft = Histogram("omniray_ttft_seconds", "received -> first token", LATENCY_BUCKETS, tag_keys=tags)
-        self.tpot = Histogram("omniray_tpot_seconds", "time per output token after the first", LATENCY_BUCKETS,
-                              tag_keys=tags)
-        self.e2e = Histogram("omniray_e2e_seconds", "received -> finished", LATENCY_BUCKETS, tag_keys=tags)
-        self.requests = Counter("omniray_requests_total", "requests by outcome", tag_keys=(*tags, "outcome"))
-        self.tokens = Counter("omniray_tokens_total", "prompt and generated tokens", tag_keys=(*tags, "kind"))
-        self.tokenizer_calls = Gauge("omniray_tokenizer_calls", "tokenizer runs (cache misses) so far",
-                                     tag_keys=tags)
-        self.tokenizer_hits = Gauge("omniray_tokenizer_cache_hits", "texts whose ids were reused", tag_keys=tags)
+        self.registry = prometheus_client.CollectorRegistry()
+
+        def twin(kind, name, doc, tag_keys=tags, buckets=None):
+            return _Twin(kind, self.registry, name, doc, tag_keys, buckets)
+
+        self.stage = twin(Histogram, "omniray_request_stage_seconds", "time between consecutive lifecycle stages",
+                          (*tags, "gap"), LATENCY_BUCKETS)
+        self.ttft = twin(Histogram, "omniray_ttft_seconds", "received -> first token", buckets=LATENCY_BUCKETS)
+        self.tpot = twin(Histogram, "omniray_tpot_seconds", "time per output token after the first",
+                         buckets=LATENCY_BUCKETS)
+        self.e2e = twin(Histogram, "omniray_e2e_seconds", "received -> finished", buckets=LATENCY_BUCKETS)
+        self.requests = twin(Counter, "omniray_requests_total", "requests by outcome", (*tags, "outcome"))
+        self.tokens = twin(Counter, "omniray_tokens_total", "prompt and generated tokens", (*tags, "kind"))
+        self.tokenizer_calls = twin(Gauge, "omniray_tokenizer_calls", "tokenizer runs (cache misses) so far")
+        self.tokenizer_hits = twin(Gauge, "omniray_tokenizer_cache_hits", "texts whose ids were reused")
 
     def request_done(self, life, outcome: str, prompt_tokens: int, completion_tokens: int) -> None:
         for gap, seconds in life.gaps().items():
-            self.stage.observe(max(0.0, seconds), {**self.model, "gap": gap})
+            self.stage.record(max(0.0, seconds), {**self.model, "gap": gap})
         if life.ttft_s is not None:
-            self.ttft.observe(life.ttft_s, self.model)
+            self.ttft.record(life.ttft_s, self.model)
         if life.e2e_s is not None:
-            self.e2e.observe(life.e2e_s, self.model)
+            self.e2e.record(life.e2e_s, self.model)
         tpot = life.tpot_s(completion_tokens)
         if tpot is not None:
-            self.tpot.observe(tpot, self.model)
-        self.requests.inc(1, {**self.model, "outcome": outcome})
-        self.tokens.inc(prompt_tokens, {**self.model, "kind": "prompt"})
+            self.tpot.record(tpot, self.model)
+        self.requests.record(1, {**self.model, "outcome": outcome})
+        self.tokens.record(prompt_tokens, {**self.model, "kind": "prompt"})
         if completion_tokens:
-            self.tokens.inc(completion_tokens, {**self.model, "kind": "completion"})
+            self.tokens.record(completion_tokens, {**self.model, "kind": "completion"})
 
     def tokenizer(self, stats: dict) -> None:
-        self.tokenizer_calls.set(stats["tokenizer_calls"], self.model)
-        self.tokenizer_hits.set(stats["tokenizer_cache_hits"], self.model)
+        self.tokenizer_calls.record(stats["tokenizer_calls"], self.model)
+        self.tokenizer_hits.record(stats["tokenizer_cache_hits"], self.model)
 
     def rejected(self, status: int) -> None:
         """A request answered with an error status before or while generating."""
-        self.requests.inc(1, {**self.model, "outcome": f"error_{status}"})
+        self.requests.record(1, {**self.model, "outcome": f"error_{status}"})
+
+    def exposition(self) -> bytes:
+        """This slave's metrics in Prometheus' text format (what GET /metrics serves)."""
+        return prometheus_client.generate_latest(self.registry)
 
 
 class MasterMetrics:

@@ -18,8 +18,14 @@ from cluster.proxy.protocol import (
     CompletionRequest,
     CompletionResponse,
     CompletionStreamChunk,
+    DetokenizeRequest,
+    ErrorResponse,
     ModelCard,
     ModelList,
+    StreamOptions,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
     error_body,
     from_validation_error,
     sse,
@@ -113,7 +119,8 @@ def test_missing_fields_are_named():
 
 @pytest.mark.parametrize("body, param, words", [
     ({"messages": []}, "messages", "at least 1"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "'system', 'user' or 'assistant'"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role",
+     "'system', 'developer', 'user' or 'assistant'"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
      "messages.0.content", "'image_url'"),
     ({"messages": [{"role": "user", "content": None}]}, "messages.0.content", "string or a list of text parts"),
@@ -121,7 +128,12 @@ def test_missing_fields_are_named():
     ({"messages": USER, "n": 3}, "n", "n=1"),
     ({"messages": USER, "logprobs": True}, "logprobs", "unsupported"),
     ({"messages": USER, "top_logprobs": 2}, "top_logprobs", "unsupported"),
-    ({"messages": USER, "tools": []}, "tools", "unrecognized"),
+    ({"messages": USER, "tools": [{"type": "function"}]}, "tools", "tool calling is not served"),
+    ({"messages": USER, "tools": [{"type": "function"}], "tool_choice": "auto"}, "tool_choice", "not served"),
+    ({"messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "not served"),
+    ({"messages": USER, "functions": [{"name": "f"}]}, "functions", "function_call \"none\""),
+    ({"messages": USER, "function_call": {"name": "f"}}, "function_call", "not served"),
+    ({"messages": USER, "tool_choice": "sometimes"}, "tool_choice", 'only tool_choice "none"'),
     ({"messages": USER, "max_tokens": 5, "max_completion_tokens": 6}, "max_completion_tokens", "disagree"),
     ({"messages": USER, "max_completion_tokens": 0}, "max_completion_tokens", "greater than or equal to 1"),
 ])
@@ -190,8 +202,9 @@ def test_chat_response_and_chunks_parse_with_openai():
 
 
 def test_models_list():
-    data = ModelList(data=[ModelCard(id="tiny", created=1)]).model_dump()
-    assert data == {"object": "list", "data": [{"id": "tiny", "object": "model", "created": 1, "owned_by": "omniray"}]}
+    data = ModelList(data=[ModelCard(id="tiny", created=1, max_model_len=64)]).model_dump()
+    assert data == {"object": "list", "data": [{"id": "tiny", "object": "model", "created": 1, "owned_by": "omniray",
+                                                "max_model_len": 64}]}
 
 
 def test_sse_framing():
@@ -201,3 +214,85 @@ def test_sse_framing():
     assert json.loads(event[len("data: "):]) == _json(chunk)
     assert sse({"a": 1}) == 'data: {"a": 1}\n\n'
     assert SSE_DONE == "data: [DONE]\n\n"
+
+
+def test_tools_with_tool_choice_none_and_developer_role_are_accepted():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    for extra in ({"tools": tools, "tool_choice": "none"}, {"tool_choice": "none"}, {"tools": []},
+                  {"functions": [{"name": "f"}], "function_call": "none"}, {"parallel_tool_calls": True},
+                  {"tools": None, "tool_choice": None}):
+        ChatCompletionRequest.model_validate({"model": "m", "messages": USER} | extra)
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "developer", "content": "x"}]})
+    assert req.messages[0].role == "developer"
+
+
+def test_stream_options_continuous_usage():
+    req = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "stream": True, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}})
+    assert req.stream_options.continuous_usage_stats and req.stream_options.include_usage
+    assert not StreamOptions().continuous_usage_stats
+
+
+@pytest.mark.parametrize("body, cls", [
+    ({"prompt": "hi"}, TokenizeCompletionRequest),
+    ({"model": "m", "prompt": "hi", "add_special_tokens": False, "return_token_strs": None},
+     TokenizeCompletionRequest),
+    ({"messages": USER, "add_generation_prompt": False, "continue_final_message": True}, TokenizeChatRequest),
+    ({"tokens": [0, 5]}, DetokenizeRequest),
+])
+def test_tokenizer_requests_parse(body, cls):
+    cls.model_validate(body)
+
+
+@pytest.mark.parametrize("body, cls, param", [
+    ({"prompt": "hi", "messages": USER}, TokenizeCompletionRequest, "messages"),
+    ({"messages": USER, "continue_final_message": True}, TokenizeChatRequest, None),  # with add_generation_prompt
+    ({"messages": []}, TokenizeChatRequest, "messages"),
+    ({"tokens": [1, -2]}, DetokenizeRequest, "tokens.1"),
+    ({"tokens": "1 2"}, DetokenizeRequest, "tokens"),
+])
+def test_tokenizer_requests_reject(body, cls, param):
+    assert _rejects(cls, body).param == param
+
+
+def test_tokenize_response_shape():
+    assert TokenizeResponse(count=2, max_model_len=9, tokens=[1, 2]).model_dump(exclude_none=True) == {
+        "count": 2, "max_model_len": 9, "tokens": [1, 2]}
+    assert ModelCard(id="m", created=1, max_model_len=9).model_dump()["max_model_len"] == 9
+
+
+def test_error_body_matches_its_documented_schema():
+    body = error_body(APIError(404, "no", "not_found_error", "model", "model_not_found"))
+    assert ErrorResponse.model_validate(body).model_dump() == body
+
+
+def test_openapi_documents_bodies_and_real_error_statuses():
+    from cluster.proxy.app import api
+
+    doc = api.openapi()
+    schemas, paths = doc["components"]["schemas"], doc["paths"]
+
+    def body_refs(path):
+        schema = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        return [r["$ref"].rsplit("/", 1)[1] for r in schema.get("anyOf", [schema])]
+
+    assert body_refs("/v1/completions") == ["CompletionRequest"]
+    assert body_refs("/v1/chat/completions") == ["ChatCompletionRequest"]
+    assert body_refs("/tokenize") == ["TokenizeCompletionRequest", "TokenizeChatRequest"]
+    assert body_refs("/detokenize") == ["DetokenizeRequest"]
+    assert body_refs("/v1/cluster/scale") == ["ScaleRequest"] and body_refs("/v1/cluster/rebalance")
+    for name in ("CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions", "ErrorResponse"):
+        assert name in schemas, name  # every $ref resolves
+    assert {"messages", "tools", "tool_choice"} <= set(schemas["ChatCompletionRequest"]["properties"])
+
+    def statuses(path, method):
+        return set(paths[path][method]["responses"])
+
+    assert statuses("/v1/models/{model}", "get") == {"200", "401", "404"}  # 404, not FastAPI's 422
+    assert {"400", "401", "404", "413", "415", "429", "503"} <= statuses("/v1/completions", "post")
+    assert {"401", "403", "503"} <= statuses("/v1/cluster/scale", "post")
+    assert statuses("/metrics", "get") == {"200"} and statuses("/health", "get") == {"200"}
+    error = paths["/v1/chat/completions"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert not any("422" in op["responses"] for ops in paths.values() for op in ops.values())
+    assert "HTTPValidationError" not in schemas

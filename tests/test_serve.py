@@ -5,6 +5,7 @@ that switch a scheduling feature switch it back."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -170,6 +171,126 @@ def test_models_health_and_cluster(http, client):
     assert npu["hbm"]["used"] > 0 and npu["experts"]  # HBM use and placement
     assert cluster["kv_cache"]["blocks"] >= 0 and cluster["tokenizer"]["tokenizer_calls"] >= 1
     assert cluster["queue_length"] == 0 and cluster["policy"] == "omni"
+
+
+def _sse_events(http, path: str, body: dict) -> list[dict]:
+    """The JSON events of a streamed answer, read raw; [DONE] must end it."""
+    with http.stream("POST", path, json=body) as resp:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+        data = [line.removeprefix("data: ") for line in resp.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_is_in_every_chunk(http, reference, path):
+    """vLLM's stream_options.continuous_usage_stats (guidellm sends it): usage so far on every chunk."""
+    chat = path.endswith("chat/completions")
+    body = {"model": "tiny-gqa-moge", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body |= {"messages": [{"role": "user", "content": PROMPTS[0]}]} if chat else {"prompt": PROMPTS[0]}
+    events = _sse_events(http, path, body)
+    prompt = len(_chat_ids(reference, body["messages"]) if chat else reference[1].encode(PROMPTS[0]))
+    usages = [e["usage"] for e in events]  # KeyError: a chunk without usage
+    assert all(u["prompt_tokens"] == prompt and u["total_tokens"] == prompt + u["completion_tokens"] for u in usages)
+    done = [u["completion_tokens"] for u in usages]
+    assert done == sorted(done) and done[-1] == 6
+    assert not events[-1]["choices"] and events[-1]["usage"] == events[-2]["usage"]  # include_usage's last chunk
+    if chat:
+        assert events[0]["choices"][0]["delta"]["role"] == "assistant" and done[0] == 0
+    body["stream_options"] = {"continuous_usage_stats": True}  # without include_usage: no usage-only chunk
+    assert all(e["choices"] and "usage" in e for e in _sse_events(http, path, body))
+
+
+def test_metrics_endpoint_serves_prometheus_text(server, http):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def requests_total() -> float:
+        resp = httpx.get(f"{server.url}/metrics", timeout=30)  # no key needed, as vLLM's
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(resp.text)}
+        assert {"omniray_ttft_seconds", "omniray_tokens", "omniray_tokenizer_calls"} <= set(families)
+        return sum(s.value for s in families["omniray_requests"].samples if s.name == "omniray_requests_total")
+
+    before = requests_total()
+    http.post("/v1/completions", json={"model": "tiny-gqa-moge", "prompt": "count me", "max_tokens": 1})
+    assert requests_total() == before + 1
+
+
+def test_version_and_max_model_len(server, http, client):
+    from importlib.metadata import version
+
+    assert http.get("/version").json() == {"version": version("omniray")}
+    _error(httpx.get(f"{server.url}/version"), 401)
+    limit = server.manifest.model.max_position_embeddings
+    assert http.get("/v1/models").json()["data"][0]["max_model_len"] == limit
+    assert http.get("/v1/models/tiny-gqa-moge").json()["max_model_len"] == limit
+    assert client.models.retrieve("tiny-gqa-moge").model_extra["max_model_len"] == limit
+
+
+def test_tokenize_detokenize_round_trip(server, http, reference):
+    tok = reference[1]
+    text = "Mixture of experts é <|end|>"
+    # lm-eval's remote tokenizer sends no model
+    out = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False, "return_token_strs": True}).json()
+    assert out["tokens"] == tok.encode(text) and out["count"] == len(out["tokens"])
+    assert out["max_model_len"] == server.manifest.model.max_position_embeddings
+    assert out["token_strs"] == [tok.hf.id_to_token(i) for i in out["tokens"]]
+    back = http.post("/detokenize", json={"model": "tiny-gqa-moge", "tokens": out["tokens"]}).json()
+    assert back == {"prompt": text}
+    assert "token_strs" not in http.post("/tokenize", json={"model": "tiny-gqa-moge", "prompt": "x"}).json()
+    _error(http.post("/tokenize", json={"model": "gpt-9", "prompt": "x"}), 404, "model")
+    _error(http.post("/tokenize", json={"prompt": "x", "frobnicate": 1}), 400, "frobnicate")
+    _error(http.post("/detokenize", json={"tokens": [-1]}), 400, "tokens.0")
+    _error(httpx.post(f"{server.url}/tokenize", json={"prompt": "x"}), 401)
+
+
+def test_tokenize_messages_applies_the_chat_template(http, reference):
+    messages = [{"role": "developer", "content": "Be terse."}, {"role": "user", "content": "Name an expert."}]
+    out = http.post("/tokenize", json={"model": "tiny-gqa-moge", "messages": messages}).json()
+    as_system = [{"role": "system", "content": "Be terse."}, messages[1]]
+    assert out["tokens"] == _chat_ids(reference, as_system)  # what a chat completion is prompted with
+    bare = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == out["tokens"][:-2]  # without "<|assistant|>\n"
+
+
+def test_tokenizer_info_is_what_lm_eval_reads(server, http, reference):
+    import jinja2
+
+    info = http.get("/tokenizer_info").json()
+    tok = reference[1]
+    assert info["eos_token"] == "<|eos|>" and info["bos_token"] == "<|bos|>" and info["pad_token"] == "<|pad|>"
+    assert info["name_or_path"] == "tiny-gqa-moge" and info["tokenizer_class"]
+    assert info["model_max_length"] == server.manifest.model.max_position_embeddings
+    eos = http.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"]
+    assert eos == [tok.eos_token_id]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    rendered = jinja2.Environment().from_string(info["chat_template"]).render(messages=messages,
+                                                                              add_generation_prompt=True)
+    assert rendered == tok.apply_chat_template(messages)
+    _error(httpx.get(f"{server.url}/tokenizer_info"), 401)
+
+
+def test_developer_role_is_the_system_role(client, reference):
+    def reply(role):
+        return client.chat.completions.create(model="tiny-gqa-moge", max_tokens=5, temperature=0, messages=[
+            {"role": role, "content": "You are terse."}, {"role": "user", "content": "Name an expert."}])
+
+    text, _, _ = _expect(reference, _chat_ids(reference, [{"role": "system", "content": "You are terse."},
+                                                          {"role": "user", "content": "Name an expert."}]), 5)
+    assert reply("developer").choices[0].message.content == reply("system").choices[0].message.content == text
+
+
+def test_tool_calling_is_refused_unless_tool_choice_none(http):
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    base = {"model": "tiny-gqa-moge", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    err = _error(http.post("/v1/chat/completions", json=base | {"tools": tools}), 400, "tools")
+    assert "tool calling is not served" in err["message"]
+    _error(http.post("/v1/chat/completions", json=base | {"tool_choice": "required"}), 400, "tool_choice")
+    _error(http.post("/v1/chat/completions", json=base | {"functions": [{"name": "f"}]}), 400, "functions")
+    ok = http.post("/v1/chat/completions", json=base | {"tools": tools, "tool_choice": "none",
+                                                        "parallel_tool_calls": False})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
 
 
 @pytest.mark.parametrize("pd_mode", ["sequential", "parallel"])

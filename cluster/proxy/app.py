@@ -3,7 +3,9 @@
 A slave validates a request, renders the chat template, tokenizes once
 (reusing cached results), asks the master where the request runs, streams the
 engines' tokens back as text, and answers every error in OpenAI's error JSON
-with the right status. Builder: `build_app(manifest)`.
+with the right status. Beside OpenAI's routes it serves vLLM's (/tokenize,
+/detokenize, /tokenizer_info, /version) and its own Prometheus /metrics; the
+OpenAPI document is cluster.proxy.openapi's. Builder: `build_app(manifest)`.
 """
 
 
@@ -15,8 +17,9 @@ import time
 
 import ray
 from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
@@ -26,15 +29,25 @@ from cluster.metrics import ProxyMetrics
 from cluster.proxy import grpc_ingress, omniray_pb2
 from cluster.proxy.lifecycle import Lifecycle
 from cluster.proxy.master import MASTER_NAME, NoInstanceAvailable, fetch_published
+from cluster.proxy.openapi import BODY_ERRORS, answers, install, json_body, package_version
 from cluster.proxy.pipeline import Pipeline
 from cluster.proxy.protocol import (
     APIError,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
     RebalanceRequest,
     ScaleRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizerInfoResponse,
+    TokenizeResponse,
+    VersionResponse,
     error_body,
     from_validation_error,
     remote_message,
@@ -49,14 +62,17 @@ from cluster.proxy.responses import (
     first_then_rest,
     stream,
 )
-from cluster.proxy.tokens import TokenCache, Tokenizer
+from cluster.proxy.tokens import CHAT_TEMPLATE, TokenCache, Tokenizer
 
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_POLL_S = 0.2  # how often a slave reads the master's published state
 SNAPSHOT_READ_TIMEOUT_S = 2.0  # one read (ask for the ref, fetch it): a stuck one must not stop the polling
 
-api = FastAPI(title="OmniRay", description="OpenAI-compatible API of the Omni Proxy")
+api = FastAPI(title="OmniRay", description="OpenAI-compatible API of the Omni Proxy", version=package_version())
+install(api)  # the request bodies and error statuses the routes document (cluster.proxy.openapi)
+GENERATION_ERRORS = (*BODY_ERRORS, 429, 503, 504)  # and what scheduling and generating may answer
+STREAM_DESCRIPTION = "The response; with `stream: true`, server-sent events (text/event-stream) of its chunks"
 
 
 @api.exception_handler(APIError)
@@ -89,6 +105,7 @@ class OmniProxySlave:
     def __init__(self, manifest: Manifest, namespace: str):
         self.manifest, self.namespace = manifest, namespace  # where the master and caches live (not Serve's)
         self.model_name = manifest.model.name
+        self.max_model_len = manifest.model.max_position_embeddings  # prompt + max_tokens, at most
         self.settings = manifest.proxy
         self.tokenizer = Tokenizer.from_file(manifest.tokenizer)
         self.tokens = TokenCache(self.tokenizer, self.settings.tokenizer_cache_size, self.settings.tokenizer_reuse)
@@ -148,6 +165,10 @@ class OmniProxySlave:
                            "authentication_error", code="invalid_api_key")
 
     async def _parse(self, request: Request, model_cls, admin: bool = False):
+        return self._validate(await self._json_body(request, admin), model_cls)
+
+    async def _json_body(self, request: Request, admin: bool = False) -> dict:
+        """The request's JSON object, once the key, the content type and the size are checked."""
         (self._authorize_admin if admin else self._authorize)(request.headers.get("authorization", ""))
         ctype = request.headers.get("content-type", "")
         if "application/json" not in ctype:
@@ -163,14 +184,14 @@ class OmniProxySlave:
             raise APIError(400, f"body is not valid JSON: {err}", "invalid_request_error") from None
         if not isinstance(data, dict):
             raise APIError(400, "body must be a JSON object", "invalid_request_error")
-        return self._validate(data, model_cls)
+        return data
 
     def _validate(self, data: dict, model_cls):
         try:
             req = model_cls.model_validate(data)
         except ValidationError as err:
             raise from_validation_error(err) from None
-        if getattr(req, "model", self.model_name) != self.model_name:
+        if getattr(req, "model", None) not in (None, self.model_name):  # None: the tokenizer routes may leave it out
             raise unknown_model(req.model, self.model_name)
         return req
 
@@ -185,7 +206,7 @@ class OmniProxySlave:
         life.stamp("tokenized")
         if not ids:
             raise APIError(400, "prompt: empty prompt", "invalid_request_error", "prompt")
-        limit = self.manifest.model.max_position_embeddings
+        limit = self.max_model_len
         if len(ids) + max_tokens > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
                            f"and max_tokens asks for {max_tokens}", "invalid_request_error", "max_tokens",
@@ -239,26 +260,68 @@ class OmniProxySlave:
             self.metrics.rejected(err.status)
             raise
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream(kind, self.model_name, deltas, include_usage),
+            opts = req.stream_options
+            return StreamingResponse(stream(kind, self.model_name, deltas, bool(opts and opts.include_usage),
+                                            bool(opts and opts.continuous_usage_stats)),
                                      media_type="text/event-stream")
         return await collect(kind, self.model_name, deltas, life.to_debug if req.debug else None)
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         """The chat template's ids, tokenized message by message (a re-sent history hits the cache)."""
+        return self.tokens.encode_segments(self._chat_segments(req.messages))
+
+    def _chat_segments(self, messages, **template) -> list[str]:
         try:
-            segments = self.tokenizer.chat_segments([{"role": m.role, "content": m.content} for m in req.messages])
+            return self.tokenizer.chat_segments([{"role": m.role, "content": m.content} for m in messages], **template)
         except ValueError as err:
             raise APIError(400, f"messages: {err}", "invalid_request_error", "messages") from None
-        return self.tokens.encode_segments(segments)
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", openapi_extra=json_body(CompletionRequest),
+              responses=answers(CompletionResponse, *GENERATION_ERRORS, ok_description=STREAM_DESCRIPTION))
     async def completions(self, request: Request):
         return await self._respond(request, CompletionRequest, COMPLETION)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest),
+              responses=answers(ChatCompletionResponse, *GENERATION_ERRORS, ok_description=STREAM_DESCRIPTION))
     async def chat_completions(self, request: Request):
         return await self._respond(request, ChatCompletionRequest, CHAT)
+
+    # ---- vLLM's tokenizer endpoints (what lm-eval's remote tokenizer calls) ------------------
+    @api.post("/tokenize", openapi_extra=json_body(TokenizeCompletionRequest, TokenizeChatRequest),
+              responses=answers(TokenizeResponse, *BODY_ERRORS))
+    async def tokenize(self, request: Request):
+        """A text's ids, or a chat's (its template applied) as a chat completion would prompt with them."""
+        data = await self._json_body(request)
+        req = self._validate(data, TokenizeChatRequest if "messages" in data else TokenizeCompletionRequest)
+        if isinstance(req, TokenizeChatRequest):
+            text = "".join(self._chat_segments(req.messages, add_generation_prompt=req.add_generation_prompt,
+                                               continue_final_message=req.continue_final_message))
+        else:
+            text = req.prompt
+        ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        strs = [self.tokenizer.hf.id_to_token(i) for i in ids] if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids,
+                                token_strs=strs).model_dump(exclude_none=True)
+
+    @api.post("/detokenize", openapi_extra=json_body(DetokenizeRequest),
+              responses=answers(DetokenizeResponse, *BODY_ERRORS))
+    async def detokenize(self, request: Request):
+        """The text of token ids, special tokens included (so that /tokenize of it gives them back)."""
+        req = await self._parse(request, DetokenizeRequest)
+        vocab = self.manifest.model.vocab_size
+        bad = [t for t in req.tokens if t >= vocab]
+        if bad:
+            raise APIError(400, f"tokens: token id {bad[0]} outside the vocabulary ({vocab})", "invalid_request_error",
+                           "tokens")
+        return DetokenizeResponse(prompt=self.tokenizer.decode(req.tokens, skip_special_tokens=False)).model_dump()
+
+    @api.get("/tokenizer_info", responses=answers(TokenizerInfoResponse, 401))
+    async def tokenizer_info(self, request: Request):
+        """The special tokens and the chat template (Jinja), as in a Hugging Face tokenizer_config.json."""
+        self._authorize(request.headers.get("authorization", ""))
+        return TokenizerInfoResponse(tokenizer_class="PreTrainedTokenizerFast", name_or_path=self.model_name,
+                                     model_max_length=self.max_model_len, chat_template=CHAT_TEMPLATE,
+                                     **self.tokenizer.special_tokens()).model_dump()
 
     # ---- gRPC (Ray Serve's gRPC proxy calls these by the proto's method names) -----------
     async def Generate(self, request, grpc_context=None):
@@ -285,24 +348,41 @@ class OmniProxySlave:
         return omniray_pb2.ListModelsResponse(models=[self.model_name])
 
     # ---- HTTP: the rest ------------------------------------------------------------------
-    @api.get("/v1/models")
+    def _model_card(self) -> ModelCard:
+        return ModelCard(id=self.model_name, created=self.created, max_model_len=self.max_model_len)
+
+    @api.get("/v1/models", responses=answers(ModelList, 401))
     async def models(self, request: Request):
         self._authorize(request.headers.get("authorization", ""))
-        return ModelList(data=[ModelCard(id=self.model_name, created=self.created)]).model_dump()
+        return ModelList(data=[self._model_card()]).model_dump()
 
-    @api.get("/v1/models/{model:path}")
+    @api.get("/v1/models/{model:path}", responses=answers(ModelCard, 401, 404))
     async def model(self, model: str, request: Request):
         """OpenAI's retrieve-model (`client.models.retrieve`); model ids may hold slashes."""
         self._authorize(request.headers.get("authorization", ""))
         if model != self.model_name:
             raise unknown_model(model, self.model_name)
-        return ModelCard(id=self.model_name, created=self.created).model_dump()
+        return self._model_card().model_dump()
 
     @api.get("/health")
     async def health(self):
         return {"status": "ok"}
 
-    @api.get("/v1/cluster")
+    @api.get("/version", responses=answers(VersionResponse, 401))
+    async def version(self, request: Request):
+        self._authorize(request.headers.get("authorization", ""))
+        return VersionResponse(version=package_version()).model_dump()
+
+    @api.get("/metrics", response_class=Response,
+             responses={200: {"description": "This slave's metrics (cluster.metrics.ProxyMetrics) in Prometheus' "
+                                             "text format", "content": {CONTENT_TYPE_LATEST: {}}}})
+    async def prometheus(self):
+        """No key needed (as vLLM's): request counts, latencies and tokens of this slave,
+        nothing about the cluster. Every actor's metrics: Ray's metrics export."""
+        self.metrics.tokenizer(self.tokens.stats())
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/v1/cluster", responses=answers(None, 401, 503))
     async def cluster(self, request: Request):
         self._authorize(request.headers.get("authorization", ""))
         self._ensure_poller()
@@ -334,7 +414,8 @@ class OmniProxySlave:
 
 
     # ---- admin: ElasticMoE and Omni Placement --------------------------------------------------
-    @api.post("/v1/cluster/scale")
+    @api.post("/v1/cluster/scale", openapi_extra=json_body(ScaleRequest),
+              responses=answers(None, 400, 401, 403, 413, 415, 500, 503))
     async def scale(self, request: Request):
         """Resize an instance's EP, add an instance of a role, or drain and remove one."""
         req = await self._parse(request, ScaleRequest, admin=True)
@@ -347,7 +428,8 @@ class OmniProxySlave:
             call = ctl.remove_instance.remote(req.remove_instance)
         return await self._admin_call(call)
 
-    @api.post("/v1/cluster/rebalance")
+    @api.post("/v1/cluster/rebalance", openapi_extra=json_body(RebalanceRequest),
+              responses=answers(None, 400, 401, 403, 413, 415, 500, 503))
     async def rebalance(self, request: Request):
         """Omni Placement: new expert maps from the measured expert load."""
         req = await self._parse(request, RebalanceRequest, admin=True)

@@ -92,7 +92,8 @@ def from_validation_error(err: ValidationError | RequestValidationError) -> APIE
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the request's usage and no choices
+    continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk (guidellm sends it)
 
 
 class _Request(BaseModel):
@@ -183,7 +184,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     _NULL_OK: ClassVar[tuple[str, ...]] = ("refusal", "tool_calls", "function_call", "audio", "annotations")
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str
     name: str | None = None
 
@@ -212,6 +213,9 @@ class ChatMessage(BaseModel):
         return v
 
 
+NO_TOOL_CALLS = "tool calling is not served here: the models cannot call tools"
+
+
 class ChatCompletionRequest(_Request):
     """POST /v1/chat/completions. `max_tokens` unset means `to_sampling`'s default."""
 
@@ -235,6 +239,31 @@ class ChatCompletionRequest(_Request):
         if self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
         return self
+
+    # tool calling is not served (the models cannot call tools): a request that lets the
+    # model call one is a 400; tools sent with tool_choice "none" are accepted and unused,
+    # as vLLM does. The choices come first: the tools' validator reads them.
+    tool_choice: str | dict[str, Any] | None = None  # "none", "auto", "required" or a tool
+    function_call: str | dict[str, Any] | None = None  # OpenAI's deprecated spelling: "none", "auto" or a function
+    tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None
+    parallel_tool_calls: bool | None = None  # accepted: no tool is ever called
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v: Any, info: ValidationInfo) -> Any:
+        if v not in (None, "none"):
+            raise ValueError(f'{NO_TOOL_CALLS}; only {info.field_name} "none" is accepted')
+        return v
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v: list | None, info: ValidationInfo) -> list | None:
+        choice = "tool_choice" if info.field_name == "tools" else "function_call"
+        if v and info.data.get(choice) != "none":
+            raise ValueError(f'{NO_TOOL_CALLS}; {info.field_name} are accepted (and not used) only with '
+                             f'{choice} "none"')
+        return v
 
 
 def to_sampling(req: _Request, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
@@ -288,7 +317,7 @@ class _Envelope(_Out):
     created: Created
     model: str
     choices: list
-    usage: Usage | None = None  # stream chunks: only the final one, when stream_options.include_usage
+    usage: Usage | None = None  # stream chunks: the last (include_usage) or every one (continuous_usage_stats)
     debug: dict | None = None  # extension: lifecycle stage timings when the request asked
 
 
@@ -355,11 +384,93 @@ class ModelCard(_Out):
     object: Literal["model"] = "model"
     created: Created
     owned_by: str = "omniray"
+    max_model_len: int | None = None  # vLLM's: prompt + max_tokens may not exceed it
 
 
 class ModelList(_Out):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (see error_body); for the OpenAPI document."""
+
+    error: ErrorDetail
+
+
+class VersionResponse(BaseModel):
+    version: str
+
+
+# ---- vLLM's tokenizer endpoints ------------------------------------------------------------
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """POST /tokenize with a text. `model` may be left out (lm-eval does)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """POST /tokenize with chat messages: the ids of the chat template, as a chat completion's prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last message left open, for the model to go on with
+    add_special_tokens: bool = False  # vLLM's default: the template holds the special tokens
+    return_token_strs: bool | None = False
+
+    @model_validator(mode="after")
+    def _one_ending(self) -> TokenizeChatRequest:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+        return self
+
+
+class TokenizeResponse(_Out):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None  # only when return_token_strs
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(_Out):
+    prompt: str
+
+
+class TokenizerInfoResponse(_Out):
+    """GET /tokenizer_info: what a client needs to tokenize and template as the server
+    does (lm-eval's remote tokenizer reads the special tokens and the chat template)."""
+
+    tokenizer_class: str
+    name_or_path: str
+    model_max_length: int
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    chat_template: str  # Jinja, rendered with `messages` and `add_generation_prompt`
 
 
 # ---- server-sent events ---------------------------------------------------------------

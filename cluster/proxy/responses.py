@@ -48,10 +48,12 @@ CHAT = ResponseKind(
 )
 
 
-def usage(delta) -> dict:
-    """OpenAI's usage, with the prompt tokens served from a KV cache (as OpenAI and vLLM report them)."""
-    return {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens,
-            "total_tokens": delta.prompt_tokens + delta.completion_tokens,
+def usage(delta, completion_tokens: int | None = None) -> dict:
+    """OpenAI's usage, with the prompt tokens served from a KV cache (as OpenAI and vLLM report them);
+    `completion_tokens`: a count other than the delta's (the chat stream's opening chunk: 0)."""
+    done = delta.completion_tokens if completion_tokens is None else completion_tokens
+    return {"prompt_tokens": delta.prompt_tokens, "completion_tokens": done,
+            "total_tokens": delta.prompt_tokens + done,
             "prompt_tokens_details": {"cached_tokens": delta.cached_tokens}}
 
 
@@ -70,16 +72,26 @@ async def collect(kind: ResponseKind, model: str, deltas: AsyncIterator,
     return body.model_dump(exclude_none=True)
 
 
-async def stream(kind: ResponseKind, model: str, deltas: AsyncIterator, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per delta, usage last if asked, then [DONE]."""
+async def stream(kind: ResponseKind, model: str, deltas: AsyncIterator, include_usage: bool,
+                 continuous_usage: bool = False) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per delta, usage last if asked, then [DONE].
+    `continuous_usage` (vLLM's continuous_usage_stats): every chunk carries the usage so far."""
     env, last = _envelope(kind), None
-    if kind.opening_delta:
-        yield sse(kind.chunk(**env, model=model, choices=[kind.opening_delta]))
+
+    def chunk(choices: list, use: dict | None = None) -> str:
+        return sse(kind.chunk(**env, model=model, choices=choices, usage=use))
+
+    opening = kind.opening_delta
     async for d in deltas:
+        if opening:  # sent with the first delta in hand (already pulled): its usage knows the prompt
+            yield chunk([opening], usage(d, 0) if continuous_usage else None)
+            opening = None
         last = d
-        yield sse(kind.chunk(**env, model=model, choices=[kind.delta_choice(d.text, d.finish_reason)]))
+        yield chunk([kind.delta_choice(d.text, d.finish_reason)], usage(d) if continuous_usage else None)
+    if opening:
+        yield chunk([opening])
     if include_usage and last is not None:
-        yield sse(kind.chunk(**env, model=model, choices=[], usage=usage(last)))
+        yield chunk([], usage(last))
     yield SSE_DONE
 
 

@@ -14,6 +14,7 @@ byte-level BPE trained by ``scripts/train_tokenizer.py``; any Hugging Face
 from __future__ import annotations
 
 import codecs
+import json
 from collections.abc import Iterable, Sequence
 from importlib import resources
 
@@ -21,6 +22,7 @@ import tokenizers
 from tokenizers import decoders
 
 ROLE_MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role
 END_MARKER = "<|end|>"
 # First name present wins: OmniRay's own, then the common Hugging Face spellings.
 _EOS_NAMES = ("<|eos|>", "</s>", "<|endoftext|>")
@@ -102,29 +104,53 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[dict]) -> str:
         """Render OpenAI-style messages, ending with the assistant marker as generation prompt.
 
-        ``<|role|>\\n{content}<|end|>\\n`` per message, then ``<|assistant|>\\n``.
-        No BOS is added: prepending it is the caller's choice.
+        ``<|role|>\\n{content}<|end|>\\n`` per message, then ``<|assistant|>\\n``
+        (``developer`` is rendered as ``system``). No BOS is added: prepending it is
+        the caller's choice. CHAT_TEMPLATE is the same template in Jinja.
         """
         return "".join(self.chat_segments(messages))
 
-    def chat_segments(self, messages: Sequence[dict]) -> list[str]:
+    def chat_segments(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                      continue_final_message: bool = False) -> list[str]:
         """The chat template one message at a time. Every segment starts with a
         special marker, where the tokenizer splits anyway, so encoding the segments
         one by one gives exactly the ids of the whole prompt, and a chat history
-        re-sent each turn is tokenized once per message (TokenCache)."""
+        re-sent each turn is tokenized once per message (TokenCache).
+        `continue_final_message`: the last message is left open (no end marker)."""
         parts = []
         for i, m in enumerate(messages):
             role = m.get("role") if isinstance(m, dict) else None
-            if role not in ROLE_MARKERS:
-                raise ValueError(f"message {i}: unsupported chat role {role!r}; expected one of {sorted(ROLE_MARKERS)}")
+            marker = ROLE_MARKERS.get(ROLE_ALIASES.get(role, role))
+            if marker is None:
+                expected = sorted([*ROLE_MARKERS, *ROLE_ALIASES])
+                raise ValueError(f"message {i}: unsupported chat role {role!r}; expected one of {expected}")
             content = m.get("content")
             if content is None:
                 content = ""
             if not isinstance(content, str):
                 raise ValueError(f"message {i} ({role}): content must be a string, got {type(content).__name__}")
-            parts.append(f"{ROLE_MARKERS[role]}\n{content}{END_MARKER}\n")
-        parts.append(f"{ROLE_MARKERS['assistant']}\n")
+            parts.append(f"{marker}\n{content}{END_MARKER}\n")
+        if continue_final_message and parts:
+            parts[-1] = parts[-1].removesuffix(f"{END_MARKER}\n")
+        if add_generation_prompt:
+            parts.append(f"{ROLE_MARKERS['assistant']}\n")
         return parts
+
+    def special_tokens(self) -> dict[str, str | None]:
+        """The BOS, EOS and padding tokens as text (None where the tokenizer has none)."""
+        ids = {"bos_token": self.bos_token_id, "eos_token": self.eos_token_id, "pad_token": self.pad_token_id}
+        return {name: None if i is None else self.hf.id_to_token(i) for name, i in ids.items()}
+
+
+# Tokenizer.apply_chat_template in Jinja, for clients that render prompts themselves
+# (/tokenizer_info; Hugging Face's convention: `messages`, `add_generation_prompt`).
+CHAT_TEMPLATE = (
+    "{%- set markers = " + json.dumps(ROLE_MARKERS | {a: ROLE_MARKERS[r] for a, r in ROLE_ALIASES.items()}) + " -%}"
+    "{%- for message in messages -%}"
+    "{{- markers[message['role']] + '\\n' + (message['content'] or '') + '" + END_MARKER + "\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- markers['assistant'] + '\\n' -}}{%- endif -%}"
+)
 
 
 def unknown_id_text(token_id: int) -> str:
