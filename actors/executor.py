@@ -26,6 +26,8 @@ class StepOutput:
     drafts: dict[str, int] = field(default_factory=dict)  # MTP drafts for the next step
     overruns: int = 0  # NPUs whose host time exceeded the modelled time (emulated)
     load_s: list[float] = field(default_factory=list)  # per rank: wall seconds until its KV loads were in place
+    logprobs: dict = field(default_factory=dict)  # seq id -> TokenLogprob of its sampled token (when asked)
+    prompt_logprobs: dict = field(default_factory=dict)  # seq id -> per row of its chunk (when asked)
 
 
 class InstanceExecutor:
@@ -62,8 +64,10 @@ class InstanceExecutor:
 
     @staticmethod
     def merge(results: list[NPUStepResult]) -> StepOutput:
-        tokens, logits, exported, accepted, drafts = {}, {}, {}, {}, {}
+        tokens, logits, exported, accepted, drafts, logprobs, prompt_logprobs = {}, {}, {}, {}, {}, {}, {}
         for r in results:
+            logprobs.update(r.logprobs)
+            prompt_logprobs.update(r.prompt_logprobs)
             tokens.update(r.tokens)
             logits.update(r.logits or {})
             exported.update(r.exported)
@@ -79,6 +83,8 @@ class InstanceExecutor:
             drafts,
             sum(r.overrun for r in results),
             [r.load_s for r in results],
+            logprobs,
+            prompt_logprobs,
         )
 
     def step(self, works: list[SeqWork], return_logits: bool = False) -> StepOutput:

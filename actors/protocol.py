@@ -133,6 +133,12 @@ class SeqWork:
     # guided decoding: a packed int32 bitmask of ceil(V/32) words, bit j of word i =
     # token 32*i+j allowed (xgrammar / llguidance layout); tokens past it are disallowed
     allowed: np.ndarray | None = None
+    # parallel sampling (n > 1): (seq id, params) of the request's other choices, whose
+    # first tokens are drawn from this row too (one prefill for all; each its own seed)
+    forks: tuple[tuple[str, SamplingParams], ...] = ()
+    # copy on write: (source, destination) blocks to copy before the step (a fork's copy
+    # of its parent's partial last prompt block, where the choices diverge)
+    copy_blocks: tuple[tuple[int, int], ...] = ()
 
     @property
     def prompt_targets(self) -> list[int]:
@@ -221,6 +227,9 @@ class EngineRequest:
     prefill_only: bool = False  # prefill role: stop after the first token and export the KV
     kv_pending: bool = False  # decode side of parallel P/D: wait, admitted, until deliver() brings the KV
     deliver_to: object | None = None  # prefill side of parallel P/D: the decode engine to push the KV to
+    n: int = 1  # parallel sampling: choices sharing the prompt's KV (one prefill; actors.engine.instance._fork)
+    fork_outputs: list[list[int]] = field(default_factory=list)  # decode side of P/D: choices 1..n-1's tokens so far
+    guide: object | None = None  # guided decoding: an actors.engine.guided.GuideSpec
 
 
 @dataclass
@@ -238,3 +247,6 @@ class EngineOutput:
     # "kv_transferred"), each as its age in seconds when this update left the engine: the
     # receiver stamps them on its own clock (cluster.proxy.lifecycle), whatever node it is on
     stamps: dict[str, float] = field(default_factory=dict)
+    index: int = 0  # the choice (n > 1) these tokens belong to
+    logprobs: list | None = None  # TokenLogprob per token of token_ids, when the request asked
+    prompt_logprobs: list | None = None  # TokenLogprob | None per prompt token (the first None), once

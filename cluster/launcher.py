@@ -20,6 +20,7 @@ from actors.model.config import ModelConfig
 from actors.npu import NPU_RESOURCE, NPUActor
 from actors.protocol import ComputeMode, NPUSpec
 from cluster.node_placement import NodePlacement, create_group, remove_group, reserve_groups
+from cluster.proxy.tokens import tokenizer_json_text
 
 DEFAULT_LOCAL_NPUS = 64  # omni_npu slots the embedded local Ray offers
 PLACEMENT_TIMEOUT_S = 60.0  # how long a launch waits for Ray to place an instance's NPUs
@@ -225,15 +226,18 @@ def engine_name(instance: str) -> str:
 
 
 def launch_engine(
-    instance: Instance, scheduler: SchedulerConfig | None = None, kv_cache_name: str | None = None, mtp: bool = False
+    instance: Instance, scheduler: SchedulerConfig | None = None, kv_cache_name: str | None = None, mtp: bool = False,
+    tokenizer_json: str | None = None,
 ):
-    """Start the engine actor that drives an instance's NPUs step by step."""
+    """Start the engine actor that drives an instance's NPUs step by step.
+    `tokenizer_json` (the text of a HF tokenizer.json): what guided decoding masks by."""
     from actors.engine.instance import EngineConfig
 
     if mtp and not instance.specs[0].model.num_mtp_layers:
         raise ValueError(f"mtp: model {instance.specs[0].model.name} has no MTP heads (num_mtp_layers: 0)")
     scheduler = scheduler or SchedulerConfig(block_size=instance.specs[0].block_size)
-    config = EngineConfig(instance.name, instance.role, scheduler, kv_cache_name, mtp)
+    config = EngineConfig(instance.name, instance.role, scheduler, kv_cache_name, mtp, tokenizer_json,
+                          instance.specs[0].model.vocab_size)
     engine = _engine_actor_class().options(name=engine_name(instance.name), num_cpus=0, max_concurrency=10_000)
     instance.engine = engine.remote(config, instance.npus, instance.memory)
     ray.get(instance.engine.start.remote())
@@ -304,7 +308,7 @@ def launch_manifest_instance(manifest, spec, weight_refs: dict | None, kv_cache=
     inst.kv_cache = kv_cache
     try:
         launch_engine(inst, SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size),
-                      cache_name, eng.mtp)
+                      cache_name, eng.mtp, tokenizer_json_text(manifest.tokenizer))
     except Exception:
         inst.shutdown()
         raise

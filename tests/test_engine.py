@@ -15,7 +15,7 @@ from actors.engine.scheduler import SchedulerConfig
 from actors.kv_cache import get_or_create_kv_cache
 from actors.kv_hash import block_hashes
 from actors.model.reference import generate
-from actors.protocol import EngineRequest
+from actors.protocol import EngineRequest, SamplingParams
 from cluster.config import load_manifest
 from cluster.launcher import launch_engine, launch_instance
 
@@ -47,8 +47,9 @@ def _prompts(lengths, seed=0, vocab=512):
     return [[rng.randrange(7, vocab) for _ in range(n)] for n in lengths]
 
 
-def _req(i, prompt, n, **kw):
-    return EngineRequest(f"r{i}-{uuid.uuid4().hex[:4]}", prompt, max_tokens=n, block_hashes=block_hashes(prompt, BS), **kw)
+def _req(i, prompt, max_tokens, **kw):
+    return EngineRequest(f"r{i}-{uuid.uuid4().hex[:4]}", prompt, max_tokens=max_tokens,
+                         block_hashes=block_hashes(prompt, BS), **kw)
 
 
 def test_continuous_batching_gives_each_request_its_solo_tokens(model):
@@ -280,3 +281,62 @@ def test_launch_manifest_starts_instances_together_and_a_failure_takes_the_other
     # the placement groups reserved for both (the manifest's default PACK) are gone too
     live = [g["name"] for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
     assert not [n for n in live if n in ("broken-npus", "fine-npus")]
+
+
+def _choices(outs) -> dict[int, list[int]]:
+    """Tokens per choice of a request with n > 1."""
+    got: dict[int, list[int]] = {}
+    for o in outs:
+        got.setdefault(o.index, []).extend(o.token_ids)
+    return got
+
+
+def test_n_choices_share_one_prefill_and_each_equals_its_seeded_reference(model):
+    """n = 4: the prompt is computed once; the other three choices share its full
+    blocks and copy its partial last one, and each draws with seed + its index."""
+    cfg, refs, reference = model
+    prompt = _prompts([37], seed=5)[0]  # two full blocks and a partial one
+    params = SamplingParams(temperature=0.8, seed=11)
+    inst = _engine(cfg, refs, ep=1)
+    try:
+        outs = asyncio.run(_run(inst.engine, _req(0, prompt, 6, params=params, n=4)))
+        stats = ray.get(inst.engine.stats.remote())
+    finally:
+        inst.shutdown()
+    got = _choices(outs)
+    want = generate(reference, [prompt] * 4, 6,
+                    params=[params.model_copy(update={"seed": 11 + j}) for j in range(4)]).tokens
+    assert [got[j] for j in range(4)] == want
+    assert len({tuple(t) for t in want}) > 1  # the seeds differ, so do the choices
+    assert sum(o.finished for o in outs) == 4
+    assert stats["forked_seqs"] == 3 and stats["shared_blocks"] == 3 * 2
+    # one prefill: the prompt once, then each choice's own tokens (the last one is not fed back)
+    assert stats["computed_tokens"] == len(prompt) + 4 * (6 - 1)
+    assert stats["generated_tokens"] == 4 * 6
+
+
+def test_logprobs_and_prompt_logprobs_equal_the_reference_with_a_cached_prefix(model):
+    """Prompt logprobs come from the prefill's own forward: a request that asks for
+    them computes its whole prompt even when its prefix is cached (it takes no cached
+    blocks), so they equal the reference's either way."""
+    cfg, refs, reference = model
+    prompt = _prompts([40], seed=8)[0]
+    params = SamplingParams(logprobs=3, prompt_logprobs=2)
+    want = generate(reference, [prompt], 4, params=params)
+    inst = _engine(cfg, refs, ep=2)
+    try:
+        asyncio.run(_run(inst.engine, _req(0, prompt, 2)))  # caches the prompt's full blocks
+        outs = asyncio.run(_run(inst.engine, _req(1, prompt, 4, params=params)))
+    finally:
+        inst.shutdown()
+    assert _tokens(outs) == want.tokens[0]
+    assert outs[0].num_cached_tokens == 0
+    prompt_lps = outs[0].prompt_logprobs
+    assert prompt_lps[0] is None and len(prompt_lps) == len(prompt)
+    for got, ref in zip(prompt_lps[1:], want.prompt_logprobs[0][1:]):
+        assert got.token_id == ref.token_id and abs(got.logprob - ref.logprob) < 1e-9
+        assert [t for t, _ in got.top] == [t for t, _ in ref.top]
+    lps = [lp for o in outs for lp in (o.logprobs or [])]
+    assert len(lps) == 4
+    for got, ref in zip(lps, want.logprobs[0]):
+        assert got.token_id == ref.token_id and abs(got.logprob - ref.logprob) < 1e-9 and len(got.top) == 3

@@ -210,9 +210,11 @@ class EmulatedCompute:
                     pos += 1
                 tokens[w.seq_id] = standin_token(last, pos, cfg.vocab_size)
             elif w.sample:
-                tokens[w.seq_id], lp = standin_sample(w, cfg.vocab_size)
-                if lp is not None:
-                    logprobs[w.seq_id] = lp
+                # forks (n > 1) draw the same stand-in: it depends on the token and position only
+                for seq_id, params in [(w.seq_id, w.params), *w.forks]:
+                    tokens[seq_id], lp = standin_sample(w, cfg.vocab_size)
+                    if lp is not None and params.logprobs is not None:
+                        logprobs[seq_id] = lp
             if w.params.prompt_logprobs is not None:
                 prompt_lps[w.seq_id] = standin_prompt_logprobs(w, cfg.vocab_size)
             if w.propose and w.seq_id in tokens:

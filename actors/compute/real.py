@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import ray
@@ -152,6 +153,9 @@ class RealCompute:
                 self.kv.charge(w.seq_id, w.start_pos, len(w.token_ids))
             return self.cache
         self.paged.unbind_all()
+        copies = [c for w in batch.seqs for c in w.copy_blocks]
+        if copies:  # forks' copy on write, before anything writes this step
+            self.paged.import_blocks([d for _, d in copies], self.paged.export_blocks([s for s, _ in copies]))
         # a block's source: [ref] of the block, or [ref, i]: row i of a migrated sequence's blocks
         loads = [(block, src) for w in batch.seqs for block, src in w.load_blocks]
         self.kv_blocks_loaded.update(blocks_loaded(batch))
@@ -186,14 +190,22 @@ class RealCompute:
         logprobs = {}
         if sampling:
             logits = self.model.logits(hidden[fb.last_rows()[sampling]])
-            sampled, sampled_lps = sample_rows(logits, [RowContext.of(batch.seqs[i]) for i in sampling])
+            rows = [RowContext.of(batch.seqs[i]) for i in sampling]
+            ids = [batch.seqs[i].seq_id for i in sampling]
+            src = list(range(len(sampling)))  # the logits row each draw is from (forks: their parent's)
             for row, i in enumerate(sampling):
-                w = batch.seqs[i]
-                tokens[w.seq_id] = sampled[row]
-                if sampled_lps[row] is not None:
-                    logprobs[w.seq_id] = sampled_lps[row]
-                if logits_out is not None:
-                    logits_out[w.seq_id] = logits[row].tolist()
+                for fork_id, params in batch.seqs[i].forks:
+                    rows.append(replace(rows[row], params=params))
+                    ids.append(fork_id)
+                    src.append(row)
+            sampled, sampled_lps = sample_rows(logits[src] if len(src) > len(sampling) else logits, rows)
+            for seq_id, token, lp in zip(ids, sampled, sampled_lps):
+                tokens[seq_id] = token
+                if lp is not None:
+                    logprobs[seq_id] = lp
+            if logits_out is not None:
+                for row, i in enumerate(sampling):
+                    logits_out[batch.seqs[i].seq_id] = logits[row].tolist()
         prompt_lps = prompt_logprobs(self.model.logits, hidden, fb, batch.seqs)
         drafts = propose_drafts(self.model, residual, fb, batch.seqs, tokens, accepted, cache) if self.model.mtp else {}
         device_s = self.cost.step_time(

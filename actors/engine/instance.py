@@ -43,6 +43,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_cache_name: str | None = None  # global KV cache actor; None: local prefix caching only
     mtp: bool = False  # MTP speculative decoding for greedy requests (the model needs MTP heads)
+    tokenizer_json: str | None = None  # guided decoding: the tokenizer (HF tokenizer.json text)
+    vocab_size: int = 0  # the model's (guided decoding's token masks cover it)
 
 
 class InstanceEngine:
@@ -57,12 +59,15 @@ class InstanceEngine:
         self.queues: dict[str, asyncio.Queue] = {}
         self.hashes: dict[str, list[int]] = {}  # seq id -> prefix-chain hashes of its full blocks
         self.pending: dict[str, Sequence] = {}  # parallel P/D: admitted, waiting for their KV
-        self.early: dict[str, tuple[float, list[int], KVTransfer]] = {}  # KV delivered before its request came
+        # KV delivered before its request came: (when, output ids, KV, forks' output ids)
+        self.early: dict[str, tuple[float, list[int], KVTransfer, list | None]] = {}
+        self.guides = None  # guided decoding: grammars compiled for this engine's tokenizer, on first use
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.counters = {
             "steps": 0, "prompt_tokens": 0, "computed_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
             "drafted_tokens": 0, "accepted_tokens": 0, "reconfigurations": 0, "migrated_seqs": 0,
+            "forked_seqs": 0, "shared_blocks": 0,  # parallel sampling: forks made, prompt blocks they share
             "kv_exports": 0,  # export calls of leaving NPUs (one each, for all its migrating sequences)
             "overrun_steps": 0,  # steps in which an emulated NPU took longer than its modelled time
             # wall seconds the NPUs ran steps, and wall seconds between two steps while there was work
@@ -90,8 +95,9 @@ class InstanceEngine:
     async def generate(self, request: EngineRequest):
         """Stream EngineOutput for one request (a Ray streaming generator)."""
         self._ensure_loop()
-        seq = await self._admit(request)
+        await self._admit(request)
         queue = self.queues[request.request_id]
+        open_choices = max(request.n, 1)
         try:
             while True:
                 out = await queue.get()
@@ -101,37 +107,46 @@ class InstanceEngine:
                     now = time.monotonic()
                     out.stamps = {stage: now - t for stage, t in out.stamps.items()}
                 yield out
-                if out.finished:
+                open_choices -= out.finished
+                if open_choices == 0:
                     return
         finally:
-            if not seq.finish_reason:  # the consumer went away: free its KV now
-                self._finish(seq, "abort")
+            for seq in self._choices(request.request_id):  # the consumer went away: free their KV now
+                if not seq.finish_reason:
+                    self._finish(seq, "abort")
             self.queues.pop(request.request_id, None)
+
+    def _choices(self, request_id: str) -> list[Sequence]:
+        """The live sequences of a request: its own, and its forks (n > 1)."""
+        return [s for s in self.seqs.values() if s.request_id == request_id]
 
     async def _admit(self, req: EngineRequest) -> Sequence:
         if not req.prompt_ids:
             raise ValueError("prompt_ids: empty prompt")
         if req.request_id in self.seqs:
             raise ValueError(f"request_id: {req.request_id!r} is already running")
-        need = self.managers[0].blocks_needed(len(req.prompt_ids) + req.max_tokens)
+        bm = self.managers[0]
+        need = bm.blocks_needed(len(req.prompt_ids) + req.max_tokens) + (req.n - 1) * bm.blocks_needed(req.max_tokens + 1)
         if need > max(m.num_blocks for m in self.managers):
             raise ValueError(
                 f"max_tokens: prompt ({len(req.prompt_ids)}) + max_tokens ({req.max_tokens}) needs {need} KV blocks; "
                 f"an NPU of {self.config.name} has {self.managers[0].num_blocks}"
             )
         seq = Sequence(req)
+        if req.guide is not None:
+            seq.guide = self._guide(req.guide, seq.output_ids)
         if req.kv_pending:  # parallel P/D: open the stream now, schedule when the KV arrives
             self.seqs[req.request_id] = seq
             self.queues[req.request_id] = asyncio.Queue()
             self.pending[req.request_id] = seq
             early = self.early.pop(req.request_id, None)
             if early is not None:
-                self.deliver(req.request_id, early[1], early[2])
+                self.deliver(req.request_id, *early[1:])
             return seq
         if req.kv_transfer is not None:
             seq.remote_blocks, seq.remote_tokens = req.kv_transfer.blocks, req.kv_transfer.num_tokens
-        elif self.config.kv_cache_name and req.block_hashes:
-            await self._match_global(seq)
+        elif self.config.kv_cache_name and req.block_hashes and req.params.prompt_logprobs is None:
+            await self._match_global(seq)  # (prompt logprobs need the whole prompt's forward: no cache)
         self.seqs[req.request_id] = seq
         self.queues[req.request_id] = asyncio.Queue()
         self.counters["prompt_tokens"] += len(req.prompt_ids)
@@ -139,7 +154,8 @@ class InstanceEngine:
         self._wake.set()
         return seq
 
-    def deliver(self, request_id: str, output_ids: list[int], transfer: KVTransfer) -> bool:
+    def deliver(self, request_id: str, output_ids: list[int], transfer: KVTransfer,
+                fork_outputs: list[list[int]] | None = None) -> bool:
         """Parallel P/D: the prefill instance pushes a parked request's KV and first
         token(s); the request joins the scheduler. A delivery that overtook its
         request is kept until the request arrives (stale ones are dropped)."""
@@ -148,8 +164,9 @@ class InstanceEngine:
             now = time.monotonic()
             self.early = {k: v for k, v in self.early.items() if now - v[0] < EARLY_KV_TTL_S}
             if request_id not in self.seqs:
-                self.early[request_id] = (now, list(output_ids), transfer)
+                self.early[request_id] = (now, list(output_ids), transfer, fork_outputs)
             return False
+        seq.request.fork_outputs = list(fork_outputs or [])
         seq.output_ids = list(output_ids)
         seq.emitted = len(seq.output_ids)
         seq.remote_blocks, seq.remote_tokens = transfer.blocks, transfer.num_tokens
@@ -170,11 +187,10 @@ class InstanceEngine:
         seq.remote_blocks, seq.remote_tokens = hit["refs"], hit["num_blocks"] * self.config.scheduler.block_size
 
     async def abort(self, request_id: str) -> bool:
-        seq = self.seqs.get(request_id)
-        if seq is None:
-            return False
-        self._finish(seq, "abort")
-        return True
+        choices = self._choices(request_id)
+        for seq in choices:
+            self._finish(seq, "abort")
+        return bool(choices)
 
     # ---- the loop ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -278,14 +294,118 @@ class InstanceEngine:
         drafting = s.samples and seq.draft is not None
         if drafting:
             tokens = tokens + [seq.draft]
-        propose = self.config.mtp and seq.request.params.greedy and not seq.request.prefill_only
+        req, params = seq.request, self._params(seq)
+        propose = self.config.mtp and _plain(req) and not req.prefill_only
+        copies, seq.copy_blocks = seq.copy_blocks, []
         return SeqWork(
-            seq.seq_id, tokens, start, s.samples, seq.request.params, len(seq.output_ids),
+            seq.seq_id, tokens, start, s.samples, params, len(seq.output_ids),
             block_table=list(seq.block_table), load_blocks=s.load, save_blocks=save,
             load_intra_node=bool(s.load) and seq.remote_node is not None and seq.remote_node == self.nodes[seq.rank],
             num_drafts=1 if drafting else 0, propose=propose,
             next_token=seq.token_ids[stop] if stop < seq.num_tokens else None,
+            output_ids=tuple(seq.output_ids) if params.needs_history else (),
+            prompt_ids=tuple(req.prompt_ids) if params.repetition_penalty != 1.0 else (),
+            banned=self._banned(seq) if s.samples else (),
+            allowed=seq.guide.bitmask() if s.samples and seq.guide is not None else None,
+            copy_blocks=tuple(copies),
+            forks=self._fork_params(seq) if s.samples and self._forks_here(seq) else (),
         )
+
+    @staticmethod
+    def _params(seq: Sequence):
+        """The sampling of this sequence's next step: a fork draws with its own seed
+        (the request's + its index, as vLLM), and the prompt's logprobs are computed
+        where the prompt is (never on the decode side of P/D)."""
+        params = seq.request.params
+        update = {}
+        if seq.index and params.seed is not None:
+            update["seed"] = params.seed + seq.index
+        if params.prompt_logprobs is not None and (seq.decode_side or seq.index):
+            update["prompt_logprobs"] = None
+        return params.model_copy(update=update) if update else params
+
+    @staticmethod
+    def _banned(seq: Sequence) -> tuple[int, ...]:
+        """min_tokens: the end (EOS, stop token ids) may not be sampled before it."""
+        req = seq.request
+        if len(seq.output_ids) >= req.params.min_tokens:
+            return ()
+        ends = set(req.stop_token_ids) | ({req.eos_token_id} if req.eos_token_id is not None else set())
+        return tuple(sorted(ends))
+
+    @staticmethod
+    def _forks_here(seq: Sequence) -> bool:
+        """Parallel sampling: this step computes the last prompt token of a request
+        with n > 1 whose forks do not exist yet: it samples their first tokens too."""
+        return (seq.request.n > 1 and seq.index == 0 and not seq.decode_side and not seq.forked
+                and not seq.output_ids)
+
+    def _fork_params(self, seq: Sequence) -> tuple:
+        base = seq.request.params
+        return tuple((_fork_id(seq.request_id, j),
+                      base.model_copy(update={"seed": base.seed + j}) if base.seed is not None else base)
+                     for j in range(1, seq.request.n))
+
+    def _guide(self, spec, output_ids: list[int]):
+        """A grammar matcher for guided decoding, advanced past the tokens already generated."""
+        if self.guides is None:
+            from actors.engine.guided import GuideCompiler
+
+            if not self.config.tokenizer_json:
+                raise ValueError("response_format: guided decoding needs the tokenizer (EngineConfig.tokenizer_json)")
+            self.guides = GuideCompiler(self.config.tokenizer_json, self.config.vocab_size)
+        matcher = self.guides.matcher(spec)
+        for t in output_ids:
+            matcher.accept(t)
+        return matcher
+
+    def _fork(self, parent: Sequence, outputs: list[list[int]], logprobs: list[list] | None = None) -> list[Sequence]:
+        """Parallel sampling (n > 1): the parent's prompt KV is complete; each other
+        choice becomes a sequence on the parent's NPU that shares its full prompt
+        blocks (reference-counted) and gets a copy of the partial last one (copy on
+        write: the first block where the choices diverge), copied on the NPU before
+        its first step. `outputs`: each fork's tokens so far (its first token, drawn
+        from the parent's last prompt row). A fork that finds no free block waits to
+        be admitted like a new sequence (its prefix cached: it recomputes the tail).
+        Returns the forks placed with tokens to stream (the caller emits them)."""
+        parent.forked, to_emit = True, []
+        bs, n_prompt = self.config.scheduler.block_size, len(parent.request.prompt_ids)
+        bm = self.managers[parent.rank]
+        full = n_prompt // bs
+        for j, ids in enumerate(outputs, start=1):
+            child = Sequence(parent.request)
+            child.index, child.seq_id_override, child.forked = j, _fork_id(parent.request_id, j), True
+            child.output_ids = list(ids)
+            child.emitted = len(ids) if parent.decode_side else 0  # on P/D they left with the prefill's output
+            child.logprobs = list(logprobs[j - 1]) if logprobs else []
+            child.first_cached = child.num_cached = n_prompt
+            child.arrival = parent.arrival
+            if parent.request.guide is not None:
+                child.guide = self._guide(parent.request.guide, child.output_ids)
+            self.seqs[child.seq_id] = child
+            table = parent.block_table[:full]
+            bm.attach(table)
+            table = list(table)
+            if child.check_finished():
+                bm.release(table)
+                self._finish(child, child.finish_reason)  # (a fork ended by its first token)
+                continue
+            if n_prompt % bs and not bm.grow(table, n_prompt):
+                bm.release(table)
+                child.first_cached = None
+                self.scheduler.add(child)  # no block for its copy: admitted later, from the prefix cache
+                to_emit.append(child)
+                continue
+            if n_prompt % bs:
+                child.copy_blocks = [(parent.block_table[full], table[full])]
+            child.rank, child.block_table, child.num_computed = parent.rank, table, n_prompt
+            child.registered_blocks = full
+            self.scheduler.adopt_running(child)
+            self.counters["forked_seqs"] += 1
+            self.counters["shared_blocks"] += full
+            if child.emitted < len(child.output_ids):
+                to_emit.append(child)
+        return to_emit
 
     def _chain(self, seq: Sequence, num_tokens: int) -> list[int]:
         """Prefix-chain hashes of the full blocks within seq's first num_tokens tokens."""
@@ -302,6 +422,7 @@ class InstanceEngine:
             seq = s.seq
             if seq.finish_reason:  # aborted while its step ran
                 continue
+            self._take_prompt_logprobs(seq, out.prompt_logprobs.get(seq.seq_id))
             accepted = out.accepted.get(seq.seq_id, [])
             if s.samples and seq.draft is not None:
                 self.counters["drafted_tokens"] += 1
@@ -312,16 +433,36 @@ class InstanceEngine:
             finished = False
             if s.samples and not seq.decode_side:  # the prompt is computed: its first token sampled here
                 seq.stamp("prefill_done")
+            forks = self._forks_here(seq) and s.samples
+            if s.samples and seq.request.n > 1 and seq.decode_side and not seq.forked and seq.index == 0:
+                self._fork(seq, seq.request.fork_outputs)  # P/D decode side: their first tokens came along
+                if not continues(seq.request, seq.output_ids):  # its own choice ended at the prefill
+                    seq.check_finished()
+                    self._finish(seq, seq.finish_reason)
+                    continue
             if s.samples:
                 for token in accepted + [out.tokens[seq.seq_id]]:
                     seq.output_ids.append(token)
+                    if seq.guide is not None:
+                        seq.guide.accept(token)
                     self.counters["generated_tokens"] += 1
                     if seq.check_finished():
                         finished = True
                         break
+                if seq.seq_id in out.logprobs:
+                    seq.logprobs.append(out.logprobs[seq.seq_id])
             self._register_blocks(seq)
             if not s.samples:
                 continue
+            forked = []
+            if forks:  # its forks' first tokens were drawn from the same row (before it frees its blocks)
+                ids = [_fork_id(seq.request_id, j) for j in range(1, seq.request.n)]
+                self.counters["generated_tokens"] += len(ids)
+                fork_lps = [[out.logprobs[i]] if i in out.logprobs else [] for i in ids]
+                if seq.request.prefill_only:
+                    self._emit_forks(seq, [[out.tokens[i]] for i in ids], fork_lps)
+                else:
+                    forked = self._fork(seq, [[out.tokens[i]] for i in ids], fork_lps)
             if finished:
                 transfer = None
                 if seq.request.prefill_only:
@@ -329,6 +470,8 @@ class InstanceEngine:
                 self._finish(seq, seq.finish_reason, transfer)
             else:
                 self._emit(seq)
+            for child in forked:  # after their parent's output: it carries the prompt's logprobs
+                self._emit(child)
 
     @staticmethod
     def _stamp_decode_side(scheduled: list[Scheduled], submitted: float, out) -> None:
@@ -366,8 +509,32 @@ class InstanceEngine:
             bm.register(seq.block_table[i], chain[i])
         seq.registered_blocks = max(seq.registered_blocks, len(chain))
 
+    def _take_prompt_logprobs(self, seq: Sequence, rows: list | None) -> None:
+        """Prompt logprobs of the rows this step computed: row i of a chunk fed from
+        position p scores the token at p + i + 1 (the prompt's first token has none)."""
+        if rows is None or seq.output_ids:  # (a recomputed prompt's logprobs went out already)
+            return
+        n_prompt = len(seq.request.prompt_ids)
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs = [None] * n_prompt
+        start = seq.num_computed
+        for i, lp in enumerate(rows):
+            if start + i + 1 < n_prompt:
+                seq.prompt_logprobs[start + i + 1] = lp
+
+    def _emit_forks(self, parent: Sequence, outputs: list[list[int]], logprobs: list[list]) -> None:
+        """Prefill role, n > 1: the forks' first tokens leave with the parent's (their
+        KV is the parent's: the decode instance forks them there)."""
+        queue = self.queues.get(parent.request_id)
+        parent.forked, parent.fork_outputs = True, outputs
+        for j, (ids, lps) in enumerate(zip(outputs, logprobs), start=1):
+            if queue is not None:
+                reason = "length" if continues(parent.request, ids) else end_reason(parent.request, ids)
+                queue.put_nowait(EngineOutput(parent.request_id, ids, True, reason, len(parent.request.prompt_ids),
+                                              0, index=j, logprobs=lps or None))
+
     def _fail(self, seq: Sequence, message: str) -> None:
-        queue = self.queues.get(seq.seq_id)
+        queue = self.queues.get(seq.request_id)
         seq.finish_reason = "error"
         self.scheduler.finish(seq)
         self.seqs.pop(seq.seq_id, None)
@@ -375,20 +542,26 @@ class InstanceEngine:
             queue.put_nowait(RuntimeError(message))
 
     def _emit(self, seq: Sequence, transfer: KVTransfer | None = None) -> None:
-        queue = self.queues.get(seq.seq_id)
+        queue = self.queues.get(seq.request_id)
         new = seq.output_ids[seq.emitted :]
         seq.emitted = len(seq.output_ids)
+        lps = seq.logprobs[seq.logprobs_emitted :] if seq.request.params.logprobs is not None else None
+        seq.logprobs_emitted = len(seq.logprobs)
+        prompt_lps, seq.prompt_logprobs = (seq.prompt_logprobs or None), []  # sent once, with the first token
         if queue is not None:
             queue.put_nowait(
                 EngineOutput(
-                    seq.seq_id, new, bool(seq.finish_reason), seq.finish_reason,
-                    len(seq.request.prompt_ids), seq.first_cached or 0, transfer, seq.take_stamps(),
+                    seq.request_id, new, bool(seq.finish_reason), seq.finish_reason,
+                    # (P/D decode side: its prompt's KV came from the prefill, which reports its own cache hits)
+                    len(seq.request.prompt_ids), 0 if seq.decode_side else seq.first_cached or 0, transfer,
+                    seq.take_stamps(),
+                    index=seq.index, logprobs=lps, prompt_logprobs=prompt_lps,
                 )
             )
 
     def _finish(self, seq: Sequence, reason: str, transfer: KVTransfer | None = None) -> None:
         if transfer is not None and seq.request.deliver_to is not None and self._continues(seq):
-            seq.request.deliver_to.deliver.remote(seq.seq_id, list(seq.output_ids), transfer)
+            seq.request.deliver_to.deliver.remote(seq.request_id, list(seq.output_ids), transfer, seq.fork_outputs)
         seq.finish_reason = reason
         self.pending.pop(seq.seq_id, None)
         self.counters["cached_tokens"] += seq.first_cached or 0
@@ -399,10 +572,9 @@ class InstanceEngine:
 
     @staticmethod
     def _continues(seq: Sequence) -> bool:
-        """A prefilled request still has tokens to decode (its first token was not the end)."""
-        req, last = seq.request, seq.output_ids[-1] if seq.output_ids else None
-        stopped = last in req.stop_token_ids or (not req.ignore_eos and last == req.eos_token_id)
-        return not stopped and len(seq.output_ids) < req.max_tokens
+        """A prefilled request still has tokens to decode (one of its choices' first
+        token was not its end)."""
+        return any(continues(seq.request, ids) for ids in [seq.output_ids, *seq.fork_outputs])
 
     # ---- elastic: new NPUs or a new expert map, switched between two steps -------------
     async def reconfigure(self, npus: list[str], specs: list, memory: list[dict], recompute: bool = False) -> dict:
@@ -572,9 +744,10 @@ class InstanceEngine:
 
     def requests(self) -> list[dict]:
         """The requests this engine holds (a restarted master rebuilds its loads from these)."""
-        return [{"request_id": seq.seq_id, "prompt_tokens": len(seq.request.prompt_ids),
+        return [{"request_id": seq.request_id, "prompt_tokens": len(seq.request.prompt_ids),
                  "max_tokens": seq.request.max_tokens, "uncached_tokens": len(seq.request.prompt_ids) - seq.num_cached,
-                 "prefilled": seq.decode_side or "prefill_done" in seq.stamps} for seq in self.seqs.values()]
+                 "prefilled": seq.decode_side or "prefill_done" in seq.stamps} for seq in self.seqs.values()
+                if not seq.index]
 
     def stats(self) -> dict:
         return {
@@ -590,3 +763,27 @@ class InstanceEngine:
             "time": time.time(),
             **self.counters,
         }
+
+
+def _fork_id(request_id: str, index: int) -> str:
+    return f"{request_id}#{index}"
+
+
+def _plain(req: EngineRequest) -> bool:
+    """Greedy with nothing that shapes the distribution or reads it: what MTP drafting serves."""
+    p = req.params
+    return (p.greedy and not p.needs_history and not p.logit_bias and not p.min_tokens and p.logprobs is None
+            and req.guide is None and req.n == 1)
+
+
+def end_reason(req: EngineRequest, output_ids: list[int]) -> str | None:
+    """How a choice whose tokens so far are `output_ids` ended ("stop": a stop token
+    or EOS; "length": max_tokens); None while it goes on."""
+    last = output_ids[-1] if output_ids else None
+    if last is not None and (last in req.stop_token_ids or (not req.ignore_eos and last == req.eos_token_id)):
+        return "stop"
+    return "length" if len(output_ids) >= req.max_tokens else None
+
+
+def continues(req: EngineRequest, output_ids: list[int]) -> bool:
+    return end_reason(req, output_ids) is None

@@ -47,11 +47,18 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def adopt_running(self, seq: Sequence) -> None:
+        """A sequence placed outside admission (a fork sharing its parent's blocks)."""
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def _prompt_hashes(self, seq: Sequence) -> list[int]:
         req = seq.request
+        if req.params.prompt_logprobs is not None and not seq.decode_side and not seq.index:
+            return []  # its prompt logprobs come from computing the whole prompt: no prefix reuse
         hashes = req.block_hashes or block_hashes(req.prompt_ids, self.config.block_size)
         return hashes[: (len(req.prompt_ids) - 1) // self.config.block_size]  # keep >= 1 token to compute
 
@@ -93,6 +100,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.managers[seq.rank].release(seq.block_table)
+        seq.copy_blocks = []  # a fork's pending copy went with its blocks: it recomputes
         seq.status, seq.rank, seq.num_computed, seq.registered_blocks = Status.WAITING, None, 0, 0
         seq.draft = None
         self.running.remove(seq)

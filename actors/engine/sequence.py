@@ -37,6 +37,17 @@ class Sequence:
     draft: int | None = None  # MTP draft of the token after the next one, to verify in the next step
     stamps: dict[str, float] = field(default_factory=dict)  # lifecycle stages that happened here (monotonic)
     stamps_sent: int = 0  # how many of them went out on the stream already
+    # parallel sampling (n > 1): choice `index` of its request; a fork shares its
+    # parent's prompt blocks and has its own id (the request's id + "#index")
+    index: int = 0
+    seq_id_override: str | None = None
+    copy_blocks: list[tuple[int, int]] = field(default_factory=list)  # (src, dst): copy on write, next step
+    logprobs: list = field(default_factory=list)  # TokenLogprob per output token (when asked)
+    logprobs_emitted: int = 0
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprob | None per prompt token (when asked)
+    guide: object | None = None  # guided decoding: the grammar matcher (actors.engine.guided)
+    forked: bool = False  # its request's other choices exist (or left with its prefill's output)
+    fork_outputs: list[list[int]] = field(default_factory=list)  # prefill role: the other choices' first tokens
 
     def __post_init__(self):
         self.output_ids = list(self.request.output_ids)
@@ -44,6 +55,10 @@ class Sequence:
 
     @property
     def seq_id(self) -> str:
+        return self.seq_id_override or self.request.request_id
+
+    @property
+    def request_id(self) -> str:
         return self.request.request_id
 
     @property
@@ -79,6 +94,8 @@ class Sequence:
         last = self.output_ids[-1] if self.output_ids else None
         if last is not None and (last in req.stop_token_ids or (not req.ignore_eos and last == req.eos_token_id)):
             self.finish_reason = "stop"
+        elif self.guide is not None and self.guide.done:
+            self.finish_reason = "stop"  # the grammar is complete (its EOS was the only way on)
         elif len(self.output_ids) >= req.max_tokens or (req.prefill_only and self.output_ids):
             self.finish_reason = "length"
         return self.finish_reason is not None

@@ -34,6 +34,15 @@ def _shipped_tokenizer_json() -> str:
     return resources.files("cluster").joinpath("assets", "tokenizer.json").read_text(encoding="utf-8")
 
 
+def tokenizer_json_text(path: str | None = None) -> str:
+    """The text of a manifest's tokenizer.json (None: the shipped one): what an engine's
+    guided decoding builds its token masks from."""
+    if path is None:
+        return _shipped_tokenizer_json()
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 class Tokenizer:
     """Thin wrapper over ``tokenizers.Tokenizer`` with the ids the server needs.
 
@@ -56,7 +65,7 @@ class Tokenizer:
         """
         source = "cluster/assets/tokenizer.json (package data)" if path is None else str(path)
         try:
-            text = _shipped_tokenizer_json() if path is None else open(path, encoding="utf-8").read()
+            text = tokenizer_json_text(path)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"tokenizer file not found: {source}") from e
         except (OSError, UnicodeDecodeError) as e:
