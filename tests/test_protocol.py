@@ -36,10 +36,14 @@ USER = [{"role": "user", "content": "hi"}]
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 
 
+PLAIN = {"n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "min_tokens": 0,
+         "logit_bias": {}, "logprobs": None, "prompt_logprobs": None, "guide": None}
+
+
 def test_minimal_completion_gets_openai_defaults():
     req = CompletionRequest.model_validate({"model": "m", "prompt": "hello"})
     assert to_sampling(req) == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None, "max_tokens": 16,
-                                "stop": [], "stop_token_ids": [], "ignore_eos": False}
+                                "stop": [], "stop_token_ids": [], "ignore_eos": False} | PLAIN
     assert not req.stream and not req.debug and req.n == 1
 
 
@@ -52,13 +56,33 @@ def test_full_completion():
         "debug": True})
     assert req.prompt == [1, 2, 3] and req.stream_options.include_usage and req.debug
     assert to_sampling(req) == {"temperature": 0.0, "top_p": 0.9, "top_k": 5, "seed": 7, "max_tokens": 8,
-                                "stop": ["\n"], "stop_token_ids": [2], "ignore_eos": True}
+                                "stop": ["\n"], "stop_token_ids": [2], "ignore_eos": True} | PLAIN
+
+
+def test_openai_and_vllm_sampling_options():
+    req = CompletionRequest.model_validate({
+        "model": "m", "prompt": [[1, 2], [3]], "n": 2, "best_of": 3, "echo": True, "logprobs": 2, "top_k": -1,
+        "presence_penalty": 0.5, "frequency_penalty": -1, "repetition_penalty": 1.2, "min_tokens": 3,
+        "logit_bias": {"5": 100, "7": -100}, "max_tokens": 0,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}})
+    s = to_sampling(req)
+    assert req.prompts() == [[1, 2], [3]] and s["n"] == 3 and s["top_k"] == 0
+    assert s["logprobs"] == 2 and s["prompt_logprobs"] == 2  # echo with logprobs: the prompt's too
+    assert s["max_tokens"] == 1  # max_tokens 0 (echo): one token runs the prompt; the answer drops it
+    assert s["logit_bias"] == {5: 100, 7: -100} and s["min_tokens"] == 3 and s["repetition_penalty"] == 1.2
+    assert s["guide"].kind == "json_schema" and json.loads(s["guide"].schema) == {"type": "object"}
+    assert to_sampling(CompletionRequest(model="m", prompt="x", best_of=2))["logprobs"] == 0  # best_of ranks by them
+    chat = ChatCompletionRequest.model_validate({"model": "m", "messages": USER, "logprobs": True, "top_logprobs": 3,
+                                                 "n": 4, "response_format": {"type": "json_object"}})
+    s = to_sampling(chat)
+    assert s["logprobs"] == 3 and s["n"] == 4 and s["guide"].kind == "json_object" and s["prompt_logprobs"] is None
+    assert to_sampling(ChatCompletionRequest(model="m", messages=USER, logprobs=True))["logprobs"] == 0
 
 
 def test_null_means_default_and_one_element_prompt_list():
     req = CompletionRequest.model_validate({"model": "m", "prompt": ["hi"], "temperature": None, "n": None,
                                             "max_tokens": None, "stop": ["a", "b"]})
-    assert req.prompt == "hi" and req.temperature == 1.0 and req.max_tokens == 16 and req.stop == ["a", "b"]
+    assert req.prompts() == ["hi"] and req.temperature == 1.0 and req.max_tokens == 16 and req.stop == ["a", "b"]
 
 
 def test_chat_parses_parts_and_max_completion_tokens():
@@ -85,25 +109,29 @@ def _rejects(cls, body) -> APIError:
 
 
 @pytest.mark.parametrize("extra, param, words", [
-    ({"n": 2}, "n", "n=1"),
-    ({"logprobs": 1}, "logprobs", "unsupported"),
-    ({"logprobs": 0}, "logprobs", "unsupported"),
-    ({"echo": True}, "echo", "unsupported"),
-    ({"best_of": 3}, "best_of", "unsupported"),
-    ({"logit_bias": {"5": 1}}, "logit_bias", "unsupported"),
-    ({"suffix": "x"}, "suffix", "unsupported"),
-    ({"presence_penalty": 0.5}, "presence_penalty", "unsupported"),
-    ({"frequency_penalty": -1}, "frequency_penalty", "unsupported"),
+    ({"n": 17}, "n", "less than or equal to 16"),
+    ({"logprobs": 21}, "logprobs", "less than or equal to 20"),
+    ({"best_of": 1, "n": 2}, "best_of", "at least n"),
+    ({"best_of": 3, "stream": True}, "best_of", "cannot be streamed"),
+    ({"logit_bias": {"x": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+    ({"suffix": "x"}, "suffix", "fill-in-the-middle"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "less than or equal to 2"),
+    ({"frequency_penalty": -3}, "frequency_penalty", "greater than or equal to -2"),
     ({"foo": 1}, "foo", "unrecognized"),
-    ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
+    ({"max_tokens": 0}, "echo", "needs echo"),
+    ({"max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
     ({"temperature": 3}, "temperature", "less than or equal to 2"),
     ({"top_p": 0}, "top_p", "greater than 0"),
-    ({"top_k": -1}, "top_k", "greater than or equal to 0"),
+    ({"top_k": -2}, "top_k", "greater than or equal to -1"),
+    ({"min_p": 0.1}, "min_p", "less than or equal to 0"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
     ({"stop": ["a", ""]}, "stop.1", "at least 1 character"),
-    ({"prompt": ["a", "b"]}, "prompt", "batch prompts"),
-    ({"prompt": [[1, 2], [3]]}, "prompt", "batch prompts"),
-    ({"prompt": 5}, "prompt", "string or a list of token ids"),
+    ({"prompt": []}, "prompt", "empty list of prompts"),
+    ({"prompt": [[1, 2], []]}, "prompt", "token-list prompt is empty"),
+    ({"prompt": 5}, "prompt", "a list of token ids, or a list of either"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema is required"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type", "'text', 'json_object' or 'json_schema'"),
     ({"stream_options": {"include_usage": True, "x": 1}}, "stream_options.x", "unrecognized"),
 ])
 def test_completion_rejections_name_the_field(extra, param, words):
@@ -125,9 +153,9 @@ def test_missing_fields_are_named():
      "messages.0.content", "'image_url'"),
     ({"messages": [{"role": "user", "content": None}]}, "messages.0.content", "string or a list of text parts"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [{}]}]}, "messages.0.tool_calls", "unrecognized"),
-    ({"messages": USER, "n": 3}, "n", "n=1"),
-    ({"messages": USER, "logprobs": True}, "logprobs", "unsupported"),
-    ({"messages": USER, "top_logprobs": 2}, "top_logprobs", "unsupported"),
+    ({"messages": USER, "n": 0}, "n", "greater than or equal to 1"),
+    ({"messages": USER, "top_logprobs": 2}, "top_logprobs", "needs logprobs"),
+    ({"messages": USER, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
     ({"messages": USER, "tools": [{"type": "function"}]}, "tools", "tool calling is not served"),
     ({"messages": USER, "tools": [{"type": "function"}], "tool_choice": "auto"}, "tool_choice", "not served"),
     ({"messages": USER, "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice", "not served"),

@@ -15,6 +15,7 @@ import ray
 from openai import NotFoundError, OpenAI
 
 from actors.model.reference import build_reference, generate
+from actors.protocol import SamplingParams
 from cluster.bench.serve import free_port
 from cluster.config import MANIFEST_DIR, parse_manifest
 from cluster.proxy.lifecycle import STAGES
@@ -343,8 +344,10 @@ def test_missing_or_wrong_api_key_is_401(server):
 
 @pytest.mark.parametrize(("body", "param"), [
     ({"model": "tiny-gqa-moge", "prompt": "x", "temperature": 5}, "temperature"),
-    ({"model": "tiny-gqa-moge", "prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"model": "tiny-gqa-moge", "prompt": "x", "n": 3}, "n"),
+    ({"model": "tiny-gqa-moge", "prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"model": "tiny-gqa-moge", "prompt": "x", "max_tokens": 0}, "echo"),  # (0 only with echo: the prompt's logprobs)
+    ({"model": "tiny-gqa-moge", "prompt": "x", "n": 17}, "n"),
+    ({"model": "tiny-gqa-moge", "prompt": "x", "suffix": "y"}, "suffix"),
     ({"model": "tiny-gqa-moge", "prompt": "x", "frobnicate": 1}, "frobnicate"),
     ({"model": "tiny-gqa-moge"}, "prompt"),
     ({"model": "tiny-gqa-moge", "prompt": [1, 10**9]}, "prompt"),
@@ -513,6 +516,117 @@ def test_master_restart_keeps_serving(server, client, http, reference):
 
 
 # ---- gRPC ingress (Ray Serve's gRPC proxy) ------------------------------------------------------
+
+
+# ---- the OpenAI / vLLM sampling API real clients use ---------------------------------------
+
+
+def _ref_tokens(reference, ids, max_tokens, **params):
+    model, tok = reference
+    return generate(model, [ids], max_tokens, params=SamplingParams(**params), eos_token_id=tok.eos_token_id)
+
+
+def test_n_choices_are_seeded_draws_that_equal_the_reference(client, reference):
+    """n = 3 through P/D: one prefill samples every choice's first token, the decode
+    instance forks the choices on the prompt's KV; choice j draws with seed + j."""
+    tok = reference[1]
+    ids = tok.encode(PROMPTS[1])
+    r = client.completions.create(model="tiny-gqa-moge", prompt=PROMPTS[1], max_tokens=8, temperature=0.9, seed=5, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    want = [_ref_tokens(reference, ids, 8, temperature=0.9, seed=5 + j).tokens[0] for j in range(3)]
+    assert [c.text for c in r.choices] == [tok.decode(t) for t in want]
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == sum(len(t) for t in want)
+
+
+def test_a_list_of_prompts_answers_each_in_order(client, reference):
+    """lm-eval's batches: a list of token lists (or strings), n choices each, choice i * n + j."""
+    tok = reference[1]
+    ids = [tok.encode(p) for p in PROMPTS]
+    r = client.completions.create(model="tiny-gqa-moge", prompt=ids, max_tokens=5, temperature=0, n=2)
+    want = [_expect(reference, p, 5)[0] for p in ids]
+    assert [(c.index, c.text) for c in r.choices] == [(0, want[0]), (1, want[0]), (2, want[1]), (3, want[1])]
+    assert r.usage.prompt_tokens == sum(len(p) for p in ids)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 0])
+def test_echo_with_logprobs_gives_the_reference_prompt_logprobs(http, reference, max_tokens):
+    """lm-eval's loglikelihood request: the prompt's logprobs come from the prefill's
+    forward and equal the reference's; sent twice, the second time the prefix is
+    cached, and they still do. max_tokens 0 answers the prompt alone."""
+    model, tok = reference
+    ids = tok.encode(PROMPTS[0] + " and the routers of a layer")
+    want = generate(model, [ids], 1, params=SamplingParams(prompt_logprobs=1, logprobs=1))
+    body = {"model": "tiny-gqa-moge", "prompt": [ids], "echo": True, "logprobs": 1, "max_tokens": max_tokens,
+            "temperature": 0, "seed": 1234}
+    for _ in range(2):
+        resp = http.post("/v1/completions", json=body)
+        assert resp.status_code == 200, resp.text
+        choice = resp.json()["choices"][0]
+        lps = choice["logprobs"]
+        assert len(lps["tokens"]) == len(ids) + max_tokens and lps["token_logprobs"][0] is None
+        for got, ref in zip(lps["token_logprobs"][1:len(ids)], want.prompt_logprobs[0][1:]):
+            assert abs(got - ref.logprob) < 1e-9
+        assert choice["text"].startswith(tok.decode(ids, skip_special_tokens=False))
+        assert all(len(top) >= 1 for top in lps["top_logprobs"][1:])
+        assert resp.json()["usage"]["completion_tokens"] == max_tokens
+    if max_tokens:
+        assert abs(lps["token_logprobs"][-1] - want.logprobs[0][0].logprob) < 1e-9
+
+
+def test_chat_logprobs_stream_and_not(client, reference):
+    messages = [{"role": "user", "content": "Name a color."}]
+    ids = _chat_ids(reference, messages)
+    want = _ref_tokens(reference, ids, 4, logprobs=2).logprobs[0]
+    r = client.chat.completions.create(model="tiny-gqa-moge", messages=messages, max_tokens=4, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert [abs(c.logprob - w.logprob) < 1e-9 for c, w in zip(content, want)] == [True] * len(want)
+    assert all(len(c.top_logprobs) == 2 for c in content)
+    chunks = list(client.chat.completions.create(model="tiny-gqa-moge", messages=messages, max_tokens=4,
+                                                 temperature=0, logprobs=True, stream=True))
+    streamed = [c for ch in chunks for choice in ch.choices if choice.logprobs for c in choice.logprobs.content]
+    assert [c.logprob for c in streamed] == [c.logprob for c in content]
+
+
+def test_penalties_bias_and_min_tokens_follow_the_reference(http, reference):
+    model, tok = reference
+    ids = tok.encode(PROMPTS[1])
+    opts = {"frequency_penalty": 1.5, "presence_penalty": 0.5, "repetition_penalty": 1.3}
+    r = http.post("/v1/completions", json={"model": "tiny-gqa-moge", "prompt": ids, "max_tokens": 12,
+                                           "temperature": 0, **opts}).json()
+    want = _ref_tokens(reference, ids, 12, **opts).tokens[0]
+    assert r["choices"][0]["text"] == tok.decode(want)
+    assert want != _ref_tokens(reference, ids, 12).tokens[0]  # the penalties changed the answer
+    eos = {"logit_bias": {str(tok.eos_token_id): 100}}  # EOS at once, unless min_tokens holds it off
+    body = {"model": "tiny-gqa-moge", "prompt": ids, "max_tokens": 10, "temperature": 0}
+    first = http.post("/v1/completions", json=body | eos).json()
+    held = http.post("/v1/completions", json=body | eos | {"min_tokens": 3}).json()
+    assert first["usage"]["completion_tokens"] == 1 and first["choices"][0]["finish_reason"] == "stop"
+    assert held["usage"]["completion_tokens"] == 4 and held["choices"][0]["finish_reason"] == "stop"
+
+
+def test_json_schema_output_parses_and_validates(client):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["ok", "color", "n"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="tiny-gqa-moge", messages=[{"role": "user", "content": "a JSON please"}], max_tokens=60, temperature=1,
+        seed=3, n=2, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    for choice in r.choices:
+        jsonschema.validate(json.loads(choice.message.content), schema)
+        assert choice.finish_reason == "stop"
+    r = client.chat.completions.create(model="tiny-gqa-moge", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=1, response_format={"type": "json_object"})
+    assert r.choices[0].message.content in ("{", "")  # (one token: the object opens)
+
+
+def test_bad_json_schema_is_400_naming_response_format(http):
+    resp = http.post("/v1/chat/completions", json={
+        "model": "tiny-gqa-moge", "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "response_format"
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,14 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from actors.engine import guided
 from cluster.config import Manifest
 from cluster.metrics import ProxyMetrics
 from cluster.proxy import grpc_ingress, omniray_pb2
 from cluster.proxy.lifecycle import Lifecycle
 from cluster.proxy.master import MASTER_NAME, NoInstanceAvailable, fetch_published
 from cluster.proxy.openapi import BODY_ERRORS, answers, install, json_body, package_version
+from cluster.proxy.choices import Echo, drop_generated, merge
 from cluster.proxy.pipeline import Pipeline
 from cluster.proxy.protocol import (
     APIError,
@@ -58,6 +60,7 @@ from cluster.proxy.responses import (
     CHAT,
     COMPLETION,
     ResponseKind,
+    Shape,
     collect,
     first_then_rest,
     stream,
@@ -241,11 +244,34 @@ class OmniProxySlave:
 
     async def _start(self, req, life: Lifecycle):
         """Tokenize a validated request and start generating; errors up to the first
-        token are raised here (so they still get a status code)."""
+        token are raised here (so they still get a status code). A list of prompts
+        runs as that many requests side by side (cluster.proxy.choices.merge)."""
         sampling = to_sampling(req)
-        prompt = self._chat_prompt(req) if isinstance(req, ChatCompletionRequest) else req.prompt
-        ids = self._prompt_ids(prompt, sampling["max_tokens"], life)
-        return await first_then_rest(self._generate(ids, sampling, sampling["stop"], life))
+        if sampling["guide"] is not None:
+            try:
+                guided.validate(sampling["guide"])
+            except ValueError as err:
+                raise APIError(400, str(err), "invalid_request_error", "response_format") from None
+        chat = isinstance(req, ChatCompletionRequest)
+        prompts = [self._chat_prompt(req)] if chat else req.prompts()
+        ids = [self._prompt_ids(p, sampling["max_tokens"], life) for p in prompts]
+        lives = [life] + [life.copy() for _ in ids[1:]]  # the first prompt's is the one debug shows
+        runs = [self._generate(p, sampling, sampling["stop"], lf) for p, lf in zip(ids, lives)]
+        deltas = merge(runs, sampling["n"])
+        if req.max_tokens == 0:
+            deltas = drop_generated(deltas)
+        if getattr(req, "echo", False):
+            texts = [p if isinstance(p, str) else self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
+            deltas = Echo(texts, ids, sampling["n"], sampling["logprobs"] is not None).apply(deltas)
+        return await first_then_rest(deltas)
+
+    def _shape(self, req, kind: ResponseKind) -> Shape:
+        asked = req.logprobs_asked()
+        n = max(req.n, getattr(req, "best_of", None) or 1)
+        return Shape(kind, self.model_name, n, req.n, self._token_text if asked is not None else None)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     # ---- endpoints ------------------------------------------------------------------
     async def _respond(self, request: Request, model_cls, kind: ResponseKind):
@@ -259,12 +285,13 @@ class OmniProxySlave:
         except APIError as err:
             self.metrics.rejected(err.status)
             raise
+        shape = self._shape(req, kind)
         if req.stream:
             opts = req.stream_options
-            return StreamingResponse(stream(kind, self.model_name, deltas, bool(opts and opts.include_usage),
+            return StreamingResponse(stream(shape, deltas, bool(opts and opts.include_usage),
                                             bool(opts and opts.continuous_usage_stats)),
                                      media_type="text/event-stream")
-        return await collect(kind, self.model_name, deltas, life.to_debug if req.debug else None)
+        return await collect(shape, deltas, life.to_debug if req.debug else None)
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         """The chat template's ids, tokenized message by message (a re-sent history hits the cache)."""
@@ -461,3 +488,4 @@ def build_app(manifest: Manifest, namespace: str):
     options = {"autoscaling_config": scaling.model_dump()} if scaling else {"num_replicas": manifest.proxy.num_slaves}
     options["max_ongoing_requests"] = manifest.proxy.max_ongoing_requests
     return OmniProxySlave.options(**options).bind(manifest, namespace)
+

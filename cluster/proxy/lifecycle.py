@@ -72,6 +72,13 @@ class Lifecycle:
         if stage not in self._stamps:
             self._stamps[stage] = self.clock() if t is None else t
 
+    def copy(self) -> Lifecycle:
+        """Another request's lifecycle, stamped as far as this one is (a prompt of a
+        request with several: each runs on its own from here)."""
+        other = Lifecycle(self.request_id, self.clock)
+        other._stamps = dict(self._stamps)
+        return other
+
     def stamp_ages(self, ages: dict[str, float], at: float | None = None) -> None:
         """Stages that happened elsewhere, each `age` seconds before `at` (default: now)."""
         now = self.clock() if at is None else at

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import ray
 
 from actors.kv_hash import block_hashes
+from actors.engine.instance import end_reason
 from actors.protocol import EngineRequest, SamplingParams
 from cluster.proxy.lifecycle import Lifecycle
 from cluster.proxy.master import NoInstanceAvailable
@@ -44,8 +45,54 @@ class Delta:
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # of this choice so far
     cached_tokens: int = 0
+    index: int = 0  # the choice (n > 1)
+    logprobs: list | None = None  # TokenLogprob per token that reached this delta, when asked
+    prompt_logprobs: list | None = None  # TokenLogprob | None per prompt token, on a choice's first delta
+
+
+class _Choice:
+    """One choice's way from tokens to text: detokenized, cut at a stop string,
+    streamed without a tail that could begin one."""
+
+    def __init__(self, index: int, tokenizer: Tokenizer, stops: list[str], with_logprobs: bool):
+        self.index, self.stops = index, stops
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.text, self.emitted, self.out_ids = "", 0, []
+        self.finish: str | None = None
+        self.cut: int | None = None
+        self.ended = False  # its engine said it finished
+        self.logprobs: list | None = [] if with_logprobs else None  # not yet sent
+        self.prompt_logprobs: list | None = None
+
+    def feed(self, out, prompt_tokens: int, cached: int) -> Delta | None:
+        """The delta this engine output makes, if any text (or the end) is ready."""
+        if self.finish:
+            return None  # (P/D: a choice that ended at the prefill, closed again by the decode side)
+        if out.prompt_logprobs:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.out_ids += out.token_ids
+        for t in out.token_ids:
+            self.text += self.detok.add(t)
+        if self.logprobs is not None and out.logprobs:
+            self.logprobs += out.logprobs
+        if out.finished:
+            self.ended = True
+            self.finish = "length" if out.finish_reason == "length" else "stop"
+            self.text += self.detok.flush()
+        self.cut = _find_stop(self.text, self.stops, self.emitted)
+        if self.cut is not None:
+            self.text, self.finish = self.text[: self.cut], "stop"
+        safe = len(self.text) if self.finish else _hold_back(self.text, self.stops)
+        if safe <= self.emitted and not self.finish:
+            return None
+        lps, self.logprobs = self.logprobs, ([] if self.logprobs is not None else None)
+        prompt_lps, self.prompt_logprobs = self.prompt_logprobs, None
+        delta = Delta(self.text[self.emitted : safe], self.finish, prompt_tokens, len(self.out_ids), cached,
+                      self.index, lps, prompt_lps)
+        self.emitted = safe
+        return delta
 
 
 class Pipeline:
@@ -55,61 +102,55 @@ class Pipeline:
         self.on_done = on_done
 
     async def run(self, prompt_ids: list[int], sampling: dict, stops: list[str], life: Lifecycle) -> AsyncIterator[Delta]:
-        """Text deltas of one request. If an instance fails under it, the request
-        is scheduled again elsewhere and resumes from the tokens it already has
-        (a greedy request ends with the same tokens), up to MAX_RESUMES times."""
+        """Text deltas of one request, of its `n` choices (one engine request: they
+        share the prompt's KV). If an instance fails under a request of one choice,
+        it is scheduled again elsewhere and resumes from the tokens it already has
+        (a greedy request ends with the same tokens), up to MAX_RESUMES times; one of
+        several choices fails loudly (their forks' KV went with the instance)."""
         rid = f"req-{uuid.uuid4().hex[:16]}"
         hashes = block_hashes(prompt_ids, self.block_size)
-        params = SamplingParams(
-            temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"], seed=sampling["seed"]
-        )
+        n = sampling.get("n", 1)
+        params = SamplingParams(**{k: sampling[k] for k in SamplingParams.model_fields if k in sampling})
         base = {
             "prompt_ids": prompt_ids, "params": params, "max_tokens": sampling["max_tokens"],
             "stop_token_ids": frozenset(sampling["stop_token_ids"]), "ignore_eos": sampling["ignore_eos"],
             "eos_token_id": self.tokenizer.eos_token_id, "block_hashes": hashes, "output_ids": [],
+            "n": n, "guide": sampling.get("guide"),
         }
-        detok = IncrementalDetokenizer(self.tokenizer)
-        text, emitted, cached = "", 0, 0
-        out_ids: list[int] = []  # every token generated so far, across resumes
-        engines, finish, cut, ended, attempt = [], None, None, False, 0
+        choices = [_Choice(i, self.tokenizer, stops, params.logprobs is not None) for i in range(n)]
+        out_ids = choices[0].out_ids  # a single choice's tokens so far, across resumes
+        cached, open_choices = 0, n
+        engines, attempt = [], 0
         told = None  # the attempt whose prefill the master has been told of
         try:
             while True:
                 attempt_id = rid if attempt == 0 else f"{rid}-resume{attempt}"
                 decision = await self.master.schedule.remote(attempt_id, len(prompt_ids) + len(out_ids),
-                                                             sampling["max_tokens"] - len(out_ids), hashes)
+                                                             n * (sampling["max_tokens"] - len(out_ids)), hashes)
                 life.stamp_ages(decision.stamps)
                 life.route.update(prefill=decision.prefill, decode=decision.decode, mode=decision.mode,
                                   local_blocks=decision.local_blocks, global_blocks=decision.global_blocks)
                 base["output_ids"] = list(out_ids)
                 try:
                     async for _, out in self._streams(attempt_id, decision, base, life, engines):
-                        if not out_ids and out.token_ids:
+                        if out.token_ids and "first_token" not in life.stamps:
                             life.stamp("first_token")
                         if decision.mode == "mixed" and out.token_ids and told != attempt_id:
                             told = attempt_id  # its prompt is done: its tokens leave the prefill budget
                             self.master.prefill_done.remote(attempt_id)
                         cached = max(cached, out.num_cached_tokens)
-                        out_ids += out.token_ids
-                        for t in out.token_ids:
-                            text += detok.add(t)
-                        finish = ("length" if out.finish_reason == "length" else "stop") if out.finished else None
-                        if out.finished:
-                            ended = True
-                            text += detok.flush()
-                        cut = _find_stop(text, stops, emitted)
-                        if cut is not None:
-                            text, finish = text[:cut], "stop"
-                        safe = len(text) if finish else _hold_back(text, stops)
-                        if safe > emitted or finish:
-                            yield Delta(text[emitted:safe], finish, len(prompt_ids), len(out_ids), cached)
-                            emitted = safe
-                        if finish:
+                        choice = choices[out.index]
+                        delta = choice.feed(out, len(prompt_ids), cached)
+                        if delta is not None:
+                            yield delta
+                            open_choices -= delta.finish_reason is not None
+                        if open_choices == 0:
                             return
                     return
                 except (RuntimeError, ray.exceptions.RayError) as err:
                     task = asyncio.current_task()
-                    if not _instance_failed(err) or attempt >= MAX_RESUMES or (task and task.cancelling()):
+                    if (not _instance_failed(err) or attempt >= MAX_RESUMES or (task and task.cancelling())
+                            or n > 1):
                         raise  # (a cancelled request, e.g. its client left, is not an instance failure)
                     failed = [name for name, _ in engines[-1:]]  # the engine streaming when it broke
                     logger.warning("request %s: %s failed (%s); resuming from %d tokens elsewhere", rid, failed,
@@ -124,13 +165,15 @@ class Pipeline:
         finally:
             life.stamp("finished")
             last_id = rid if attempt == 0 else f"{rid}-resume{attempt}"
-            if not ended or cut is not None:  # a stop string, the client gone, a failure: free the KV now
+            stopped = any(c.cut is not None for c in choices)
+            if not all(c.ended for c in choices) or stopped:  # a stop string, the client gone, a failure: free the KV
                 for _, engine in engines:
                     engine.abort.remote(last_id)
                 self.master.cancel.remote(last_id)  # still queued (timed out waiting): leave the queue
             self.master.finished.remote(last_id)
             if self.on_done is not None:
-                self.on_done(life, finish or "aborted", len(prompt_ids), len(out_ids))
+                finish = choices[0].finish
+                self.on_done(life, finish or "aborted", len(prompt_ids), sum(len(c.out_ids) for c in choices))
 
     async def _streams(self, rid: str, decision, base: dict, life: Lifecycle, engines: list):
         """(engine handle, EngineOutput) pairs across the prefill and decode engines.
@@ -147,15 +190,24 @@ class Pipeline:
             decode_outputs = decision.decode_engine.generate.remote(EngineRequest(rid, **base, kv_pending=True))
             prefill_req.deliver_to = decision.decode_engine
         engines.append((decision.prefill, decision.prefill_engine))
-        first = None
+        firsts = {}  # choice -> the prefill's output: its first token (n > 1: each choice's)
         async for out in _outputs(decision.prefill_engine.generate.remote(prefill_req), life):
-            first = out
+            firsts[out.index] = out
+        first = firsts[0]
         so_far = base["output_ids"] + list(first.token_ids)
-        if first.finish_reason == "stop" or base["max_tokens"] <= len(so_far):
+        forks = [list(firsts[j].token_ids) for j in range(1, base["n"])]
+        req = EngineRequest(rid, **base)
+        ends = {j: "stop" if out.finish_reason == "stop" else end_reason(req, so_far if j == 0 else list(out.token_ids))
+                for j, out in firsts.items()}  # (the engine's "stop" also covers a completed grammar)
+        if all(ends.values()):
             if parallel:
                 decision.decode_engine.abort.remote(rid)  # the parked decode has nothing to do
-            yield decision.prefill_engine, first
+            for j, out in firsts.items():
+                out.finished, out.finish_reason = True, ends[j]
+                yield decision.prefill_engine, out
             return
+        for j, out in firsts.items():  # choice 0 the decode side closes (it carries the others' KV)
+            out.finished, out.finish_reason = bool(j and ends[j]), ends[j] if j else None
         if parallel:
             self.master.prefill_done.remote(rid)
         else:  # the decode queue: the master answers when a decode instance has room
@@ -163,12 +215,13 @@ class Pipeline:
             life.route.update(decode=decision.decode, decode_queued_s=decision.queued_s)
             engines.append((decision.decode, decision.decode_engine))
             decode_outputs = decision.decode_engine.generate.remote(
-                EngineRequest(rid, **{**base, "output_ids": so_far}, kv_transfer=first.kv_transfer))
-        first.finished, first.finish_reason = False, None
+                EngineRequest(rid, **{**base, "output_ids": so_far}, kv_transfer=first.kv_transfer,
+                              fork_outputs=forks))
         async for out in _outputs(decode_outputs, life):
-            if first is not None:  # the first token goes out with the decode's first output
-                yield decision.decode_engine, first
-                first = None
+            if firsts:  # the first tokens go out with the decode's first output
+                for first_out in firsts.values():
+                    yield decision.decode_engine, first_out
+                firsts = {}
             yield decision.decode_engine, out
 
 

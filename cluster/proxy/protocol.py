@@ -1,10 +1,11 @@
 """OpenAI API schema of the Omni Proxy: requests, responses, errors, SSE framing.
 
 Requests are strict (`extra="forbid"`): a field this server does not know, or an
-OpenAI feature it does not implement (n > 1, logprobs, penalties, ...), is a 400
-naming the field rather than being silently ignored, because a client that asks
-for logprobs and gets none would be wrong without knowing it. A JSON `null` for
-a field with a default means "the default", as it does for OpenAI.
+OpenAI feature it does not implement (`suffix`, tool calls), is a 400 naming the
+field rather than being silently ignored, because a client that asks for
+something and gets none would be wrong without knowing it. A JSON `null` for a
+field with a default means "the default", as it does for OpenAI. The sampling
+options follow vLLM's semantics (actors.model.sampler).
 
 Responses mirror OpenAI's JSON exactly so that the `openai` client parses them;
 `model_dump(exclude_none=True)` drops our optional extras (debug, usage on
@@ -29,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from actors.engine.guided import GuideSpec
 from cluster.validation import field_errors
 
 if TYPE_CHECKING:
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from pydantic import ValidationError
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_LOGPROBS = 20  # alternatives per token (vLLM's default limit)
 
 # ---- errors ---------------------------------------------------------------------------
 
@@ -96,8 +99,33 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk (guidellm sends it)
 
 
+MAX_N = 16  # choices per prompt (n, best_of)
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON valid against a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    class JSONSchema(BaseModel):
+        model_config = ConfigDict(extra="forbid", populate_by_name=True)
+        name: str = "response"
+        description: str | None = None
+        schema_: dict[str, Any] = Field(alias="schema")
+        strict: bool | None = None
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
+
+
 class _Request(BaseModel):
-    """Sampling fields shared by completions and chat; OpenAI's defaults, plus vLLM-style extensions."""
+    """Sampling fields shared by completions and chat; OpenAI's defaults, plus vLLM's extensions."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -105,23 +133,24 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # extension: 0 = off
+    top_k: int = Field(0, ge=-1)  # extension: 0 or -1 (vLLM's spelling) = off
+    min_p: float = Field(0.0, ge=0.0, le=0.0)  # extension: only off (0) is served
     seed: int | None = None
     stop: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=4)  # "" would match anywhere
     stop_token_ids: list[int] = Field(default_factory=list)  # extension
     ignore_eos: bool = False  # extension
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     user: str | None = None
     debug: bool = False  # extension: lifecycle stage timings in the response
-    # OpenAI features not implemented: accepted at their default only, otherwise a 400 naming the field
-    DEFAULT_ONLY: ClassVar[dict[str, tuple]] = {
-        "logprobs": (None,), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
-    logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)  # extension (vLLM)
+    logit_bias: dict[str, float] = Field(default_factory=dict)  # token id (as a string) -> bias in [-100, 100]
+    min_tokens: int = Field(0, ge=0)  # extension (vLLM): no EOS or stop token before this many
+    response_format: ResponseFormat | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # extension (vLLM)
 
     @model_validator(mode="before")
     @classmethod
@@ -137,45 +166,81 @@ class _Request(BaseModel):
     def _stop_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
-    @field_validator("n")
+    @field_validator("top_k")
     @classmethod
-    def _only_one(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"only n=1 is supported (got {v}); send one request per completion")
+    def _top_k_off(cls, v: int) -> int:
+        return 0 if v == -1 else v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float]) -> dict[str, float]:
+        for token, bias in v.items():
+            if not token.lstrip("-").isdigit() or int(token) < 0:
+                raise ValueError(f"keys are token ids (got {token!r})")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"token {token}: a bias is in [-100, 100] (got {bias})")
         return v
 
-    @field_validator("logprobs", "echo", "best_of", "suffix", "logit_bias", "top_logprobs", "presence_penalty",
-                     "frequency_penalty", check_fields=False)
-    @classmethod
-    def _default_only(cls, v: Any, info: ValidationInfo) -> Any:
-        """OpenAI features not implemented here: only their default values pass (see DEFAULT_ONLY)."""
-        allowed = cls.DEFAULT_ONLY[info.field_name]
-        if v not in allowed:
-            raise ValueError(f"unsupported by this server; only OpenAI's default ({json.dumps(allowed[-1])}) "
-                             "is accepted")
-        return v
+    def logprobs_asked(self) -> int | None:
+        """The number of alternatives per generated token, None when no logprobs."""
+        raise NotImplementedError
 
 
 class CompletionRequest(_Request):
-    """POST /v1/completions: one prompt (text or token ids), one choice."""
+    """POST /v1/completions: one prompt or a list of them (strings or token lists), n choices each."""
 
-    DEFAULT_ONLY = _Request.DEFAULT_ONLY | {"echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
-    prompt: str | list[int]
-    echo: bool = False
-    best_of: int | None = None
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(DEFAULT_MAX_TOKENS, ge=0)  # 0: only with echo (the prompt's logprobs)
+    echo: bool = Field(False, validate_default=True)  # the prompt first (with its logprobs when logprobs are asked)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, le=MAX_N)  # the n of best_of choices with the highest logprob
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, v: Any) -> Any:
-        if isinstance(v, list) and any(isinstance(t, (str, list)) for t in v):
-            if len(v) == 1 and isinstance(v[0], str):
-                return v[0]  # a batch of one is just a prompt
-            raise ValueError("batch prompts (a list of strings or of token lists) are unsupported: send one prompt "
-                             "(a string or a list of token ids) per request; n=1 only")
+    def _prompts(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("empty list of prompts")
+        if isinstance(v, list) and any(isinstance(p, list) and not p for p in v):
+            raise ValueError("a token-list prompt is empty")
         if not isinstance(v, (str, list)):
-            raise ValueError("prompt must be a string or a list of token ids")  # noqa: TRY004 (pydantic wants ValueError)
+            raise ValueError("prompt must be a string, a list of token ids, or a list of either")  # noqa: TRY004
         return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("insertion (a suffix after the completion) is not served: the models have no "
+                             "fill-in-the-middle training")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _echo_only(cls, v: bool, info: ValidationInfo) -> bool:
+        if not v and info.data.get("max_tokens") == 0:
+            raise ValueError("max_tokens 0 generates nothing: it needs echo (the prompt, with its logprobs)")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if v is not None and v < n:
+            raise ValueError(f"best_of ({v}) must be at least n ({n})")
+        if v is not None and v > n and info.data.get("stream"):
+            raise ValueError("best_of > n cannot be streamed (the best choices are known at the end)")
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, a single one as a list of one."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+    def logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -219,12 +284,21 @@ NO_TOOL_CALLS = "tool calling is not served here: the models cannot call tools"
 class ChatCompletionRequest(_Request):
     """POST /v1/chat/completions. `max_tokens` unset means `to_sampling`'s default."""
 
-    DEFAULT_ONLY = _Request.DEFAULT_ONLY | {"logprobs": (None, False), "top_logprobs": (None, 0)}
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    logprobs: bool | None = False
-    top_logprobs: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token (needs logprobs)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    def logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("max_completion_tokens")
     @classmethod
@@ -267,11 +341,30 @@ class ChatCompletionRequest(_Request):
 
 
 def to_sampling(req: _Request, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> dict:
-    """What an engine needs of a request, with defaults filled and `stop` always a list."""
+    """What an engine needs of a request, with defaults filled and `stop` always a list.
+
+    `n` is the choices the engine generates per prompt (best_of when larger); a
+    completion with echo and logprobs asks for the prompt's logprobs too, with
+    the same number of alternatives; `max_tokens` 0 (echo only) generates one
+    token, which the answer drops."""
+    logprobs = req.logprobs_asked()
+    echo = getattr(req, "echo", False)
+    prompt_logprobs = req.prompt_logprobs
+    if echo and logprobs is not None:
+        prompt_logprobs = max(prompt_logprobs or 0, logprobs)
+    if (getattr(req, "best_of", None) or 1) > req.n and logprobs is None:
+        logprobs = 0  # ranking the choices needs their logprobs
+    fmt = req.response_format
     return {
         "temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k, "seed": req.seed,
-        "max_tokens": req.max_tokens if req.max_tokens is not None else default_max_tokens,
+        "max_tokens": max(req.max_tokens if req.max_tokens is not None else default_max_tokens, 1),
         "stop": list(req.stop or []), "stop_token_ids": list(req.stop_token_ids), "ignore_eos": req.ignore_eos,
+        "n": max(req.n, getattr(req, "best_of", None) or 1),
+        "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty, "min_tokens": req.min_tokens,
+        "logit_bias": {int(k): v for k, v in req.logit_bias.items()},
+        "logprobs": logprobs, "prompt_logprobs": prompt_logprobs,
+        "guide": GuideSpec.from_response_format(fmt.model_dump(by_alias=True, exclude_none=True)) if fmt else None,
     }
 
 
@@ -325,7 +418,7 @@ class _Choice(_Out):
     keep_null = ("finish_reason", "logprobs")
     index: int = 0
     finish_reason: str | None = None  # "stop" | "length"; None until the last stream chunk
-    logprobs: None = None
+    logprobs: dict | None = None  # when asked: the API's logprobs object
 
 
 class CompletionChoice(_Choice):

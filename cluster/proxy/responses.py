@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.proxy.choices import TokenText, best, chat_logprobs, completion_logprobs, entries_of
 from cluster.proxy.protocol import (
     SSE_DONE,
     ChatCompletionChunk,
@@ -29,69 +30,116 @@ class ResponseKind:
     id_prefix: str
     response: type
     chunk: type
-    full_choice: Callable[[str, str | None], dict]
-    delta_choice: Callable[[str, str | None], dict]
-    opening_delta: dict | None = None  # chat: the assistant role, before any content
+    full_choice: Callable[[int, str, str | None], dict]
+    delta_choice: Callable[[int, str, str | None], dict]
+    # a choice's logprobs in this API's shape, from (token id, TokenLogprob | None) entries
+    logprobs: Callable[[list, TokenText, int], dict]
+    opening_delta: Callable[[int], dict] | None = None  # chat: the assistant role, before any content
 
 
 COMPLETION = ResponseKind(
     "cmpl", CompletionResponse, CompletionStreamChunk,
-    full_choice=lambda text, finish: {"index": 0, "text": text, "finish_reason": finish},
-    delta_choice=lambda text, finish: {"index": 0, "text": text, "finish_reason": finish},
+    full_choice=lambda i, text, finish: {"index": i, "text": text, "finish_reason": finish},
+    delta_choice=lambda i, text, finish: {"index": i, "text": text, "finish_reason": finish},
+    logprobs=completion_logprobs,
 )
 CHAT = ResponseKind(
     "chatcmpl", ChatCompletionResponse, ChatCompletionChunk,
-    full_choice=lambda text, finish: {"index": 0, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": finish},
-    delta_choice=lambda text, finish: {"index": 0, "delta": {"content": text}, "finish_reason": finish},
-    opening_delta={"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+    full_choice=lambda i, text, finish: {"index": i, "message": {"role": "assistant", "content": text},
+                                         "finish_reason": finish},
+    delta_choice=lambda i, text, finish: {"index": i, "delta": {"content": text}, "finish_reason": finish},
+    logprobs=lambda entries, token_text, _offset: chat_logprobs(entries, token_text),
+    opening_delta=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
 )
 
 
-def usage(delta, completion_tokens: int | None = None) -> dict:
-    """OpenAI's usage, with the prompt tokens served from a KV cache (as OpenAI and vLLM report them);
-    `completion_tokens`: a count other than the delta's (the chat stream's opening chunk: 0)."""
-    done = delta.completion_tokens if completion_tokens is None else completion_tokens
-    return {"prompt_tokens": delta.prompt_tokens, "completion_tokens": done,
-            "total_tokens": delta.prompt_tokens + done,
-            "prompt_tokens_details": {"cached_tokens": delta.cached_tokens}}
+@dataclass
+class Shape:
+    """What shapes one request's answer besides its deltas."""
+
+    kind: ResponseKind
+    model: str
+    n: int = 1  # choices generated per prompt (best_of when larger than the choices answered)
+    keep: int = 1  # choices answered per prompt (n)
+    token_text: TokenText | None = None  # set when the request asked for logprobs: shows them
+
+
+class Tally:
+    """Usage across a request's choices: each prompt counted once, every choice's tokens."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.prompt: dict[int, int] = {}
+        self.cached: dict[int, int] = {}
+        self.completion: dict[int, int] = {}
+
+    def add(self, d) -> None:
+        p = d.index // self.n
+        self.prompt[p] = d.prompt_tokens
+        self.cached[p] = max(self.cached.get(p, 0), d.cached_tokens)
+        self.completion[d.index] = d.completion_tokens
+
+    def usage(self, completion_tokens: int | None = None) -> dict:
+        """OpenAI's usage, with the prompt tokens served from a KV cache (as OpenAI and vLLM report
+        them); `completion_tokens`: a count other than the tally's (the chat stream's opening chunk: 0)."""
+        done = sum(self.completion.values()) if completion_tokens is None else completion_tokens
+        prompt = sum(self.prompt.values())
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached.values())}}
 
 
 def _envelope(kind: ResponseKind) -> dict[str, Any]:
     return {"id": f"{kind.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time())}
 
 
-async def collect(kind: ResponseKind, model: str, deltas: AsyncIterator,
-                  debug: Callable[[], dict] | None = None) -> dict:
+async def collect(shape: Shape, deltas: AsyncIterator, debug: Callable[[], dict] | None = None) -> dict:
     """The whole response body once generation ends (with `debug()` in it when given)."""
-    text, last = "", None
+    kind, tally = shape.kind, Tally(shape.n)
+    choices: dict[int, dict] = {}
     async for d in deltas:
-        text, last = text + d.text, d
-    body = kind.response(**_envelope(kind), model=model, usage=usage(last),
-                         choices=[kind.full_choice(text, last.finish_reason)], debug=debug() if debug else None)
+        tally.add(d)
+        c = choices.setdefault(d.index, {"index": d.index, "text": "", "finish": None, "entries": []})
+        c["text"] += d.text
+        c["finish"] = d.finish_reason or c["finish"]
+        c["entries"] += entries_of(d)
+    ordered = [choices[i] for i in sorted(choices)]
+    kept = best(choices, shape.keep, shape.n) if shape.keep < shape.n else ordered
+    out = []
+    for i, c in enumerate(kept):
+        choice = kind.full_choice(i, c["text"], c["finish"])
+        if shape.token_text is not None:
+            choice["logprobs"] = kind.logprobs(c["entries"], shape.token_text, 0)
+        out.append(choice)
+    body = kind.response(**_envelope(kind), model=shape.model, usage=tally.usage(), choices=out,
+                         debug=debug() if debug else None)
     return body.model_dump(exclude_none=True)
 
 
-async def stream(kind: ResponseKind, model: str, deltas: AsyncIterator, include_usage: bool,
+async def stream(shape: Shape, deltas: AsyncIterator, include_usage: bool,
                  continuous_usage: bool = False) -> AsyncIterator[str]:
     """Server-sent events: one chunk per delta, usage last if asked, then [DONE].
     `continuous_usage` (vLLM's continuous_usage_stats): every chunk carries the usage so far."""
-    env, last = _envelope(kind), None
+    kind, env, tally = shape.kind, _envelope(shape.kind), Tally(shape.n)
+    opened: set[int] = set()
+    offsets: dict[int, int] = {}  # per choice: the text streamed so far (completions' text_offset)
 
     def chunk(choices: list, use: dict | None = None) -> str:
-        return sse(kind.chunk(**env, model=model, choices=choices, usage=use))
+        return sse(kind.chunk(**env, model=shape.model, choices=choices, usage=use))
 
-    opening = kind.opening_delta
     async for d in deltas:
-        if opening:  # sent with the first delta in hand (already pulled): its usage knows the prompt
-            yield chunk([opening], usage(d, 0) if continuous_usage else None)
-            opening = None
-        last = d
-        yield chunk([kind.delta_choice(d.text, d.finish_reason)], usage(d) if continuous_usage else None)
-    if opening:
-        yield chunk([opening])
-    if include_usage and last is not None:
-        yield chunk([], usage(last))
+        tally.add(d)
+        if kind.opening_delta and d.index not in opened:  # with the first delta in hand: its usage knows the prompt
+            opened.add(d.index)
+            yield chunk([kind.opening_delta(d.index)], tally.usage(0) if continuous_usage else None)
+        choice = kind.delta_choice(d.index, d.text, d.finish_reason)
+        if shape.token_text is not None:
+            choice["logprobs"] = kind.logprobs(entries_of(d), shape.token_text, offsets.get(d.index, 0))
+        offsets[d.index] = offsets.get(d.index, 0) + len(d.text)
+        yield chunk([choice], tally.usage() if continuous_usage else None)
+    if kind.opening_delta and not opened:
+        yield chunk([kind.opening_delta(0)])
+    if include_usage and tally.prompt:
+        yield chunk([], tally.usage())
     yield SSE_DONE
 
 
