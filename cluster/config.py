@@ -102,6 +102,7 @@ class ProxySettings(BaseModel):
     balance_rel_threshold: float = Field(1.5, ge=1.0)
     tokenizer_reuse: bool = True
     tokenizer_cache_size: int = Field(4096, ge=0)
+    tokenizer_cache_bytes: int = Field(64 << 20, ge=0)  # TokenCache's budget: texts + ids (4 bytes an id)
     max_queue: int = Field(1024, gt=0)  # waiting requests past which new ones get 429
     max_body_bytes: int = Field(1 << 20, gt=0)  # larger bodies get 413 before parsing
     api_keys: list[str] = Field(default_factory=list)  # empty: no key needed

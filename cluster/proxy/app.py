@@ -65,7 +65,8 @@ from cluster.proxy.responses import (
     first_then_rest,
     stream,
 )
-from cluster.proxy.tokens import CHAT_TEMPLATE, TokenCache, Tokenizer
+from cluster.proxy.token_cache import TokenCache
+from cluster.proxy.tokens import CHAT_TEMPLATE, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +112,12 @@ class OmniProxySlave:
         self.max_model_len = manifest.model.max_position_embeddings  # prompt + max_tokens, at most
         self.settings = manifest.proxy
         self.tokenizer = Tokenizer.from_file(manifest.tokenizer)
-        self.tokens = TokenCache(self.tokenizer, self.settings.tokenizer_cache_size, self.settings.tokenizer_reuse)
+        self.tokens = TokenCache(self.tokenizer, self.settings.tokenizer_cache_size, self.settings.tokenizer_reuse,
+                                 self.settings.tokenizer_cache_bytes)  # its thread also hashes the prompts' blocks
         self.master = ray.get_actor(MASTER_NAME, namespace=namespace)
         self.metrics = ProxyMetrics(self.model_name)
-        self.pipeline = Pipeline(self.tokenizer, self.master, manifest.engine.block_size, self._request_done)
+        self.pipeline = Pipeline(self.tokenizer, self.master, manifest.engine.block_size, self._request_done,
+                                 self.tokens.thread)
         self.created = int(time.time())
         self.snapshot: dict | None = None  # the master's latest published state
         self._poller: asyncio.Task | None = None
@@ -198,9 +201,9 @@ class OmniProxySlave:
             raise unknown_model(req.model, self.model_name)
         return req
 
-    def _prompt_ids(self, prompt: str | list[int], max_tokens: int, life: Lifecycle) -> list[int]:
+    async def _prompt_ids(self, prompt: str | list[int], max_tokens: int, life: Lifecycle) -> list[int]:
         if isinstance(prompt, str):
-            ids = self.tokens.encode(prompt)
+            ids = await self.tokens.encode(prompt)
         else:
             bad = [t for t in prompt if not 0 <= t < self.manifest.model.vocab_size]
             if bad:
@@ -253,8 +256,9 @@ class OmniProxySlave:
             except ValueError as err:
                 raise APIError(400, str(err), "invalid_request_error", "response_format") from None
         chat = isinstance(req, ChatCompletionRequest)
-        prompts = [self._chat_prompt(req)] if chat else req.prompts()
-        ids = [self._prompt_ids(p, sampling["max_tokens"], life) for p in prompts]
+        prompts = [await self._chat_prompt(req)] if chat else req.prompts()
+        # side by side, so that a list of prompts reaches the tokenizer thread as one batch
+        ids = list(await asyncio.gather(*(self._prompt_ids(p, sampling["max_tokens"], life) for p in prompts)))
         lives = [life] + [life.copy() for _ in ids[1:]]  # the first prompt's is the one debug shows
         runs = [self._generate(p, sampling, sampling["stop"], lf) for p, lf in zip(ids, lives)]
         deltas = merge(runs, sampling["n"])
@@ -293,9 +297,9 @@ class OmniProxySlave:
                                      media_type="text/event-stream")
         return await collect(shape, deltas, life.to_debug if req.debug else None)
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    async def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         """The chat template's ids, tokenized message by message (a re-sent history hits the cache)."""
-        return self.tokens.encode_segments(self._chat_segments(req.messages))
+        return await self.tokens.encode_segments(self._chat_segments(req.messages))
 
     def _chat_segments(self, messages, **template) -> list[str]:
         try:
@@ -325,7 +329,7 @@ class OmniProxySlave:
                                                continue_final_message=req.continue_final_message))
         else:
             text = req.prompt
-        ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        ids = (await self.tokens.thread.encode_batch([text], req.add_special_tokens))[0]  # off the event loop
         strs = [self.tokenizer.hf.id_to_token(i) for i in ids] if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=self.max_model_len, tokens=ids,
                                 token_strs=strs).model_dump(exclude_none=True)

@@ -32,6 +32,7 @@ from actors.engine.instance import end_reason
 from actors.protocol import EngineRequest, SamplingParams
 from cluster.proxy.lifecycle import Lifecycle
 from cluster.proxy.master import NoInstanceAvailable
+from cluster.proxy.token_cache import TokenizerThread
 from cluster.proxy.tokens import IncrementalDetokenizer, Tokenizer
 
 
@@ -96,10 +97,13 @@ class _Choice:
 
 
 class Pipeline:
-    def __init__(self, tokenizer: Tokenizer, master, block_size: int, on_done=None):
-        """`on_done(life, outcome, prompt_tokens, completion_tokens)` runs as each request ends (metrics)."""
+    def __init__(self, tokenizer: Tokenizer, master, block_size: int, on_done=None,
+                 thread: TokenizerThread | None = None):
+        """`on_done(life, outcome, prompt_tokens, completion_tokens)` runs as each request ends (metrics).
+        `thread`: where the prompt's blocks are hashed, off the event loop (the slave's tokenizer thread)."""
         self.tokenizer, self.master, self.block_size = tokenizer, master, block_size
         self.on_done = on_done
+        self.thread = thread or TokenizerThread(tokenizer)
 
     async def run(self, prompt_ids: list[int], sampling: dict, stops: list[str], life: Lifecycle) -> AsyncIterator[Delta]:
         """Text deltas of one request, of its `n` choices (one engine request: they
@@ -108,13 +112,12 @@ class Pipeline:
         (a greedy request ends with the same tokens), up to MAX_RESUMES times; one of
         several choices fails loudly (their forks' KV went with the instance)."""
         rid = f"req-{uuid.uuid4().hex[:16]}"
-        hashes = block_hashes(prompt_ids, self.block_size)
         n = sampling.get("n", 1)
         params = SamplingParams(**{k: sampling[k] for k in SamplingParams.model_fields if k in sampling})
         base = {
             "prompt_ids": prompt_ids, "params": params, "max_tokens": sampling["max_tokens"],
             "stop_token_ids": frozenset(sampling["stop_token_ids"]), "ignore_eos": sampling["ignore_eos"],
-            "eos_token_id": self.tokenizer.eos_token_id, "block_hashes": hashes, "output_ids": [],
+            "eos_token_id": self.tokenizer.eos_token_id, "block_hashes": None, "output_ids": [],
             "n": n, "guide": sampling.get("guide"),
         }
         choices = [_Choice(i, self.tokenizer, stops, params.logprobs is not None) for i in range(n)]
@@ -123,6 +126,7 @@ class Pipeline:
         engines, attempt = [], 0
         told = None  # the attempt whose prefill the master has been told of
         try:
+            base["block_hashes"] = hashes = await self.thread.run(block_hashes, prompt_ids, self.block_size)
             while True:
                 attempt_id = rid if attempt == 0 else f"{rid}-resume{attempt}"
                 decision = await self.master.schedule.remote(attempt_id, len(prompt_ids) + len(out_ids),
