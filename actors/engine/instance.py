@@ -168,6 +168,8 @@ class InstanceEngine:
             return False
         seq.request.fork_outputs = list(fork_outputs or [])
         seq.output_ids = list(output_ids)
+        if seq.guide is not None:  # the grammar goes on from the prefill's tokens
+            seq.guide = self._guide(seq.request.guide, seq.output_ids)
         seq.emitted = len(seq.output_ids)
         seq.remote_blocks, seq.remote_tokens = transfer.blocks, transfer.num_tokens
         self.counters["prompt_tokens"] += len(seq.request.prompt_ids)
@@ -315,12 +317,12 @@ class InstanceEngine:
     def _params(seq: Sequence):
         """The sampling of this sequence's next step: a fork draws with its own seed
         (the request's + its index, as vLLM), and the prompt's logprobs are computed
-        where the prompt is (never on the decode side of P/D)."""
+        where the prompt is, once (never on the decode side of P/D, nor by a fork)."""
         params = seq.request.params
         update = {}
         if seq.index and params.seed is not None:
             update["seed"] = params.seed + seq.index
-        if params.prompt_logprobs is not None and (seq.decode_side or seq.index):
+        if params.prompt_logprobs is not None and (seq.decode_side or seq.index or seq.output_ids):
             update["prompt_logprobs"] = None
         return params.model_copy(update=update) if update else params
 
