@@ -7,6 +7,10 @@ adds its own `ray_` prefix on the Prometheus side (`ray_omniray_ttft_seconds`).
 A slave also keeps its own metrics (the `slave` rows) in a registry of its own,
 which its `GET /metrics` serves under the same names, without the prefix.
 
+Running totals that a source keeps (the tokenizer cache's, the global KV cache's,
+the NPUs' expert load) are exported as counters: each report adds what changed
+since the last one (`_Deltas`), so `rate()` reads them as Prometheus expects.
+
 | metric | kind | tags | recorded by |
 | --- | --- | --- | --- |
 | omniray_request_stage_seconds | histogram | model, gap | slave: each lifecycle gap |
@@ -15,8 +19,8 @@ which its `GET /metrics` serves under the same names, without the prefix.
 | omniray_e2e_seconds | histogram | model | slave |
 | omniray_requests_total | counter | model, outcome | slave: stop, length, aborted, error_4xx/5xx |
 | omniray_tokens_total | counter | model, kind | slave: prompt, completion |
-| omniray_tokenizer_calls | gauge | model | slave: tokenizer runs so far |
-| omniray_tokenizer_cache_hits | gauge | model | slave: reused token ids so far |
+| omniray_tokenizer_calls_total | counter | model | slave: tokenizer runs (cache misses) |
+| omniray_tokenizer_cache_hits_total | counter | model | slave: texts whose token ids were reused |
 | omniray_queue_length | gauge | | master: requests waiting for dispatch |
 | omniray_decode_queue_length | gauge | | master: prefilled requests waiting for a decode instance (P/D) |
 | omniray_instance_queued_tokens | gauge | instance, role | master: uncached prompt tokens dispatched there, not yet prefilled |
@@ -26,11 +30,11 @@ which its `GET /metrics` serves under the same names, without the prefix.
 | omniray_instance_healthy | gauge | instance, role | master: 1 answering, 0 not |
 | omniray_npu_hbm_used_bytes | gauge | instance, npu | master: the NPU's HBM ledger |
 | omniray_npu_hbm_capacity_bytes | gauge | instance, npu | master |
-| omniray_expert_device_load | gauge | instance, layer, npu | master: tokens routed to the NPU's experts |
-| omniray_expert_imbalance | gauge | instance, layer | master: (max - min) / mean of the device loads |
-| omniray_kv_cache_hits | gauge | | master: global KV cache blocks hit so far |
-| omniray_kv_cache_misses | gauge | | master |
-| omniray_kv_cache_evictions | gauge | | master |
+| omniray_expert_routed_tokens_total | counter | instance, layer, npu | master: token-expert pairs routed to the NPU's experts |
+| omniray_expert_imbalance | gauge | instance, layer | master: (max - min) / mean of the device loads since the NPUs' last reset |
+| omniray_kv_cache_hits_total | counter | | master: global KV cache blocks hit |
+| omniray_kv_cache_misses_total | counter | | master: blocks queried past the matched prefix |
+| omniray_kv_cache_evictions_total | counter | | master: blocks dropped for capacity |
 | omniray_kv_cache_blocks | gauge | | master: blocks indexed now |
 | omniray_dispatched_total | counter | | master: requests dispatched |
 | omniray_rejected_total | counter | reason | master: queue_full, no_instance |
@@ -50,6 +54,28 @@ from cluster.placement import npu_loads
 
 # seconds: 1 ms .. 2 min, roughly x2.5 per bucket
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0]
+
+
+class _Deltas:
+    """A source's running totals turned into a counter's increments: what changed since
+    the last report. A total that fell (its source restarted or was reset) counts from
+    zero again, as Prometheus' rate() reads a counter reset."""
+
+    def __init__(self):
+        self._last: dict = {}
+
+    def __call__(self, key, total: float) -> float:
+        before = self._last.get(key, 0)
+        self._last[key] = total
+        return total - before if total >= before else total
+
+    def vector(self, key, totals: list[float]) -> list[float]:
+        """The same for a vector of totals that reset together (an NPU's expert load)."""
+        before = self._last.get(key)
+        self._last[key] = list(totals)
+        if before is None or len(before) != len(totals) or any(t < b for t, b in zip(totals, before)):
+            return list(totals)
+        return [t - b for t, b in zip(totals, before)]
 
 
 class _Twin:
@@ -91,8 +117,9 @@ class ProxyMetrics:
         self.e2e = twin(Histogram, "omniray_e2e_seconds", "received -> finished", buckets=LATENCY_BUCKETS)
         self.requests = twin(Counter, "omniray_requests_total", "requests by outcome", (*tags, "outcome"))
         self.tokens = twin(Counter, "omniray_tokens_total", "prompt and generated tokens", (*tags, "kind"))
-        self.tokenizer_calls = twin(Gauge, "omniray_tokenizer_calls", "tokenizer runs (cache misses) so far")
-        self.tokenizer_hits = twin(Gauge, "omniray_tokenizer_cache_hits", "texts whose ids were reused")
+        self.tokenizer_calls = twin(Counter, "omniray_tokenizer_calls_total", "tokenizer runs (cache misses)")
+        self.tokenizer_hits = twin(Counter, "omniray_tokenizer_cache_hits_total", "texts whose token ids were reused")
+        self._deltas = _Deltas()
 
     def request_done(self, life, outcome: str, prompt_tokens: int, completion_tokens: int) -> None:
         for gap, seconds in life.gaps().items():
@@ -110,8 +137,10 @@ class ProxyMetrics:
             self.tokens.record(completion_tokens, {**self.model, "kind": "completion"})
 
     def tokenizer(self, stats: dict) -> None:
-        self.tokenizer_calls.record(stats["tokenizer_calls"], self.model)
-        self.tokenizer_hits.record(stats["tokenizer_cache_hits"], self.model)
+        """The token cache's running totals (TokenCache.stats)."""
+        for counter, key in ((self.tokenizer_calls, "tokenizer_calls"), (self.tokenizer_hits, "tokenizer_cache_hits")):
+            if (delta := self._deltas(key, stats[key])) > 0:
+                counter.record(delta, self.model)
 
     def rejected(self, status: int) -> None:
         """A request answered with an error status before or while generating."""
@@ -138,12 +167,14 @@ class MasterMetrics:
         self.healthy = Gauge("omniray_instance_healthy", "1 if the engine answers", tag_keys=inst)
         self.hbm_used = Gauge("omniray_npu_hbm_used_bytes", "HBM charged", tag_keys=("instance", "npu"))
         self.hbm_capacity = Gauge("omniray_npu_hbm_capacity_bytes", "HBM size", tag_keys=("instance", "npu"))
-        self.device_load = Gauge("omniray_expert_device_load", "tokens routed to the NPU's experts",
-                                 tag_keys=("instance", "layer", "npu"))
+        self.routed = Counter("omniray_expert_routed_tokens_total", "token-expert pairs routed to the NPU's experts",
+                              tag_keys=("instance", "layer", "npu"))
         self.imbalance = Gauge("omniray_expert_imbalance", "(max - min) / mean of device loads",
                                tag_keys=("instance", "layer"))
-        self.kv = {k: Gauge(f"omniray_kv_cache_{k}", f"global KV cache {k}") for k in
-                   ("hits", "misses", "evictions", "blocks")}
+        self.kv = {k: Counter(f"omniray_kv_cache_{k}_total", f"global KV cache blocks: {k}") for k in
+                   ("hits", "misses", "evictions")}
+        self.kv_blocks = Gauge("omniray_kv_cache_blocks", "blocks the global KV cache indexes")
+        self._deltas = _Deltas()
         self.dispatched = Counter("omniray_dispatched_total", "requests dispatched")
         self.rejected = Counter("omniray_rejected_total", "requests refused", tag_keys=("reason",))
 
@@ -166,14 +197,22 @@ class MasterMetrics:
             self.hbm_used.set(npu["hbm"]["used"], tags)
             self.hbm_capacity.set(npu["hbm"]["capacity"], tags)
         for layer, loads in device_loads(npus).items():
-            for npu, load in zip(npus, loads):
-                self.device_load.set(load, {"instance": instance, "layer": str(layer), "npu": str(npu.get("name"))})
             self.imbalance.set(imbalance_score(loads), {"instance": instance, "layer": str(layer)})
+        # each NPU's expert load since the last report, then split over the experts' holders now
+        routed = [{**npu, "expert_load": {layer: self._deltas.vector((instance, npu.get("name"), layer), load)
+                                          for layer, load in npu.get("expert_load", {}).items()}} for npu in npus]
+        for layer, loads in device_loads(routed).items():
+            for npu, load in zip(npus, loads):
+                if load > 0:
+                    self.routed.inc(load, {"instance": instance, "layer": str(layer), "npu": str(npu.get("name"))})
 
     def kv_cache(self, stats: dict | None) -> None:
+        """The global KV cache actor's running totals (GlobalKVCache.stats) and its size."""
         if stats:
-            for key, gauge in self.kv.items():
-                gauge.set(stats[key])
+            for key, counter in self.kv.items():
+                if (delta := self._deltas(key, stats[key])) > 0:
+                    counter.inc(delta)
+            self.kv_blocks.set(stats["blocks"])
 
 
 class ScalingMetrics:

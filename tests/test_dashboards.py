@@ -126,9 +126,19 @@ def _literal(node: ast.AST):
     return value if isinstance(value, (tuple, list, set)) else None
 
 
+def _bind(helper: ast.FunctionDef, call: ast.Call) -> dict[str, ast.AST]:
+    """parameter -> argument node of a call to a local helper, defaults filled in."""
+    params = [a.arg for a in helper.args.args]
+    bound = dict(zip(params[len(params) - len(helper.args.defaults):], helper.args.defaults))
+    bound.update(zip(params, call.args))
+    bound.update({k.arg: k.value for k in call.keywords})
+    return bound
+
+
 def constructed_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
     """name -> (kind, tag_keys) of every Histogram/Counter/Gauge built in cluster/metrics.py,
-    resolving the local tuples and the f-string-over-a-literal comprehension it uses."""
+    resolving the local tuples, the local helper that builds a kind it is handed
+    (`twin(Counter, name, doc, tag_keys)`) and the f-string-over-a-literal comprehension it uses."""
     found: dict[str, tuple[str, tuple[str, ...]]] = {}
     unresolved: list[str] = []
 
@@ -141,6 +151,8 @@ def constructed_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
                     value = _strs(stmt.value, env)
                     if value is not None and isinstance(stmt.value, (ast.Tuple, ast.List)):
                         env[stmt.targets[0].id] = value
+                if isinstance(stmt, ast.FunctionDef) and stmt is not node:
+                    env[f"def {stmt.name}"] = stmt
         if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)) and all(
                 isinstance(g.target, ast.Name) and _literal(g.iter) is not None for g in node.generators):
             # a comprehension over literals (`{k: Gauge(f"omniray_kv_cache_{k}") for k in (...)}`):
@@ -157,7 +169,16 @@ def constructed_metrics() -> dict[str, tuple[str, tuple[str, ...]]]:
         if isinstance(node, ast.Call):
             func = node.func
             cls = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
-            if cls in KINDS:
+            helper = env.get(f"def {cls}")
+            if helper is not None and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in KINDS:
+                bound = _bind(helper, node)
+                name, tags = _str(bound.get("name"), env), _strs(bound.get("tag_keys"), env)
+                if name is None or tags is None:
+                    unresolved.append(ast.unparse(node))
+                else:
+                    assert name not in found, f"{name} constructed twice"
+                    found[name] = (KINDS[node.args[0].id], tags)
+            elif cls in KINDS:
                 kw = {k.arg: k.value for k in node.keywords}
                 name_node = node.args[0] if node.args else kw.get("name")
                 tags_node = (node.args[TAG_KEYS_ARG[cls]] if len(node.args) > TAG_KEYS_ARG[cls]
@@ -325,3 +346,10 @@ def test_labels_exist(dashboard, exported):
             grouped |= labels
         legend = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", t.get("legendFormat", "")))
         assert legend <= grouped, f"{where}: legend label(s) {sorted(legend - grouped)} are aggregated away"
+
+
+def test_counters_are_named_total(exported):
+    """Prometheus' convention, and what rate() on the dashboard assumes: a count is a
+    counter named `_total`, a gauge is a value now (never a running total)."""
+    for name, (kind, _) in exported.items():
+        assert (kind == "counter") == name.endswith("_total"), f"{name}: a {kind}"
