@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from rich.console import Console
 from rich.table import Table
 
-from cluster.config import load_manifest
+from cluster.config import API_KEY_ENV, load_manifest
 
 SHUTDOWN_TIMEOUT_S = 45.0  # `omniray serve`: Ctrl-C waits this long for a clean shutdown, then exits
 
@@ -163,6 +164,26 @@ def cmd_status(args) -> int:
     return 0
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def check_exposure(host: str, api_keys: list[str], allow_unauthenticated: bool) -> None:
+    """An API off this machine needs a key: refuse before anything starts."""
+    if not api_keys and not is_loopback(host) and not allow_unauthenticated:
+        raise ValueError(f"--host {host} serves beyond this machine and no API key is set: give --api-key KEY "
+                         f"(or ${API_KEY_ENV}, or proxy.api_keys in the manifest), or --allow-unauthenticated "
+                         "to serve without one")
+
+
 def cmd_serve(args) -> int:
     import signal
 
@@ -174,6 +195,7 @@ def cmd_serve(args) -> int:
         manifest.proxy.api_keys = [args.api_key]
     if args.admin_key:
         manifest.proxy.admin_keys = [args.admin_key]
+    check_exposure(args.host, manifest.proxy.api_keys, args.allow_unauthenticated)
     # both signals set explicitly: a shell starts background jobs with SIGINT ignored, and Ctrl-C must still work
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -273,7 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=_positive, default=8000)
     sv.add_argument("--grpc-port", type=_positive, default=None, help="also serve gRPC (omniray.proto) on this port")
-    sv.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY)")
+    sv.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                    help=f"require this key (Authorization: Bearer KEY); default ${API_KEY_ENV}. A --host other "
+                         "than loopback needs one")
+    sv.add_argument("--allow-unauthenticated", action="store_true",
+                    help="serve a non-loopback --host without an API key")
     sv.add_argument("--admin-key", default=None, help="enable /v1/cluster/scale and /rebalance with this key")
     sv.add_argument("--dashboard", action="store_true", help="start the Ray dashboard too")
     sv.set_defaults(func=cmd_serve)

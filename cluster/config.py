@@ -20,6 +20,7 @@ from cluster.autoscaler import AutoscalerConfig
 from cluster.validation import field_errors
 
 MANIFEST_DIR = Path(__file__).resolve().parent.parent / "manifests"
+API_KEY_ENV = "OMNIRAY_API_KEY"  # where `omniray serve` and the shipped Serve configs read the API key
 
 
 class ManifestError(ValueError):
@@ -78,7 +79,8 @@ class ProxySettings(BaseModel):
     # requests one slave holds at once; Serve's default (5) would queue the rest in its HTTP
     # proxy, invisible to the master's sorting (slaves only await, so this can be high)
     max_ongoing_requests: int = Field(1024, gt=0)
-    request_timeout_s: float | None = Field(None, gt=0)  # received -> finished; past it: 504, KV freed
+    # received -> finished; past it: 504, KV freed (None: no limit)
+    request_timeout_s: float | None = Field(600.0, gt=0)
     policy: Literal["round_robin", "least_loaded", "cache_aware", "omni_reference", "omni"] = "omni"
     pd_mode: Literal["sequential", "parallel"] = "sequential"  # when both prefill and decode instances exist
     # budgets: an instance gets a request only while under them, so the master's queues

@@ -167,18 +167,31 @@ def owner_name(manifest: Manifest) -> str:
 def app_from_args(args: dict):
     """Serve application builder (`import_path: cluster.server:app_from_args`):
     args `manifest` (a shipped name or a path; default `local`) and optional
-    `api_key`. The backend is started once, by a detached owner actor, and
-    reused by later deploys of the same manifest name."""
+    `api_key`, or `api_key_env`: the environment variable that holds the key
+    where the application is built (the shipped configs: OMNIRAY_API_KEY),
+    unset or empty is an error. The backend is started once, by a detached
+    owner actor, and reused by later deploys of the same manifest name."""
+    import os
+
     from cluster.config import load_manifest
     from cluster.launcher import check_capacity
     from cluster.proxy.app import build_app
 
-    unknown = set(args) - {"manifest", "api_key"}
+    unknown = set(args) - {"manifest", "api_key", "api_key_env"}
     if unknown:
-        raise ValueError(f"args: unknown keys {sorted(unknown)}; expected manifest, api_key")
+        raise ValueError(f"args: unknown keys {sorted(unknown)}; expected manifest, api_key, api_key_env")
     manifest = load_manifest(args.get("manifest", "local"))
     if args.get("api_key"):
         manifest.proxy.api_keys = [str(args["api_key"])]
+    if args.get("api_key_env"):
+        name = str(args["api_key_env"])
+        key = os.environ.get(name)
+        if not key:
+            raise ValueError(f"args.api_key_env: the environment variable {name} (the API key) is not set where "
+                             f"Serve builds the application; set {name} on every Ray node (KubeRay: the container's "
+                             "env from a Secret, valueFrom.secretKeyRef), or leave api_key_env out to serve "
+                             "without a key")
+        manifest.proxy.api_keys = [key]
     check_capacity(sum(s.ep for s in manifest.instances))
     owner = ray.remote(BackendOwner).options(
         name=owner_name(manifest), namespace=OWNER_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,

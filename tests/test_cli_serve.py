@@ -32,6 +32,58 @@ proxy: {{policy: round_robin}}
 
 
 @pytest.fixture
+def no_ray_start(monkeypatch):
+    """`omniray serve` must decide before Ray starts: starting it fails the test."""
+    import cluster.launcher
+
+    def connect(*_a, **_k):
+        raise AssertionError("Ray was started")
+    monkeypatch.setattr(cluster.launcher, "connect", connect)
+    monkeypatch.delenv("OMNIRAY_API_KEY", raising=False)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::", "my-host.example"])
+def test_serve_off_loopback_without_a_key_refuses_naming_the_fix(host, no_ray_start, capsys):
+    from cluster.cli import main
+
+    assert main(["serve", "--host", host]) == 2
+    err = capsys.readouterr().err
+    assert f"--host {host}" in err and "--api-key" in err and "OMNIRAY_API_KEY" in err
+    assert "proxy.api_keys" in err and "--allow-unauthenticated" in err
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.0.2", "localhost", "::1", "[::1]"])
+def test_is_loopback(host):
+    from cluster.cli import is_loopback
+
+    assert is_loopback(host)
+
+
+@pytest.mark.parametrize("argv,env", [
+    (["--host", "0.0.0.0", "--allow-unauthenticated"], None),
+    (["--host", "0.0.0.0", "--api-key", "k"], None),
+    (["--host", "0.0.0.0"], "k"),  # $OMNIRAY_API_KEY
+    (["--host", "127.0.0.1"], None),
+])
+def test_serve_with_a_key_or_the_override_goes_on_to_start_ray(argv, env, no_ray_start, monkeypatch):
+    from cluster.cli import main
+
+    if env:
+        monkeypatch.setenv("OMNIRAY_API_KEY", env)
+    with pytest.raises(AssertionError, match="Ray was started"):
+        main(["serve", *argv])
+
+
+def test_manifest_api_keys_count_as_a_key(tmp_path, no_ray_start):
+    from cluster.cli import main
+
+    path = tmp_path / "keyed.yaml"
+    path.write_text(MANIFEST.replace("proxy: {policy: round_robin}", "proxy: {policy: round_robin, api_keys: [k]}"))
+    with pytest.raises(AssertionError, match="Ray was started"):
+        main(["serve", "--manifest", str(path), "--host", "0.0.0.0"])
+
+
+@pytest.fixture
 def no_other_local_ray():
     """As on a user's machine, the server's Ray is the only one here: `omniray status`
     joins the local Ray it finds ("auto"), and the tests' shared one, if an earlier

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from actors.npu import NPU_RESOURCE
+from cluster.config import API_KEY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY_DIR = ROOT / "manifests" / "kuberay"
@@ -43,7 +44,7 @@ MAX_NAME = {"RayCluster": 53, "RayService": 47}
 RESERVED_NPU = "NPU"  # Ray's name for real Ascend devices; OmniRay's emulated ones are NPU_RESOURCE
 WORKER_GROUP = "npu-workers"
 APP_IMPORT_PATH = "cluster.server:app_from_args"
-BUILDER_ARGS = {"manifest", "api_key"}  # what app_from_args accepts
+BUILDER_ARGS = {"manifest", "api_key", "api_key_env"}  # what app_from_args accepts
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are ~1 MB each
 
@@ -378,6 +379,27 @@ def test_ray_token_auth_stays_on(doc):
                 assert str(node.get("RAY_AUTH_MODE", "token")).lower() == "token", path  # runtime_env env_vars
             elif isinstance(node, str):
                 assert not re.search(r"RAY_AUTH_MODE\s*=\s*['\"]?disabled", node, re.IGNORECASE), path
+
+
+@pytest.mark.parametrize("doc", [d for _, d in DOCS], ids=DOC_IDS)
+def test_every_container_takes_the_api_key_from_a_secret(doc):
+    """Serve may build the application on any node, and `omniray serve` runs on the
+    head: every container gets OMNIRAY_API_KEY, from a Secret, never as a literal."""
+    for name, g in groups(cluster_spec(doc)):
+        for c in containers(g):
+            (var,) = [e for e in c.get("env") or [] if e.get("name") == API_KEY_ENV] or [None]
+            assert var is not None, f"group {name}: container {c['name']} has no {API_KEY_ENV}"
+            assert "value" not in var, f"group {name}: {API_KEY_ENV} is a literal, not a Secret"
+            ref = var["valueFrom"]["secretKeyRef"]
+            assert ref.get("name") and ref.get("key") and not ref.get("optional"), ref
+
+
+@pytest.mark.parametrize("label,config", serve_configs(), ids=[label for label, _ in serve_configs()])
+def test_serve_config_reads_the_api_key_from_the_environment(label, config):
+    (app,) = config["applications"]
+    args = app.get("args") or {}
+    assert args.get("api_key_env") == API_KEY_ENV, f"{label}: the key must come from ${API_KEY_ENV}"
+    assert "api_key" not in args, f"{label}: a literal api_key is readable by anyone who reads the config"
 
 
 def test_serve_config_leaves_ray_auth_alone():

@@ -676,6 +676,154 @@ def test_grpc_errors_have_status_codes(grpc_stub, fields, auth, code):
 
 
 
+# ---- hardening: body and message limits, the key before the message, timeouts, fuzz -----
+
+FUZZ_SEED = 20261207  # the payloads are drawn from it: a failure names a payload that reproduces
+
+
+def test_chunked_body_is_counted_as_it_arrives(server):
+    """No Content-Length to check first: the slave counts the chunks and cuts at the limit."""
+    limit = server.manifest.proxy.max_body_bytes
+    headers = {**AUTH, "Content-Type": "application/json"}
+
+    def chunks(prompt: str, size: int):
+        text = json.dumps({"model": "tiny-gqa-moge", "max_tokens": 2, "prompt": prompt}).encode()
+        yield from (text[i:i + size] for i in range(0, len(text), size))
+
+    resp = httpx.post(f"{server.url}/v1/completions", content=chunks("a" * (limit + 8192), 4096), headers=headers,
+                      timeout=60)
+    assert resp.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in resp.request.headers
+    assert "proxy.max_body_bytes" in _error(resp, 413)["message"]
+    ok = httpx.post(f"{server.url}/v1/completions", content=chunks(PROMPTS[0], 7), headers=headers, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2, ok.text
+
+
+def test_generation_past_request_timeout_s_is_504_and_frees_the_request():
+    """The slave's deadline (unit level: a pipeline that never finishes); end to end:
+    tests/test_faults.py. The default bounds every request."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from cluster.config import ProxySettings
+    from cluster.proxy.app import OmniProxySlave
+    from cluster.proxy.protocol import APIError
+
+    assert ProxySettings().request_timeout_s == 600.0
+    freed = []
+
+    class StuckPipeline:
+        async def run(self, *_args):
+            try:
+                yield "first"
+                await asyncio.sleep(60)
+            finally:  # the real pipeline's cleanup: queue entry and KV freed
+                freed.append(True)
+
+    slave = SimpleNamespace(settings=ProxySettings(request_timeout_s=0.05), pipeline=StuckPipeline(),
+                            _ensure_poller=lambda: None)
+
+    async def consume():
+        return [d async for d in OmniProxySlave.func_or_class._generate(slave, [1], {}, [], None)]
+
+    start = time.monotonic()
+    with pytest.raises(APIError) as info:
+        asyncio.run(consume())
+    assert info.value.status == 504 and info.value.code == "request_timeout" and time.monotonic() - start < 5
+    assert freed == [True]
+
+
+def _raw_grpc(server, method: str):
+    """A call that sends bytes as they are (no serializer): malformed messages too."""
+    import grpc
+
+    channel = grpc.insecure_channel(server.grpc_address)
+    call = channel.unary_stream if method == "Generate" else channel.unary_unary
+    return channel, call(f"/omniray.OmniRay/{method}")
+
+
+def test_grpc_message_over_max_body_bytes_is_refused_and_serving_goes_on(grpc_stub, server, reference):
+    import grpc
+
+    from cluster.proxy import omniray_pb2 as pb
+
+    big = pb.GenerateRequest(model="tiny-gqa-moge", prompt="x" * (server.manifest.proxy.max_body_bytes + 1))
+    with pytest.raises(grpc.RpcError) as info:
+        list(grpc_stub.Generate(big, metadata=GRPC_AUTH))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_body_bytes" in info.value.details()
+    text, _, _ = _expect(reference, reference[1].encode(PROMPTS[0]), 4)
+    chunks = grpc_stub.Generate(pb.GenerateRequest(model="tiny-gqa-moge", prompt=PROMPTS[0], max_tokens=4,
+                                                   temperature=0), metadata=GRPC_AUTH)
+    assert "".join(c.text for c in chunks) == text
+
+
+@pytest.mark.parametrize("method", ["Generate", "ListModels"])
+def test_grpc_key_is_checked_before_the_message_is_parsed(server, method):
+    import grpc
+
+    channel, call = _raw_grpc(server, method)
+    with channel:
+        for metadata in [(), (("authorization", "Bearer nope"),)]:
+            with pytest.raises(grpc.RpcError) as info:
+                result = call(b"\xff\xff\xff\xff", metadata=metadata, timeout=60)
+                list(result) if method == "Generate" else result
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+        with pytest.raises(grpc.RpcError) as info:  # with the key: now the message is read, and refused
+            result = call(b"\xff\xff\xff\xff", metadata=GRPC_AUTH, timeout=60)
+            list(result) if method == "Generate" else result
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+
+
+def test_fuzzed_http_requests_get_4xx_never_5xx(server, client, reference):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fuzz_payloads import http_payloads
+
+    payloads = http_payloads(FUZZ_SEED, 1200)
+    with httpx.Client(base_url=server.url, timeout=60) as c, ThreadPoolExecutor(8) as pool:
+        def send(p):
+            headers = dict(AUTH, **({"Content-Type": p.content_type} if p.content_type is not None else {}))
+            return c.post(p.path, content=p.body, headers=headers).status_code
+
+        statuses = list(pool.map(send, payloads))
+    # a body the request model refuses must be a 4xx; one it accepts may still be refused (vocabulary, context)
+    wrong = [(s, p) for s, p in zip(statuses, payloads) if s >= 500 or not (p.valid_locally or 400 <= s < 500)]
+    assert not wrong, f"{len(wrong)} wrong answers, e.g. {wrong[:5]}"
+    assert sum(400 <= s < 500 for s in statuses) >= 1000
+    text, _, _ = _expect(reference, reference[1].encode(PROMPTS[0]), 6)
+    assert client.completions.create(model="tiny-gqa-moge", prompt=PROMPTS[0], max_tokens=6,
+                                     temperature=0).choices[0].text == text
+
+
+def test_fuzzed_grpc_messages_never_get_internal_or_unknown(server, grpc_stub, reference):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from cluster.proxy import omniray_pb2 as pb
+    from fuzz_payloads import grpc_payloads
+
+    payloads = grpc_payloads(FUZZ_SEED, 250)
+    channel, call = _raw_grpc(server, "Generate")
+
+    def send(raw: bytes):
+        try:
+            list(call(raw, metadata=GRPC_AUTH, timeout=60))
+        except grpc.RpcError as err:
+            return err.code(), err.details()
+        return grpc.StatusCode.OK, ""
+
+    with channel, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, payloads))
+    wrong = [(code, details, raw) for (code, details), raw in zip(answers, payloads)
+             if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)]
+    assert not wrong, f"{len(wrong)} wrong answers, e.g. {wrong[:5]}"
+    assert sum(code == grpc.StatusCode.INVALID_ARGUMENT for code, _ in answers) >= 150
+    text, _, _ = _expect(reference, reference[1].encode(PROMPTS[0]), 4)
+    chunks = grpc_stub.Generate(pb.GenerateRequest(model="tiny-gqa-moge", prompt=PROMPTS[0], max_tokens=4,
+                                                   temperature=0), metadata=GRPC_AUTH)
+    assert "".join(c.text for c in chunks) == text
+
+
 def test_status_renders_the_cluster_view(server):
     from cluster.cli import main
 

@@ -11,7 +11,6 @@ OpenAPI document is cluster.proxy.openapi's. Builder: `build_app(manifest)`.
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 
@@ -21,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from pydantic_core import from_json
 from ray import serve
 from starlette.exceptions import HTTPException
 
@@ -179,14 +179,19 @@ class OmniProxySlave:
         ctype = request.headers.get("content-type", "")
         if "application/json" not in ctype:
             raise APIError(415, f"Content-Type must be application/json, got {ctype or 'none'}", "invalid_request_error")
-        if int(request.headers.get("content-length") or 0) > self.settings.max_body_bytes:
-            raise APIError(413, f"request body over {self.settings.max_body_bytes} bytes", "invalid_request_error")
-        raw = await request.body()
-        if len(raw) > self.settings.max_body_bytes:
-            raise APIError(413, f"request body over {self.settings.max_body_bytes} bytes", "invalid_request_error")
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        limit = self.settings.max_body_bytes
+        too_large = APIError(413, f"request body over {limit} bytes (proxy.max_body_bytes)", "invalid_request_error")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_large
+        raw = bytearray()  # counted as it arrives: a chunked body has no Content-Length to check first
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limit:
+                raise too_large
+        try:  # pydantic's parser, not json's: it refuses lone surrogates (no tokenizer takes them), nesting
+            data = from_json(bytes(raw))  # deeper than 200 and integers past 4300 digits with a ValueError
+        except ValueError as err:
             raise APIError(400, f"body is not valid JSON: {err}", "invalid_request_error") from None
         if not isinstance(data, dict):
             raise APIError(400, "body must be a JSON object", "invalid_request_error")
@@ -359,9 +364,10 @@ class OmniProxySlave:
         """Server-streaming generation: one GenerateChunk per text delta."""
         life = Lifecycle("grpc")
         life.stamp("received")
-        try:
+        try:  # the key first, then the size, then the message (`request` is its bytes: grpc_ingress)
             self._authorize(grpc_ingress.metadata(grpc_context, "authorization"))
-            model_cls, body = grpc_ingress.to_openai(request)
+            message = grpc_ingress.parse(request, omniray_pb2.GenerateRequest, self.settings.max_body_bytes)
+            model_cls, body = grpc_ingress.to_openai(message)
             deltas = await self._start(self._validate(body, model_cls), life)
             async for d in deltas:
                 yield grpc_ingress.chunk(d)
@@ -373,6 +379,7 @@ class OmniProxySlave:
     async def ListModels(self, request, grpc_context=None):
         try:
             self._authorize(grpc_ingress.metadata(grpc_context, "authorization"))
+            grpc_ingress.parse(request, omniray_pb2.ListModelsRequest, self.settings.max_body_bytes)
         except APIError as err:
             grpc_ingress.fail(grpc_context, err)
             raise
