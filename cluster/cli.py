@@ -121,9 +121,30 @@ def cmd_bench_chaos(args) -> int:
 
     manifest = load_manifest(args.manifest)
     faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    if faults == ["none"]:  # a soak: no fault, memory and latency over time
+        return _soak(args, manifest)
+    if args.duration is not None:
+        print("omniray: --duration: only with --faults none (a soak); faults run in phases of --phase-s",
+              file=sys.stderr)
+        return 2
     summary = run_chaos_bench(manifest, faults, args.concurrency, args.phase_s, args.output_len, args.seed,
                               args.address, console)
     print_chaos(summary, console)
+    if args.json:
+        write_json(summary, args.json)
+    return 0 if summary["failed"] == 0 else 1
+
+
+def _soak(args, manifest) -> int:
+    from cluster.bench.report import write_json
+    from cluster.bench.soak import print_soak, run_soak
+
+    if args.duration is None:
+        print("omniray: --duration: required with --faults none (the soak's length in seconds)", file=sys.stderr)
+        return 2
+    summary = run_soak(manifest, args.duration, args.concurrency, args.output_len, args.seed, args.warmup,
+                       address=args.address, console=console)
+    print_soak(summary, console)
     if args.json:
         write_json(summary, args.json)
     return 0 if summary["failed"] == 0 else 1
@@ -400,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     bx.add_argument("--output-len", type=_positive, default=48)
     bx.add_argument("--seed", type=int, default=0)
     bx.add_argument("--address", default=None)
+    bx.add_argument("--duration", type=float, default=None,
+                    help="with --faults none: a soak of this many seconds (RSS of every Ray process, p99 per window)")
+    bx.add_argument("--warmup", type=float, default=None, help="soak: seconds before the RSS baseline (default "
+                    "min(60, duration / 5))")
     bx.add_argument("--json", default=None, help="write the summary here")
     bx.set_defaults(func=cmd_bench_chaos)
     return parser
