@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     bx = bench.add_parser("chaos", help="kill an NPU, the KV cache actor and the master under load; count losses")
     bx.add_argument("--manifest", default="local-mixed", help="default local-mixed: three mixed instances")
     bx.add_argument("--faults", default="npu,kv_cache,master",
-                    help="what to kill, in order, of npu, kv_cache, master, controller (last: it does not restart)")
+                    help="what to kill, in order, of npu, kv_cache, master, controller (it restarts)")
     bx.add_argument("--concurrency", type=_positive, default=8)
     bx.add_argument("--phase-s", type=float, default=5.0, help="seconds before each fault and after the last")
     bx.add_argument("--output-len", type=_positive, default=48)

@@ -8,6 +8,14 @@ master stops routing to it, it finishes what it holds, then it goes), and
 rebalance experts (Omni Placement from the measured load). Every action is
 logged, kept in `events` and exported as `omniray_scaling_events_total`.
 The master asks it for the membership when the master restarts.
+
+It restarts too. The actors it has started (NPUs, engines) and placement groups
+are the keeper's (cluster.keeper), so they outlive it; a restarted controller
+rebuilds its view from what is alive (cluster.recovery): the instances, their
+NPUs, reserves and the standby pool. What lives only in its memory starts
+afresh: the event log (a `recover` event first), the autoscaler's cool-downs,
+and the NPUs a scale-down parked for a scale-up back (recycled into the standby
+pool).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from cluster.elastic import StandbyPool, allowed_ep, measured_expert_load, rebui
 from cluster.launcher import Instance, launch_manifest_instance
 from cluster.node_placement import home_node
 from cluster.placement import placement_report, plan_placement, slots_needed
+from cluster.recovery import recover
 
 logger = logging.getLogger(__name__)
 
@@ -39,37 +48,60 @@ class ScalingError(ValueError):
 
 
 class ClusterController:
-    def __init__(self, manifest: Manifest, instances: list[Instance], weight_refs: dict | None, kv_cache=None):
+    def __init__(self, manifest: Manifest, instances: list[Instance], weight_refs: dict | None, kv_cache=None,
+                 keeper=None):
         self.manifest = manifest
         self.instances = {i.name: i for i in instances}
         self.weight_refs = weight_refs  # the weights, put once at start-up: every new NPU loads from here
         self.kv_cache = kv_cache
+        self.keeper = keeper  # starts (and owns) the actors this controller adds: cluster.keeper
         self.lock = threading.Lock()
         self.events: deque[dict] = deque(maxlen=EVENT_LOG_LEN)
         self.standby: StandbyPool | None = None
         self.policy = AutoscalerPolicy(manifest.autoscaler, lambda n: allowed_ep(manifest.model.num_experts, n))
         self._stop = threading.Event()
         self.metrics = None
+        if _restarted():  # the instances given are those of the start: the view is rebuilt from what is alive
+            t0 = time.perf_counter()
+            found = recover(manifest, keeper, kv_cache)
+            self.instances = found.instances
+            if manifest.elastic.standby_npus and self.instances:
+                self.standby = self._standby_pool(found.spare)
+            else:
+                for actor in found.spare:
+                    ray.kill(actor)
+            self._run()
+            self._record("recover", "", "restart", "ok", time.perf_counter() - t0,
+                         found.summary() | {"standby_npus": len(self.standby.actors) if self.standby else 0})
 
     def start(self) -> dict:
         """Warm the standby pool and start the autoscaler loop (if the manifest enables it)."""
+        if self.manifest.elastic.standby_npus and self.instances:
+            self.standby = self._standby_pool([])
+        self._run()
+        return self.describe()
+
+    def _standby_pool(self, adopt: list) -> StandbyPool:
+        return StandbyPool(next(iter(self.instances.values())).specs[0], self.manifest.elastic.standby_npus,
+                           self.weight_refs, nodes=self._home_nodes(), owner=self.keeper, adopt=adopt)
+
+    def _run(self) -> None:
+        """The metrics and the loops: the autoscaler's (if the manifest enables it) and the monitor's."""
         from cluster.metrics import ScalingMetrics
 
         self.metrics = ScalingMetrics()
-        if self.manifest.elastic.standby_npus and self.instances:
-            self.standby = StandbyPool(next(iter(self.instances.values())).specs[0], self.manifest.elastic.standby_npus,
-                                       self.weight_refs, nodes=self._home_nodes())
         if self.manifest.autoscaler.enabled:
             threading.Thread(target=self._autoscale_loop, daemon=True, name="autoscaler").start()
         threading.Thread(target=self._monitor_loop, daemon=True, name="monitor").start()
         self._export_sizes()
-        return self.describe()
 
-    # ---- state ---------------------------------------------------------------------------
+    # ---- state (calls that reach it while it restarts wait for it: they change nothing) -------
+    @ray.method(max_task_retries=-1)
     def membership(self) -> list[tuple[str, str]]:
         """(name, role) of every instance now (a restarted master starts from these)."""
         return [(i.name, i.role) for i in self.instances.values()]
 
+    @ray.method(max_task_retries=-1)
     def describe(self) -> dict:
         view = self.elastic_view()
         return {
@@ -85,6 +117,7 @@ class ClusterController:
             "events": list(self.events),
         }
 
+    @ray.method(max_task_retries=-1)
     def elastic_view(self) -> dict:
         """NPUs outside the instances' current sets (`/v1/cluster`'s "elastic"): the
         standby pool and the nodes its new NPUs start on (the instances' home
@@ -94,16 +127,19 @@ class ClusterController:
                 "standby_nodes": list(self.standby.nodes) if self.standby else [],
                 "reserve_npus": {i.name: len(i.reserve) for i in self.instances.values()}}
 
+    @ray.method(max_task_retries=-1)
     def steps_since(self, instance: str, t: float) -> list[tuple[float, int]]:
         """The instance's step log (step end on the wall clock, tokens)
         from `t` on, whichever NPUs it ran on: throughput across scaling events."""
         return ray.get(self._instance(instance).engine.steps_since.remote(t))
 
+    @ray.method(max_task_retries=-1)
     def after_steps(self, instance: str, n: int = 2) -> list[float | None]:
         """The wall-clock ends of the instance's next n steps: the control command of
         `omniray bench elastic` (it travels as a scale command does, and changes nothing)."""
         return ray.get(self._instance(instance).engine.after_steps.remote(n))
 
+    @ray.method(max_task_retries=-1)
     def npu_handles(self, instance: str) -> list:
         """The instance's NPU actors now (fault injection: `omniray bench chaos`)."""
         return list(self._instance(instance).npus)
@@ -210,7 +246,7 @@ class ClusterController:
 
     def _launch(self, name: str, role: str, npus: int) -> dict:
         inst = launch_manifest_instance(self.manifest, InstanceSpec(name=name, role=role, ep=npus),
-                                        self.weight_refs, self.kv_cache)
+                                        self.weight_refs, self.kv_cache, owner=self.keeper)
         try:
             ray.get(self._master().add_instance.remote(name, role))
         except Exception:
@@ -346,10 +382,19 @@ class ClusterController:
                 logger.exception("autoscaler round failed")
 
 
-def create_controller(manifest: Manifest, instances: list[Instance], weight_refs: dict | None, kv_cache=None):
-    """The named controller actor (threaded: an action may run while state is read)
-    and the ref its start returns."""
-    ctl = ray.remote(ClusterController).options(name=CONTROLLER_NAME, num_cpus=0, max_concurrency=16).remote(
-        manifest, instances, weight_refs, kv_cache)
+def _restarted() -> bool:
+    """Whether this runs in a controller actor Ray restarted."""
+    ctx = ray.get_runtime_context()
+    return ctx.get_actor_id() is not None and bool(ctx.was_current_actor_reconstructed)
+
+
+def create_controller(manifest: Manifest, instances: list[Instance], weight_refs: dict | None, kv_cache=None,
+                      keeper=None):
+    """The named controller actor (threaded: an action may run while state is read;
+    it restarts on failure, rebuilding its view: see the module's docstring) and the
+    ref its start returns. `keeper` starts the actors it adds (cluster.keeper)."""
+    ctl = ray.remote(ClusterController).options(name=CONTROLLER_NAME, num_cpus=0, max_concurrency=16,
+                                                max_restarts=-1).remote(manifest, instances, weight_refs, kv_cache,
+                                                                        keeper)
     return ctl, ctl.start.remote()
 

@@ -127,10 +127,13 @@ class StandbyPool:
     host that stalls serving for most of a second."""
 
     def __init__(self, template: NPUSpec, size: int, weight_refs: dict | None = None,
-                 nodes: list[str] | None = None):
+                 nodes: list[str] | None = None, owner=None, adopt: list | None = None):
         # `nodes`: where standby NPUs should wait, in turn (the instances' nodes: a scale-up
-        # keeping an instance's placement takes only standby NPUs on the right node)
+        # keeping an instance's placement takes only standby NPUs on the right node);
+        # `owner`: who starts them (cluster.keeper; None: this process); `adopt`: NPU actors
+        # alive already (a restarted controller's spare ones), recycled into the pool first
         self.template, self.size, self.weight_refs, self.nodes = template, size, weight_refs, nodes or []
+        self.owner = owner
         self.actors = []
         # actor id -> the collective group a scale-down back left it in, experts and all
         # (`park`): the instance's next scale-up back to that group adopts it as it is
@@ -138,7 +141,8 @@ class StandbyPool:
         self.warming: list = []  # warm-up refs of actors still starting or recycling
         self.node_refs: dict[str, ray.ObjectRef] = {}  # per actor id, its warm-up's (or recycling's) ref: its node
         self.drawn_at = time.monotonic()  # the last take
-        ray.get(self.refill(size))
+        self.give_back(list(adopt or []))
+        ray.get(self.refill(size - len(self.actors)))
 
     def _spec(self, i: int) -> NPUSpec:
         return replace(self.template, name=f"standby{i}", instance="standby", rank=0)
@@ -241,7 +245,8 @@ class StandbyPool:
 
     def refill(self, n: int) -> list:
         """Start n more; returns their warm-up refs (a caller may go on without waiting)."""
-        fresh = start_npu_actors([self._spec(i) for i in range(n)], nodes=self._nodes_for(n)) if n else []
+        fresh = start_npu_actors([self._spec(i) for i in range(n)], nodes=self._nodes_for(n), owner=self.owner) \
+            if n else []
         self.actors.extend(fresh)
         refs = [a.warm.remote(self.weight_refs) for a in fresh]
         self.node_refs.update((a._actor_id.hex(), r) for a, r in zip(fresh, refs))
@@ -302,7 +307,7 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
     groups = _groups(inst)
     staging = _stage(kept, _retained(inst, len(kept)), specs, groups)
     cold_specs = specs[len(kept) + len(warm):]
-    cold = start_npu_actors(cold_specs, bundles)
+    cold = start_npu_actors(cold_specs, bundles, owner=inst.owner)
     fresh = warm + cold
     if bundles:
         inst.bundles.update((n._actor_id.hex(), b) for n, b in zip(cold, bundles))
@@ -323,7 +328,7 @@ def _new_npus(inst: Instance, kept: list, specs: list[NPUSpec], weight_refs: dic
         for n in pooled + cold:
             ray.kill(n)
         inst.release(cold, keep_groups)
-        _to_reserve(inst, back)
+        to_reserve(inst, back)
         raise
     reports = [r for part in done[: len(adopting)] for r in part]
     return fresh, reports
@@ -354,7 +359,7 @@ def _take_reserve(inst: Instance, n: int) -> tuple[list[tuple[object, object]], 
     return taken, nodes
 
 
-def _to_reserve(inst: Instance, npus: list) -> None:
+def to_reserve(inst: Instance, npus: list) -> None:
     """NPUs of the instance's placement groups it no longer serves on: recycled
     (experts and HBM charges dropped, groups left) into its reserve."""
     spec = replace(inst.specs[0], name=f"{inst.name}.reserve", rank=0, retain_dropped=False)
@@ -376,9 +381,9 @@ def _placed(inst: Instance, nodes: list[str], n: int, standby: StandbyPool | Non
     left = n - len(warm) - len(free)
     if not left:
         return warm, free
+    args = (f"{inst.name}-npus-{uuid.uuid4().hex[:8]}", left, inst.placement, nodes + [node for _, node in taken])
     try:
-        pg = added_group(f"{inst.name}-npus-{uuid.uuid4().hex[:8]}", left, inst.placement,
-                         nodes + [node for _, node in taken])
+        pg = ray.get(inst.owner.added_group.remote(*args)) if inst.owner is not None else added_group(*args)
     except Exception:
         if standby is not None:
             standby.give_back(warm)
@@ -449,7 +454,7 @@ def _switch(inst: Instance, npus: list, specs: list[NPUSpec], memory: list[dict]
     for n in gone:
         ray.kill(n)
     inst.release(gone)
-    _to_reserve(inst, [n for n in bound if n not in gone])
+    to_reserve(inst, [n for n in bound if n not in gone])
     leaving = [n for n in leaving if n not in bound]
     inst.parked = None
     if standby is not None and park:

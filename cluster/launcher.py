@@ -75,6 +75,9 @@ class Instance:
     # node): no HBM charged, in no collective group; the first ones a scale-up takes again
     reserve: list[tuple[object, object]] = field(default_factory=list)
     engine: object | None = None  # the InstanceEngine actor, once launched
+    # the actor that starts its NPUs, engine and placement groups, and so owns them, so that
+    # they outlive the cluster controller that scales it (cluster.keeper); None: the caller
+    owner: object | None = None
     kv_cache: object | None = None  # the global KV cache actor it publishes to (held, so it lives as long)
     # the specs its first NPUs served with before its last scale-up: they are still
     # in that collective group and keep the experts it dropped (NPUSpec.retain_dropped),
@@ -137,12 +140,14 @@ def launch_instance(
     placement: str | None = None,
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
     placement_group=None,
+    owner=None,
 ) -> Instance:
     """Start EP `ep` NPU actors, join them into a fresh collective group and load
     their shards. Raises the NPU's HBMOutOfMemory if a shard does not fit.
     `placement` (STRICT_PACK, PACK, SPREAD, STRICT_SPREAD) places the NPUs with a
     placement group of one omni_npu bundle each (`placement_group`, if reserved already:
-    launch_manifest); None schedules them freely."""
+    launch_manifest); None schedules them freely. `owner` (cluster.keeper) starts
+    the NPUs and the group, and owns them; None: the caller does."""
     expert_map = expert_map or ExpertMap.contiguous(cfg.moe_layers, cfg.num_experts, ep)
     expert_map.validate(cfg.num_experts)
     group = f"{name}-{uuid.uuid4().hex[:8]}"
@@ -156,11 +161,12 @@ def launch_instance(
     ]
     pg = placement_group
     if pg is None and placement:
-        pg = create_group(f"{name}-npus", ep, placement, placement_timeout_s)
+        args = (f"{name}-npus", ep, placement, placement_timeout_s)
+        pg = ray.get(owner.create_group.remote(*args)) if owner is not None else create_group(*args)
     bundles = [(pg, i) for i in range(ep)] if pg is not None else None
     npus = []
     try:
-        npus = start_npu_actors(specs, bundles)
+        npus = start_npu_actors(specs, bundles, owner=owner)
         memory = ray.get([n.setup.remote(weight_refs) for n in npus])
     except Exception:
         for n in npus:
@@ -174,14 +180,18 @@ def launch_instance(
     return Instance(name, role, specs, npus, InstanceExecutor(npus), memory,
                     placement=NodePlacement(placement, placement_timeout_s) if placement else None,
                     groups=[pg] if pg is not None else [],
-                    bundles={n._actor_id.hex(): b for n, b in zip(npus, bundles or [])})
+                    bundles={n._actor_id.hex(): b for n, b in zip(npus, bundles or [])}, owner=owner)
 
 
 def start_npu_actors(specs: list[NPUSpec], bundles: list[tuple[object, int]] | None = None,
-                     nodes: list[str] | None = None) -> list:
+                     nodes: list[str] | None = None, owner=None, names: list[str] | None = None) -> list:
     """One NPU actor per spec, each taking one omni_npu slot: the i-th in the i-th
     of `bundles` (placement group, bundle index), if given, else on the i-th of
-    `nodes` if there is room there (a soft node affinity), else wherever Ray finds room."""
+    `nodes` if there is room there (a soft node affinity), else wherever Ray finds room.
+    Started by `owner` (cluster.keeper), which then owns them, if given; `names`: theirs."""
+    if owner is not None:
+        return ray.get(owner.start_npus.remote(specs, bundles, nodes))
+
     def where(i: int):
         if bundles:
             return _bundle(*bundles[i])
@@ -192,7 +202,8 @@ def start_npu_actors(specs: list[NPUSpec], bundles: list[tuple[object, int]] | N
         return NodeAffinitySchedulingStrategy(nodes[i], soft=True)
 
     return [
-        _npu_actor_class().options(num_cpus=0, resources={NPU_RESOURCE: 1}, scheduling_strategy=where(i)).remote(s)
+        _npu_actor_class().options(num_cpus=0, resources={NPU_RESOURCE: 1}, scheduling_strategy=where(i),
+                                   name=names[i] if names else None).remote(s)
         for i, s in enumerate(specs)
     ]
 
@@ -229,8 +240,9 @@ def launch_engine(
     instance: Instance, scheduler: SchedulerConfig | None = None, kv_cache_name: str | None = None, mtp: bool = False,
     tokenizer_json: str | None = None,
 ):
-    """Start the engine actor that drives an instance's NPUs step by step.
-    `tokenizer_json` (the text of a HF tokenizer.json): what guided decoding masks by."""
+    """Start the engine actor that drives an instance's NPUs step by step (by the
+    instance's owner, if it has one). `tokenizer_json` (the text of a HF
+    tokenizer.json): what guided decoding masks by."""
     from actors.engine.instance import EngineConfig
 
     if mtp and not instance.specs[0].model.num_mtp_layers:
@@ -238,10 +250,17 @@ def launch_engine(
     scheduler = scheduler or SchedulerConfig(block_size=instance.specs[0].block_size)
     config = EngineConfig(instance.name, instance.role, scheduler, kv_cache_name, mtp, tokenizer_json,
                           instance.specs[0].model.vocab_size)
-    engine = _engine_actor_class().options(name=engine_name(instance.name), num_cpus=0, max_concurrency=10_000)
-    instance.engine = engine.remote(config, instance.npus, instance.memory)
+    args = (config, instance.npus, instance.memory, instance.specs)
+    owner = instance.owner
+    instance.engine = ray.get(owner.start_engine.remote(*args)) if owner is not None else start_engine_actor(*args)
     ray.get(instance.engine.start.remote())
     return instance.engine
+
+
+def start_engine_actor(config, npus: list, memory: list[dict], specs: list[NPUSpec]):
+    """The named engine actor of the instance `config` names (not started yet)."""
+    engine = _engine_actor_class().options(name=engine_name(config.name), num_cpus=0, max_concurrency=10_000)
+    return engine.remote(config, npus, memory, specs)
 
 
 def check_capacity(num_npus: int) -> None:
@@ -255,10 +274,10 @@ def check_capacity(num_npus: int) -> None:
         )
 
 
-def launch_manifest(manifest, weight_refs: dict | None = None) -> list[Instance]:
+def launch_manifest(manifest, weight_refs: dict | None = None, owner=None) -> list[Instance]:
     """Everything a manifest describes: the global KV cache, the weights in the
     object store (`weight_refs` if the caller put them already), and each
-    instance with its engine."""
+    instance with its engine (their actors started by `owner`, if given: cluster.keeper)."""
     from actors.kv_cache import get_or_create_kv_cache
 
     check_capacity(sum(spec.ep for spec in manifest.instances))
@@ -275,7 +294,7 @@ def launch_manifest(manifest, weight_refs: dict | None = None) -> list[Instance]
     # all at once: an instance's start is mostly its processes starting and importing,
     # which a second instance's overlaps (its engine starts while the next one's NPUs load)
     with ThreadPoolExecutor(max_workers=len(manifest.instances), thread_name_prefix="launch") as pool:
-        futures = [pool.submit(launch_manifest_instance, manifest, spec, refs, cache, groups.get(spec.name))
+        futures = [pool.submit(launch_manifest_instance, manifest, spec, refs, cache, groups.get(spec.name), owner)
                    for spec in manifest.instances]
         wait(futures)
     failed = [f.exception() for f in futures if f.exception() is not None]
@@ -290,11 +309,11 @@ def launch_manifest(manifest, weight_refs: dict | None = None) -> list[Instance]
 
 
 def launch_manifest_instance(manifest, spec, weight_refs: dict | None, kv_cache=None,
-                             placement_group=None) -> Instance:
+                             placement_group=None, owner=None) -> Instance:
     """One instance of a manifest (InstanceSpec `spec`) with its engine, publishing
     to `kv_cache` (the global KV cache actor) if given, its NPUs in
-    `placement_group` if reserved already; at start-up and when the cluster controller adds
-    one while serving."""
+    `placement_group` if reserved already, its actors started by `owner` if given;
+    at start-up and when the cluster controller adds one while serving."""
     from actors.kv_cache import KV_CACHE_NAME
 
     eng = manifest.engine
@@ -303,7 +322,7 @@ def launch_manifest_instance(manifest, spec, weight_refs: dict | None, kv_cache=
         spec.name, manifest.model, spec.ep, manifest.compute, manifest.device, weight_refs, role=spec.role,
         backend=manifest.collective_backend, time_scale=manifest.time_scale, block_size=eng.block_size,
         kv_blocks=eng.kv_blocks, kv_cache_name=cache_name, mtp_acceptance_rate=eng.mtp_acceptance_rate,
-        placement=spec.placement, placement_group=placement_group,
+        placement=spec.placement, placement_group=placement_group, owner=owner,
     )
     inst.kv_cache = kv_cache
     try:

@@ -13,6 +13,7 @@ from ray import serve
 
 from cluster.config import Manifest
 from cluster.controller import CONTROLLER_NAME, create_controller
+from cluster.keeper import create_keeper
 from cluster.launcher import Instance, engine_name, launch_manifest, publish_weights
 from cluster.proxy.budgets import Budgets
 from cluster.proxy.master import MASTER_NAME, create_master
@@ -32,6 +33,7 @@ class Server:
     url: str
     grpc_address: str | None = None
     controller: object | None = None  # owns the instances once serving (scaling adds and removes some)
+    keeper: object | None = None  # started the NPU and engine actors, and owns them (cluster.keeper)
     stage: str = "serving"  # what shutdown is doing (`omniray serve` names it if that takes too long)
 
     def shutdown(self, stop_serve: bool = True) -> None:
@@ -48,19 +50,22 @@ class Server:
         ray.kill(self.master, no_restart=True)
         caches = {id(i.kv_cache): i.kv_cache for i in self.instances if i.kv_cache is not None}
         names = [i.name for i in self.instances]
+        actors = ray.get(self.keeper.names.remote()) if self.keeper is not None else []
         if self.controller is not None:
             try:
                 names += [i["name"] for i in ray.get(self.controller.describe.remote())["instances"]]
                 ray.get(self.controller.shutdown.remote())
-            except ray.exceptions.RayActorError:  # it died: the actors it started died with it
+            except ray.exceptions.RayActorError:  # it died for good: the keeper's end takes what it started
                 logger.warning("the cluster controller had died; stopping what the server started itself")
             ray.kill(self.controller, no_restart=True)
         for inst in self.instances:
             inst.shutdown()
+        if self.keeper is not None:  # whatever it still holds (and its placement groups) ends with it
+            ray.kill(self.keeper, no_restart=True)
         for cache in caches.values():  # the next server starts with a cold cache
             ray.kill(cache, no_restart=True)
         self.stage = "waiting for the named actors to go"
-        wait_names_free([MASTER_NAME, KV_CACHE_NAME, CONTROLLER_NAME] + [engine_name(n) for n in set(names)])
+        wait_names_free([MASTER_NAME, KV_CACHE_NAME, CONTROLLER_NAME] + [engine_name(n) for n in set(names)] + actors)
 
 
 def wait_names_free(names: list[str], timeout_s: float = 10.0) -> None:
@@ -76,11 +81,17 @@ def wait_names_free(names: list[str], timeout_s: float = 10.0) -> None:
             time.sleep(0.05)
 
 
-def launch_backend(manifest: Manifest) -> tuple[list[Instance], object, object]:
+def launch_backend(manifest: Manifest) -> tuple[list[Instance], object, object, object]:
     """Everything behind the slaves: instances (NPU actors, engines, KV cache), the
-    master, and the cluster controller that scales them while serving."""
+    master, the cluster controller that scales them while serving, and the keeper
+    that starts (and owns) their NPU and engine actors, then and while serving."""
     refs = publish_weights(manifest.model, manifest.checkpoint) if manifest.compute == "real" else None
-    instances = launch_manifest(manifest, refs)
+    keeper = create_keeper()
+    try:
+        instances = launch_manifest(manifest, refs, owner=keeper)
+    except Exception:
+        ray.kill(keeper)
+        raise
     p = manifest.proxy
     sorting = SortingConfig(enabled=p.weighted_sorting, token_weight=p.token_weight, time_weight=p.time_weight,
                             starvation_ms=p.starvation_ms, decode_max_tokens_weight=p.decode_max_tokens_weight,
@@ -94,7 +105,7 @@ def launch_backend(manifest: Manifest) -> tuple[list[Instance], object, object]:
                                              block_size=manifest.engine.block_size, max_queue=p.max_queue,
                                              global_cache=manifest.engine.global_kv_cache)
         started.append(master)
-        controller, controller_ready = create_controller(manifest, instances, refs, instances[0].kv_cache)
+        controller, controller_ready = create_controller(manifest, instances, refs, instances[0].kv_cache, keeper)
         started.append(controller)
         ray.get([master_ready, controller_ready])
     except Exception:
@@ -102,8 +113,9 @@ def launch_backend(manifest: Manifest) -> tuple[list[Instance], object, object]:
             ray.kill(actor, no_restart=True)
         for inst in instances:
             inst.shutdown()
+        ray.kill(keeper)
         raise
-    return instances, master, controller
+    return instances, master, controller, keeper
 
 
 def start_server(manifest: Manifest, host: str = "127.0.0.1", port: int = 8000, grpc_port: int | None = None) -> Server:
@@ -122,7 +134,7 @@ def start_server(manifest: Manifest, host: str = "127.0.0.1", port: int = 8000, 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="serve-start") as pool:  # leaving it waits
         serve_started = pool.submit(serve.start, proxy_location="HeadOnly",
                                     http_options={"host": host, "port": port}, grpc_options=grpc)
-        instances, master, controller = launch_backend(manifest)
+        instances, master, controller, keeper = launch_backend(manifest)
     try:
         serve_started.result()
         namespace = ray.get_runtime_context().namespace
@@ -133,9 +145,10 @@ def start_server(manifest: Manifest, host: str = "127.0.0.1", port: int = 8000, 
         ray.kill(controller, no_restart=True)
         for inst in instances:
             inst.shutdown()
+        ray.kill(keeper)
         raise
     return Server(manifest, instances, master, f"http://{host}:{port}", f"{host}:{grpc_port}" if grpc_port else None,
-                  controller)
+                  controller, keeper)
 
 
 # ---- `serve run` / `serve deploy` / KubeRay RayService ------------------------------------------
@@ -150,7 +163,7 @@ class BackendOwner:
     the backend down (its actors are owned by it)."""
 
     def __init__(self, manifest: Manifest):
-        self.instances, self.master, self.controller = launch_backend(manifest)
+        self.instances, self.master, self.controller, self.keeper = launch_backend(manifest)
 
     def namespace(self) -> str:
         """Where the master and engines are named (the slaves look them up there)."""

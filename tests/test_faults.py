@@ -1,6 +1,7 @@
 """Faults under a real server: an NPU actor killed mid-generation, the global KV
-cache actor killed, a client that goes away. Every accepted request completes
-with the reference's tokens, and nothing leaks."""
+cache actor killed, the cluster controller killed (it restarts), a client that
+goes away. Every accepted request completes with the reference's tokens, and
+nothing leaks."""
 
 from __future__ import annotations
 
@@ -124,6 +125,46 @@ def test_npu_killed_mid_generation_resumes_elsewhere_with_the_same_tokens(server
     for _ in range(4):  # round robin: the rebuilt instance serves its share, correctly
         assert _complete(server.url, PROMPT, 6) == expect(PROMPT, 6)
     assert ray.get(victim.engine.stats.remote())["generated_tokens"] > before
+
+
+def _restarted_view(controller, timeout_s: float = 120.0) -> dict:
+    """The controller's view once a restarted one answers (its event log starts
+    afresh, with its recovery): the kill goes through the GCS, so the one killed
+    may still answer a call right after it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        view = ray.get(controller.describe.remote(), timeout=timeout_s)
+        if [e["action"] for e in view["events"]] == ["recover"]:
+            return view
+        assert time.monotonic() < deadline, f"no restarted controller answered: {view['events']}"
+        time.sleep(0.2)
+
+
+def test_controller_killed_mid_generation_restarts_with_every_npu_and_scales_again(server, expect):
+    """Ray restarts it; it finds the instances, their NPUs and the NPUs it started
+    (the rebuild's above, the scale-up's here) alive, and acts again."""
+    from cluster.bench.chaos import count_npus
+
+    before = ray.get(server.controller.describe.remote())
+    want = expect(PROMPT, 120, stop_at_eos=False)
+    with _stream(server.url, PROMPT, 120, ignore_eos=True) as resp:
+        texts = _texts(resp.iter_lines())
+        got = [next(t for t in texts if t)]
+        ray.kill(server.controller, no_restart=False)
+        got += list(texts)
+    assert "".join(got) == want  # the request did not notice
+    view = _restarted_view(server.controller)
+    assert count_npus(view) == count_npus(before) == 2
+    assert [(i["name"], i["npus"]) for i in view["instances"]] == [(i["name"], i["npus"]) for i in before["instances"]]
+    up = ray.get(server.controller.scale.remote("mixed0", 2))  # a new NPU, started for the restarted controller
+    assert up["to_ep"] == 2 and not up["first_step_error"]
+    for _ in range(2):  # round robin: mixed0 serves one of them on 2 NPUs
+        assert _complete(server.url, PROMPT, 6) == expect(PROMPT, 6)
+    ray.kill(server.controller, no_restart=False)  # again: the scale-up's NPU outlives this one too
+    view = _restarted_view(server.controller)
+    assert {i["name"]: i["npus"] for i in view["instances"]} == {"mixed0": 2, "mixed1": 1}
+    ray.get(server.controller.scale.remote("mixed0", 1))  # as the module's other tests found it
+    assert _complete(server.url, PROMPT, 6) == expect(PROMPT, 6)
 
 
 # ---- bad input: fuzzing the real HTTP server ---------------------------------------------------

@@ -197,7 +197,7 @@ def test_scaling_events_reach_prometheus(server):
 
 
 def test_a_dead_controller_gets_clear_answers_and_the_server_still_stops_last(server):
-    """Runs last in this module: it kills the controller (which does not restart).
+    """Runs last in this module: it kills the controller for good (no_restart).
     /v1/cluster still answers, the admin endpoints answer 503 naming what is
     missing, and the fixture's shutdown still frees every name."""
     from cluster.controller import CONTROLLER_NAME

@@ -48,8 +48,10 @@ class EngineConfig:
 
 
 class InstanceEngine:
-    def __init__(self, config: EngineConfig, npus: list, npu_memory: list[dict]):
+    def __init__(self, config: EngineConfig, npus: list, npu_memory: list[dict], specs: list | None = None):
         self.config = config
+        # the NPUs it steps, their specs and memory reports: what a restarted controller reads back (layout)
+        self._layout = (list(npus), list(specs or []), list(npu_memory))
         bs = config.scheduler.block_size
         self.managers = [BlockManager(m["kv_blocks"], bs) for m in npu_memory]
         self.nodes: list[str | None] = [m.get("node") for m in npu_memory]  # per rank: where its KV is
@@ -697,6 +699,7 @@ class InstanceEngine:
             # the sequences on leaving NPUs, their KV exported when the command came
             # (those of them still running: none came since, no step ran between)
             moving = self._leaving(new_rank)
+            layout = (list(npus), list(specs), list(memory))
             if not self.scheduler.has_work():  # no step to carry the specs: switch the NPUs now
                 await asyncio.gather(*(n.commit.remote(s) for n, s in zip(npus, specs)))
                 specs = None
@@ -726,6 +729,7 @@ class InstanceEngine:
         self._recount_kv()
         self.nodes = [m.get("node") for m in memory]
         self.executor = InstanceExecutor(npus, specs)
+        self._layout = layout
         self._adopted = {}  # the ones not switched to went back to the standby pool or away
         self.counters["reconfigurations"] += 1
         self.healthy = True
@@ -739,6 +743,11 @@ class InstanceEngine:
     async def npu_stats(self) -> list[dict]:
         """Each NPU's report: HBM ledger, device time, experts held and their load."""
         return list(await asyncio.gather(*(n.stats.remote() for n in self.executor.npus)))
+
+    def layout(self) -> tuple[list, list, list[dict]]:
+        """The NPU actors it steps now, their specs and memory reports (a restarted
+        cluster controller rebuilds its view of the instance from these)."""
+        return self._layout
 
     def steps_since(self, t: float) -> list[tuple[float, int]]:
         """The step log from wall-clock time `t` on."""

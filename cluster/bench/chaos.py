@@ -1,15 +1,17 @@
 """`omniray bench chaos`: faults under load lose no accepted request.
 
 A closed loop of streaming requests runs through the real server while, one
-after another with `phase_s` seconds between them, an NPU actor of an instance,
-the global KV cache actor and the master are killed (and, last if asked, the
-cluster controller, which does not restart). Every request is sorted
-into: rejected (429/503 before it was accepted), failed (accepted but not
-completed with all its tokens) and completed. Requests that were in flight when
-a fault struck give the fault-time p99 latency, the others the steady p99. The
-controller's health check rebuilds the broken instance; the KV cache actor and
-the master restart by themselves. The controller's NPUs (a rebuild's, the
-standby pool) die with it: requests on them resume on the other instances.
+after another with `phase_s` seconds between them, the faults asked for strike:
+an NPU actor of an instance, the global KV cache actor, the master, the cluster
+controller. Every request is sorted into: rejected (429/503 before it was
+accepted), failed (accepted but not completed with all its tokens) and
+completed. Requests that were in flight when a fault struck give the fault-time
+p99 latency, the others the steady p99. The controller's health check rebuilds
+the broken instance; the KV cache actor, the master and the controller restart
+by themselves (the controller's NPUs are the keeper's: they outlive it, and it
+finds them again). The NPUs the server holds (serving, reserve, standby) are
+counted before the first fault and again once it has recovered from the last:
+`npus_before`, `npus_after`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from cluster.bench.serve import local_server
 from cluster.bench.workloads import make_workload
 
 FAULTS = ("npu", "kv_cache", "master", "controller")
+RECOVERY_WAIT_S = 120.0  # after the last phase, how long the server may take to be whole again
 
 
 def _kill(server, fault: str) -> str:
@@ -45,17 +48,40 @@ def _kill(server, fault: str) -> str:
         ray.kill(server.master, no_restart=False)
         return "master"
     if fault == "controller":
-        ray.kill(server.controller, no_restart=True)
+        ray.kill(server.controller, no_restart=False)
         return "controller"
     raise ValueError(f"faults: unknown fault {fault!r}; expected one of {', '.join(FAULTS)}")
 
 
-def _events(server, known: list[dict]) -> list[dict]:
-    """The controller's event log, or `known` once it is dead."""
+def _events(server) -> list[dict]:
+    """The controller's event log (none while it does not answer)."""
     try:
         return ray.get(server.controller.describe.remote(), timeout=30)["events"]
-    except ray.exceptions.RayActorError:
-        return known
+    except ray.exceptions.RayError:
+        return []
+
+
+def count_npus(view: dict) -> int:
+    """The NPUs a server holds, by its controller's view: serving, reserve, standby."""
+    return sum(i["npus"] + i["reserve_npus"] for i in view["instances"]) + view["standby_npus"]
+
+
+def _recovered(server, timeout_s: float = RECOVERY_WAIT_S) -> tuple[int | None, float | None]:
+    """Once the server is whole again (the controller answers, every instance is
+    healthy, the standby pool is full and warm): the NPUs it holds, and the
+    seconds that took; (None, None) if it is not within `timeout_s`."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        try:
+            view = ray.get(server.controller.describe.remote(), timeout=30)
+            healthy = all(r["healthy"] for r in ray.get(server.master.snapshot.remote(), timeout=30)["instances"])
+        except ray.exceptions.RayError:
+            view, healthy = None, False
+        standby = server.manifest.elastic.standby_npus
+        if view and healthy and view["standby_npus"] == standby and not view["standby_warming"]:
+            return count_npus(view), time.perf_counter() - t0
+        time.sleep(0.2)
+    return None, None
 
 
 def _rejected(r: RequestResult) -> bool:
@@ -67,9 +93,6 @@ def run_chaos_bench(manifest, faults: list[str], concurrency: int = 8, phase_s: 
     for f in faults:
         if f not in FAULTS:
             raise ValueError(f"faults: unknown fault {f!r}; expected one of {', '.join(FAULTS)}")
-    if "controller" in faults[:-1]:
-        raise ValueError("faults: controller must come last (it does not restart, and the npu fault and the "
-                         "rebuild need it)")
     if "kv_cache" in faults and not manifest.engine.global_kv_cache:
         raise ValueError(f"faults: kv_cache needs a global KV cache; manifest {manifest.name} has "
                          f"engine.global_kv_cache: false")
@@ -86,19 +109,21 @@ def run_chaos_bench(manifest, faults: list[str], concurrency: int = 8, phase_s: 
         try:
             while "t0" not in clock:
                 time.sleep(0.01)
+            npus_before = count_npus(ray.get(server.controller.describe.remote()))
             for fault in faults:
                 time.sleep(phase_s)
-                if fault == "controller":  # its event log dies with it: read it first
-                    events = _events(server, events)
+                if fault == "controller":  # its event log does not survive it: read it first
+                    events += _events(server)
                 at = time.perf_counter() - clock["t0"]
                 what = _kill(server, fault)
                 say(f"{at:6.1f} s: killed {what}")
                 record.append({"fault": fault, "killed": what, "at_s": at})
             time.sleep(phase_s)
+            npus_after, recovery_s = _recovered(server)
         finally:
             stop.set()
             runner.join()
-        events = _events(server, events)
+        events += _events(server)
 
     results: list[RequestResult] = out["results"]
     want = {i: items[i % len(items)].max_tokens for i in range(len(results) + concurrency)}
@@ -115,7 +140,9 @@ def run_chaos_bench(manifest, faults: list[str], concurrency: int = 8, phase_s: 
         "failed": len(accepted) - len(completed), "rejected": len(rejected), "faults": record,
         "p99_latency_s_steady": _pct(steady, 99), "p99_latency_s_fault": _pct(hit, 99),
         "requests_hit_by_a_fault": len(hit),
+        "npus_before": npus_before, "npus_after": npus_after, "recovery_s": recovery_s,
         "rebuilds": [e for e in events if e["action"] == "rebuild"],
+        "controller_restarts": [e for e in events if e["action"] == "recover"],
         "errors": sorted({r.error[:160] for r in accepted if r not in completed})[:5],
     }
 
@@ -127,7 +154,7 @@ def print_chaos(summary: dict, console) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     for key in ("sent", "accepted", "completed", "failed", "rejected", "requests_hit_by_a_fault",
-                "p99_latency_s_steady", "p99_latency_s_fault"):
+                "p99_latency_s_steady", "p99_latency_s_fault", "npus_before", "npus_after", "recovery_s"):
         v = summary[key]
         t.add_row(key, "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v))
     for f in summary["faults"]:
