@@ -254,6 +254,9 @@ class NPUActor:
         Real compute only: an emulated NPU holds no KV data (the engine asks none)."""
         return self.compute.export_blocks(blocks)
 
+    # one call per step, on the hot path: no task events, which would fill the GCS's
+    # task-event buffer (hundreds of MiB over a 20-minute soak, `omniray bench chaos --faults none`)
+    @ray.method(enable_task_events=False)
     def step(self, batch: NPUBatch) -> NPUStepResult:
         if batch.spec is not None:
             self.commit(batch.spec)

@@ -22,6 +22,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import ray
+
 from actors.engine.block_manager import BlockManager
 from actors.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
 from actors.engine.sequence import Sequence
@@ -499,6 +501,9 @@ class InstanceEngine:
             m.take_events()  # the recount includes them
         self.kv_log.record(*self.held.reset(m.cached for m in self.managers))
 
+    # one call per step, on the hot path: no task events, which would fill the GCS's
+    # task-event buffer (hundreds of MiB over a 20-minute soak, `omniray bench chaos --faults none`)
+    @ray.method(enable_task_events=False)
     async def kv_events(self, after: int | None = None, epoch: str | None = None) -> list[KVEventBatch]:
         """KV events after `after` (a long poll; a full dump for a new subscriber): the
         master follows these to route by prefix (actors.kv_events)."""

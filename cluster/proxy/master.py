@@ -169,6 +169,9 @@ class OmniMaster:
         return "prefill" in roles and "decode" in roles
 
     # ---- slave-facing --------------------------------------------------------------
+    # calls per request, on the hot path: no task events, which would fill the GCS's
+    # task-event buffer (hundreds of MiB over a 20-minute soak, `omniray bench chaos --faults none`)
+    @ray.method(enable_task_events=False)
     async def schedule(self, request_id: str, prompt_tokens: int, max_tokens: int, block_hashes: list[int]) -> Decision:
         """Queue a request and return where it runs once the dispatcher picks it."""
         self._ensure_tasks()
@@ -193,6 +196,7 @@ class OmniMaster:
         decision.stamps = {stage: now - t for stage, t in waiting.stamps.items()}
         return decision
 
+    @ray.method(enable_task_events=False)
     async def schedule_decode(self, request_id: str, prompt_tokens: int, max_tokens: int) -> Decision:
         """Sequential P/D: the prefill is done; the request waits in the decode queue
         until a decode instance is under its budget, in decode-weight order."""
@@ -208,6 +212,7 @@ class OmniMaster:
         self._wake.set()
         return await waiting.future
 
+    @ray.method(enable_task_events=False)
     def prefill_done(self, request_id: str) -> None:
         """The request's prompt is computed (a slave saw its first token, or the
         prefill's KV hand-off): its tokens leave the prefill budget."""
@@ -216,6 +221,7 @@ class OmniMaster:
         if inst is not None and inst.load.prefill_done(request_id, a.total_tokens) and self._wake is not None:
             self._wake.set()
 
+    @ray.method(enable_task_events=False)
     def finished(self, request_id: str) -> None:
         self.cancel(request_id)
         a = self.assigned.pop(request_id, None)
