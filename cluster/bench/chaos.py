@@ -16,13 +16,11 @@ counted before the first fault and again once it has recovered from the last:
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 
 import ray
 
-from cluster.bench.loadgen import LoadConfig, RequestResult, run_closed_loop
+from cluster.bench.loadgen import BackgroundLoad, LoadConfig, RequestResult
 from cluster.bench.report import _pct
 from cluster.bench.serve import local_server
 from cluster.bench.workloads import make_workload
@@ -100,32 +98,22 @@ def run_chaos_bench(manifest, faults: list[str], concurrency: int = 8, phase_s: 
                           input_len=32, output_len=output_len)
     say = console.print if console is not None else (lambda *_: None)
     with local_server(manifest, address) as server:
-        load = LoadConfig(server.url, concurrency=concurrency, seed=seed)
-        stop, clock, out = threading.Event(), {}, {}
-        runner = threading.Thread(target=lambda: out.setdefault("results", asyncio.run(
-            run_closed_loop(items, load, stop.is_set, lambda t0: clock.setdefault("t0", t0)))))
-        runner.start()
         record, events = [], []
-        try:
-            while "t0" not in clock:
-                time.sleep(0.01)
+        with BackgroundLoad(items, LoadConfig(server.url, concurrency=concurrency, seed=seed)) as load:
             npus_before = count_npus(ray.get(server.controller.describe.remote()))
             for fault in faults:
                 time.sleep(phase_s)
                 if fault == "controller":  # its event log does not survive it: read it first
                     events += _events(server)
-                at = time.perf_counter() - clock["t0"]
+                at = load.elapsed()
                 what = _kill(server, fault)
                 say(f"{at:6.1f} s: killed {what}")
                 record.append({"fault": fault, "killed": what, "at_s": at})
             time.sleep(phase_s)
             npus_after, recovery_s = _recovered(server)
-        finally:
-            stop.set()
-            runner.join()
         events += _events(server)
 
-    results: list[RequestResult] = out["results"]
+    results: list[RequestResult] = load.results
     want = {i: items[i % len(items)].max_tokens for i in range(len(results) + concurrency)}
     rejected = [r for r in results if _rejected(r)]
     accepted = [r for r in results if not _rejected(r)]

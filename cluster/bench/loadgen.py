@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -163,6 +164,50 @@ async def run_closed_loop(items: list[WorkItem], cfg: LoadConfig, stop: Callable
         model = await _resolve_model(client, cfg.model)
         return await closed_loop(lambda i, item, t0: _one(client, cfg, model, i, item, t0),
                                  items, cfg.concurrency, stop, started)
+
+
+class BackgroundLoad:
+    """run_closed_loop on a thread of its own (its own event loop) while the caller
+    does something else (kills actors, samples memory): `t0` is the run's clock
+    origin once it started, `results` its results once the block is left."""
+
+    def __init__(self, items: list[WorkItem], cfg: LoadConfig):
+        self.items, self.cfg = items, cfg
+        self.t0: float | None = None
+        self.results: list[RequestResult] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        def started(t0: float) -> None:
+            self.t0 = t0
+            self._started.set()
+
+        try:
+            self.results = asyncio.run(run_closed_loop(self.items, self.cfg, self._stop.is_set, started))
+        except BaseException as err:  # noqa: BLE001 (raised in the caller's thread)
+            self.error = err
+        finally:
+            self._started.set()  # (it failed before starting: do not leave the caller waiting)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def __enter__(self) -> BackgroundLoad:
+        self._thread.start()
+        self._started.wait()
+        if self.t0 is None:
+            self._thread.join()
+            raise RuntimeError(f"the load generator failed to start: {self.error!r}") from self.error
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
 
 
 async def closed_loop(send: Callable[[int, WorkItem, float], Awaitable[RequestResult]], items: list[WorkItem],

@@ -12,14 +12,13 @@ every request's result.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from dataclasses import dataclass, field
 
 import psutil
 
-from cluster.bench.loadgen import LoadConfig, RequestResult, run_closed_loop
+from cluster.bench.loadgen import BackgroundLoad, LoadConfig, RequestResult
 from cluster.bench.report import _pct
 from cluster.bench.serve import local_server
 from cluster.bench.workloads import make_workload
@@ -119,24 +118,15 @@ def run_soak(manifest, duration_s: float, concurrency: int = 8, output_len: int 
     say = console.print if console is not None else (lambda *_: None)
     sampler = RSSSampler(sample_s)
     with local_server(manifest, address) as server:
-        load = LoadConfig(server.url, concurrency=concurrency, seed=seed)
-        stop, clock, out = threading.Event(), {}, {}
-        runner = threading.Thread(target=lambda: out.setdefault("results", asyncio.run(
-            run_closed_loop(items, load, stop.is_set, lambda t0: clock.setdefault("t0", t0)))))
-        runner.start()
-        try:
-            while "t0" not in clock:
-                time.sleep(0.01)
-            sampler.start(clock["t0"])
-            deadline = clock["t0"] + duration_s
-            while time.perf_counter() < deadline:
-                time.sleep(min(30.0, max(0.0, deadline - time.perf_counter())))
-                say(f"{time.perf_counter() - clock['t0']:7.0f} s of {duration_s:.0f} s")
-        finally:
-            stop.set()
-            runner.join()
-            sampler.stop(clock.get("t0", time.perf_counter()))
-    results: list[RequestResult] = out["results"]
+        with BackgroundLoad(items, LoadConfig(server.url, concurrency=concurrency, seed=seed)) as load:
+            sampler.start(load.t0)
+            try:
+                while load.elapsed() < duration_s:
+                    time.sleep(min(30.0, max(0.0, duration_s - load.elapsed())))
+                    say(f"{load.elapsed():7.0f} s of {duration_s:.0f} s")
+            finally:
+                sampler.stop(load.t0)
+    results: list[RequestResult] = load.results
     rows = sampler.growth(warmup_s)
     per_window = _windows(results, warmup_s, duration_s, windows)
     p99s = [w["p99_e2e_s"] for w in per_window if w["p99_e2e_s"] is not None]
