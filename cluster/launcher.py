@@ -23,6 +23,9 @@ from cluster.node_placement import NodePlacement, create_group, remove_group, re
 from cluster.proxy.tokens import tokenizer_json_text
 
 DEFAULT_LOCAL_NPUS = 64  # omni_npu slots the embedded local Ray offers
+# task attempts the embedded local Ray's GCS keeps for the dashboard (Ray's default, 100,000,
+# holds ~300 MiB: a soak under load grows the GCS by that much before the buffer is full)
+LOCAL_TASK_EVENTS_KEPT = 10_000
 PLACEMENT_TIMEOUT_S = 60.0  # how long a launch waits for Ray to place an instance's NPUs
 NAMESPACE = "omniray"  # the Ray namespace of a server's named actors, so `omniray status` finds them
 
@@ -38,6 +41,7 @@ def connect(address: str | None = None, num_npus: int = DEFAULT_LOCAL_NPUS, **in
     else:
         init_kwargs.setdefault("include_dashboard", False)
         init_kwargs.setdefault("log_to_driver", True)
+        init_kwargs.setdefault("_system_config", {"task_events_max_num_task_in_gcs": LOCAL_TASK_EVENTS_KEPT})
         ray.init(resources={NPU_RESOURCE: num_npus}, **init_kwargs)
 
 

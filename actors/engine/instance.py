@@ -96,6 +96,7 @@ class InstanceEngine:
         self.kv_log = KVEventLog(lambda: list(self.held.counts))
 
     # ---- requests ------------------------------------------------------------------
+    @ray.method(enable_task_events=False)  # a call per request, on the hot path (see kv_events)
     async def generate(self, request: EngineRequest):
         """Stream EngineOutput for one request (a Ray streaming generator)."""
         self._ensure_loop()
