@@ -265,10 +265,10 @@ def test_launch_manifest_starts_instances_together_and_a_failure_takes_the_other
         "engine": {"global_kv_cache": False}}, MANIFEST_DIR)
     real, started = launcher.launch_manifest_instance, []
 
-    def launch(m, spec, refs, cache=None, placement_group=None):
+    def launch(m, spec, refs, cache=None, placement_group=None, owner=None):
         if spec.name == "broken":
             raise RuntimeError("broken: could not start")
-        started.append(real(m, spec, refs, cache, placement_group))
+        started.append(real(m, spec, refs, cache, placement_group, owner))
         return started[-1]
 
     monkeypatch.setattr(launcher, "launch_manifest_instance", launch)
