@@ -208,6 +208,8 @@ def check_exposure(host: str, api_keys: list[str], allow_unauthenticated: bool) 
 def cmd_serve(args) -> int:
     import signal
 
+    import ray
+
     from cluster.launcher import connect
     from cluster.server import start_server
 
@@ -223,12 +225,14 @@ def cmd_serve(args) -> int:
         connect(args.address, include_dashboard=args.dashboard)
         server = start_server(manifest, args.host, args.port, args.grpc_port)
     except KeyboardInterrupt:
-        import ray
-
         console.print("interrupted while starting: shutting down")
         ray.shutdown()
         return 130
     grpc = f", gRPC at {server.grpc_address}" if server.grpc_address else ""
+    gcs = ray.get_runtime_context().gcs_address
+    # Ray enables token auth only for a cluster it finds itself, never for an explicit address
+    auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
+    console.print(f"Ray at {gcs}: `{auth}omniray status --address {gcs}` watches it", soft_wrap=True)
     console.print(f"[green]OmniRay serving {manifest.model.name}[/green] at {server.url}/v1{grpc} "
                   f"({len(server.instances)} instances, {manifest.compute} compute) — Ctrl-C to stop")
     signals = []  # one per SIGINT/SIGTERM received

@@ -3,12 +3,17 @@ it as it found it (a Ray start and stop is ~8 s on 2 cores, 16 modules need one)
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 import ray
 
 from actors.npu import NPU_RESOURCE
+
+# the tests' ray.init() (and any `omniray` command a test starts) start their own local
+# Ray: without this they would join whatever Ray they find running on the machine
+os.environ.setdefault("RAY_ADDRESS", "local")
 
 LOCAL_NPUS = 64  # omni_npu slots of the tests' local Ray
 LOCAL_CPUS = 2

@@ -11,7 +11,6 @@ import sys
 import time
 
 import pytest
-import ray
 from openai import OpenAI
 
 from actors.model.reference import build_reference, generate
@@ -83,16 +82,7 @@ def test_manifest_api_keys_count_as_a_key(tmp_path, no_ray_start):
         main(["serve", "--manifest", str(path), "--host", "0.0.0.0"])
 
 
-@pytest.fixture
-def no_other_local_ray():
-    """As on a user's machine, the server's Ray is the only one here: `omniray status`
-    joins the local Ray it finds ("auto"), and the tests' shared one, if an earlier
-    module left it up, could be the one it finds."""
-    if ray.is_initialized():
-        ray.shutdown()
-
-
-def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path, no_other_local_ray):
+def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path):
     path = tmp_path / "mixed.yaml"
     path.write_text(MANIFEST)
     port = free_port()
@@ -116,9 +106,12 @@ def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path, no_other_local_ray
         texts = [client.completions.create(model="tiny-gqa-moge", prompt=prompt, max_tokens=8, temperature=0)
                  .choices[0].text for _ in range(3)]
         assert texts == [tok.decode(ref.tokens[0])] * 3  # round robin: both mixed instances give the reference
-        # `omniray status` joins the running cluster and reads the master's snapshot
-        status = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--once"], capture_output=True,
-                                text=True, timeout=120, env=env)
+        # `omniray status` joins the running cluster (the address serve printed) and reads the master's snapshot
+        command = next(m.group(1) for line in lines if (m := re.match(r"Ray at \S+: `(.+)` watches it", line)))
+        auth, _, args = command.rpartition("omniray ")
+        assert auth == "RAY_AUTH_MODE=token ", command  # Ray's token auth stays on
+        status = subprocess.run([sys.executable, "-m", "cluster.cli", *args.split(), "--once"],
+                                env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True, timeout=120)
         assert status.returncode == 0, status.stdout + status.stderr
         assert "mixed0" in status.stdout and "mixed1" in status.stdout and "HBM" in status.stdout
     finally:
