@@ -31,11 +31,33 @@ SRC_300IDUO = "Huawei Atlas 300I Duo inference card product page/datasheet (e.hu
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """How much of the chip one software stack gets: the cost model's per-device
+    parameters. Those named in `fitted` were fitted (`omniray simulate --paper
+    --fit`) on the published figures named in `fitted_on`, and on nothing else; the
+    others keep the stated defaults (inference kernels reach ~50-70 % of the GEMM
+    peak and ~70-90 % of HBM bandwidth). Never a factor per figure."""
+
+    stack: str  # the software stack the figures were measured on
+    gemm_efficiency: float = 0.6  # share of the GEMM peak large GEMMs reach
+    attention_efficiency: float = 0.6  # share of the bf16 peak attention cores reach
+    memory_efficiency: float = 0.8  # share of HBM bandwidth streaming reads reach
+    layer_overhead_s: float = 0.0  # per decoder layer and step: launch gaps, synchronisation
+    link_efficiency: float = 1.0  # share of the link bandwidth dispatch/combine reach
+    microbatch_overlap: bool = False  # two-stream microbatching hides dispatch/combine behind compute
+    int8_dispatch: bool = False  # routed activations dispatched as int8
+    fitted: tuple[str, ...] = ()
+    fitted_on: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DeviceSpec:
     """One accelerator as the cost model and the HBM ledger see it.
 
-    `interconnect_bandwidth` is per device, for intra-node (scale-up)
-    device-to-device traffic; `inter_node_bandwidth` is per device over RoCE.
+    Figures are per device (package); `dies` of them split them evenly (a 910C is
+    two dies, each its own EP rank). `interconnect_bandwidth` is per device, for
+    intra-node (scale-up) device-to-device traffic; `inter_node_bandwidth` is per
+    device over RoCE. `calibration`: the stack its published figures come from.
     """
 
     name: str
@@ -48,6 +70,8 @@ class DeviceSpec:
     inter_node_bandwidth: float  # bytes/s per device, RoCE
     host_bandwidth: float  # bytes/s per device, host DRAM -> device memory (loading weights)
     sources: tuple[str, ...]
+    dies: int = 1
+    calibration: Calibration = Calibration("uncalibrated defaults")
 
 
 @dataclass(frozen=True)
@@ -87,6 +111,13 @@ ASCEND_910B = DeviceSpec(
     # (PCIe spec); Huawei publishes no per-chip host-link figure for the 910B.
     host_bandwidth=32 * GB,
     sources=(SRC_910B_PRESS, SRC_ASCEND910_HC, SRC_800IA2, SRC_CM384, SRC_PANGU_MOE),
+    calibration=Calibration(
+        "Pangu Pro MoE serving on Atlas 800I A2 (SRC_PANGU_MOE)",
+        gemm_efficiency=0.304,
+        layer_overhead_s=1131e-6,
+        fitted=("gemm_efficiency", "layer_overhead_s"),
+        fitted_on=("pangu-800i-a2 prefill", "pangu-800i-a2 decode"),
+    ),
 )
 
 ASCEND_910C = DeviceSpec(
@@ -113,6 +144,18 @@ ASCEND_910C = DeviceSpec(
     # figure above.
     host_bandwidth=392 * GB,
     sources=(SRC_CM384, SRC_AMLA, SRC_ASCEND910_HC),
+    # SRC_CM384: two dies per package, each its own EP rank (EP320 = 160 NPUs)
+    dies=2,
+    calibration=Calibration(
+        "CloudMatrix-Infer (SRC_CM384)",
+        gemm_efficiency=0.447,
+        attention_efficiency=0.490,
+        layer_overhead_s=250e-6,
+        microbatch_overlap=True,  # SRC_CM384: microbatch-based pipelining, dispatch/combine beside compute
+        int8_dispatch=True,  # SRC_CM384: tokens quantised to INT8 before dispatch
+        fitted=("gemm_efficiency", "attention_efficiency", "layer_overhead_s"),
+        fitted_on=("cloudmatrix prefill", "cloudmatrix decode", "cloudmatrix 4K/256 b24"),
+    ),
 )
 
 ATLAS_300I_DUO = DeviceSpec(
@@ -136,6 +179,13 @@ ATLAS_300I_DUO = DeviceSpec(
     # SRC_300IDUO: the same PCIe 4.0 x16 host link.
     host_bandwidth=32 * GB,
     sources=(SRC_300IDUO, SRC_PANGU_MOE),
+    calibration=Calibration(
+        "Pangu Pro MoE serving on Atlas 300I Duo (SRC_PANGU_MOE)",
+        gemm_efficiency=0.139,
+        layer_overhead_s=161e-6,
+        fitted=("gemm_efficiency", "layer_overhead_s"),
+        fitted_on=("pangu-300i-duo prefill", "pangu-300i-duo decode"),
+    ),
 )
 
 ATLAS_800I_A2 = NodeSpec(
@@ -174,6 +224,12 @@ def _lookup(name: str, table, kind: str):
             return item
     known = ", ".join(repr(item.name) for item in table)
     raise ValueError(f"unknown {kind} {name!r}; known {kind}s: {known}")
+
+
+def node_of(device: DeviceSpec) -> NodeSpec | None:
+    """The node (scale-up domain) a device is deployed in; None: no node in the
+    catalog (every peer is reached over the device's own link)."""
+    return next((n for n in _NODES if n.device.name == device.name), None)
 
 
 def device_names() -> list[str]:

@@ -86,6 +86,12 @@ class NPUSpec:
     kv_memory_fraction: float = 0.9
     kv_cache_name: str | None = None  # the global KV cache actor to publish blocks to
     mtp_acceptance_rate: float = 0.9  # emulated MTP: the share of drafts accepted (real compute measures it)
+    # emulated: the dies this actor stands for, 0 = one device's (actors.devices.DeviceSpec.dies). It
+    # computes one device's batch, split over the device's dies; dies beyond them are identical
+    # copies, which widen the EP group the cost model prices (EP320 with a handful of actors)
+    dies_per_actor: int = 0
+    # emulated: the spread of the seeded expert popularity per MoE layer (actors.compute.routing_model)
+    expert_skew: float = 0.0
     # keep the experts this spec's map drops, as they are (charged to the ledger as
     # "retained"), until the next switch: a scale-up sets it on the NPUs it keeps,
     # so that scaling back stages nothing (cluster.elastic)
@@ -94,6 +100,10 @@ class NPUSpec:
     @property
     def ep_size(self) -> int:
         return self.expert_map.ep_size
+
+    def ep_dies(self, device_dies: int) -> int:
+        """The dies of the instance's EP group, each an EP rank (the cost model's EP size)."""
+        return self.ep_size * (self.dies_per_actor or device_dies)
 
     @property
     def has_group(self) -> bool:
@@ -139,6 +149,11 @@ class SeqWork:
     # copy on write: (source, destination) blocks to copy before the step (a fork's copy
     # of its parent's partial last prompt block, where the choices diverge)
     copy_blocks: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def decode_row(self) -> bool:
+        """One new token (and its MTP draft) after a context, not a prompt chunk."""
+        return self.start_pos > 0 and len(self.token_ids) - self.num_drafts == 1
 
     @property
     def prompt_targets(self) -> list[int]:

@@ -36,6 +36,10 @@ class InstanceSpec(BaseModel):
     # how its NPU actors are placed (a Ray placement group, one omni_npu bundle per NPU):
     # STRICT_PACK one node; PACK as few nodes as possible; SPREAD across nodes
     placement: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
+    # emulated only: the dies each NPU actor stands for (default: one device's). More than a
+    # device's are identical copies of it, so a wide EP group (EP320) runs with a few actors;
+    # the engine then sees one copy's share of the instance's throughput
+    dies_per_actor: int | None = Field(None, gt=0, le=1024)
 
 
 class EngineSettings(BaseModel):
@@ -136,6 +140,10 @@ class Manifest(BaseModel):
     checkpoint: str | None = None  # safetensors file; None = seeded random weights
     tokenizer: str | None = None  # HF tokenizer.json; None = the shipped byte-level BPE
     time_scale: float = Field(1.0, ge=0.0)  # emulated: wall seconds per device second
+    # emulated: how unevenly top-k routing spreads tokens over experts, the spread of a seeded
+    # log-normal popularity per layer (actors.compute.routing_model; 0 = even; MoGE is even per
+    # group whatever it is). 0.5: the hottest of 256 experts takes ~3x the mean (assumption)
+    expert_skew: float = Field(0.5, ge=0.0, le=3.0)
     # the EP group's transport (actors.collective's OMNI_GLOO); nccl would need a GPU tensor
     # path, which real compute (CPU torch) does not have
     collective_backend: Literal["gloo"] = "gloo"
@@ -163,6 +171,8 @@ class Manifest(BaseModel):
                 raise ValueError(
                     f"instances.{i}.ep: {inst.ep} does not divide model.num_experts ({self.model.num_experts})"
                 )
+            if inst.dies_per_actor is not None and self.compute != "emulated":
+                raise ValueError(f"instances.{i}.dies_per_actor: only emulated NPUs stand for several dies")
         if self.engine.mtp and not self.model.num_mtp_layers:
             raise ValueError(f"engine.mtp: model {self.model.name} has no MTP heads (model.num_mtp_layers: 0)")
         if self.checkpoint and self.compute == "emulated":

@@ -141,6 +141,8 @@ def launch_instance(
     kv_blocks: int | None = None,
     kv_cache_name: str | None = None,
     mtp_acceptance_rate: float = 0.9,
+    dies_per_actor: int = 0,
+    expert_skew: float = 0.0,
     placement: str | None = None,
     placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
     placement_group=None,
@@ -159,7 +161,8 @@ def launch_instance(
         NPUSpec(
             f"{name}.npu{r}", name, r, device, compute, cfg, expert_map, group, backend, time_scale,
             block_size=block_size, kv_blocks=kv_blocks, kv_cache_name=kv_cache_name,
-            mtp_acceptance_rate=mtp_acceptance_rate,
+            mtp_acceptance_rate=mtp_acceptance_rate, dies_per_actor=dies_per_actor,
+            expert_skew=expert_skew,
         )
         for r in range(ep)
     ]
@@ -326,7 +329,7 @@ def launch_manifest_instance(manifest, spec, weight_refs: dict | None, kv_cache=
         spec.name, manifest.model, spec.ep, manifest.compute, manifest.device, weight_refs, role=spec.role,
         backend=manifest.collective_backend, time_scale=manifest.time_scale, block_size=eng.block_size,
         kv_blocks=eng.kv_blocks, kv_cache_name=cache_name, mtp_acceptance_rate=eng.mtp_acceptance_rate,
-        placement=spec.placement, placement_group=placement_group, owner=owner,
+        dies_per_actor=spec.dies_per_actor or 0, expert_skew=manifest.expert_skew, placement=spec.placement, placement_group=placement_group, owner=owner,
     )
     inst.kv_cache = kv_cache
     try:

@@ -27,7 +27,8 @@ import numpy as np
 
 from actors.compute.kv_ledger import KVCharges
 from actors.compute.kv_pool import BlockPublisher, block_bytes, blocks_loaded, reserve_pool
-from actors.cost_model import CostModel
+from actors.compute.routing_model import pairs_routed, straggler_loads
+from actors.cost_model import CostModel, DieBatch, split_dies
 from actors.hbm import HBMLedger
 from actors.model.config import DTYPE_BYTES, ModelConfig
 from actors.protocol import NPUBatch, NPUSpec, NPUStepResult, SeqWork, TokenLogprob, sampleable
@@ -117,6 +118,8 @@ class EmulatedCompute:
         self.num_blocks = 0
         self.load_s = 0.0  # modelled seconds of the last load_weights
         self.kv_blocks_loaded: Counter[str] = Counter()  # by link (kv_pool.blocks_loaded)
+        self.routed: dict[int, np.ndarray] = {}  # per MoE layer: the pairs its tokens routed to each expert
+        self.moe_loads = self._moe_loads()
 
     def load_weights(self, weight_refs: dict | None, warm: EmulatedReplica | None = None) -> None:
         """Charge the weights and reserve the KV pool, and sleep the modelled copy of
@@ -144,15 +147,21 @@ class EmulatedCompute:
         cfg = self.spec.model
         return cfg.expert_params() * DTYPE_BYTES[cfg.weight_dtype]
 
+    def _experts_bytes(self, count: int) -> int:
+        """The bytes one device holds of `count` of the actor's experts: all of them, or
+        its share when the actor stands for more dies than a device has (dies_per_actor)."""
+        per_actor = self.spec.dies_per_actor or self.cost.dies
+        return -(-count * self.cost.dies // max(per_actor, self.cost.dies)) * self._expert_bytes()
+
     def _charge_experts(self) -> None:
         self.ledger.release_category("retained")
         for layer, experts in self.held.items():
             key = f"layer{layer}.experts"
             if self.ledger.charged("weights", key) is not None:
                 self.ledger.release("weights", key)
-            self.ledger.charge("weights", key, len(experts) * self._expert_bytes())
+            self.ledger.charge("weights", key, self._experts_bytes(len(experts)))
         if self.retained:
-            self.ledger.charge("retained", "experts", sum(map(len, self.retained.values())) * self._expert_bytes())
+            self.ledger.charge("retained", "experts", self._experts_bytes(sum(map(len, self.retained.values()))))
 
     # ---- expert remapping (Omni Placement, elastic EP) ------------------------------------
     def prepare(self, spec: NPUSpec) -> int:
@@ -160,7 +169,7 @@ class EmulatedCompute:
         device-to-device copy (scaled by time_scale). Returns the bytes moved."""
         have = {layer: [*experts, *self.retained.get(layer, ())] for layer, experts in self.held.items()}
         gained = spec.expert_map.gained(spec.rank, have)
-        moved = sum(len(experts) for experts in gained.values()) * self._expert_bytes()
+        moved = self._experts_bytes(sum(len(experts) for experts in gained.values()))
         if moved:
             time.sleep(self.cost.transfer_time(moved, intra_node=True) * self.spec.time_scale)
         return moved
@@ -176,6 +185,7 @@ class EmulatedCompute:
                 if dropped := [e for e in experts if e not in keep]:
                     self.retained[layer] = dropped
         self.spec, self.held = spec, held
+        self.moe_loads = self._moe_loads()
         self._charge_experts()
 
     def step(self, batch: NPUBatch) -> NPUStepResult:
@@ -184,19 +194,10 @@ class EmulatedCompute:
         for w in batch.seqs:
             if w.block_table is None:
                 self.kv.charge(w.seq_id, w.start_pos, len(w.token_ids))
-        num_tokens = sum(len(w.token_ids) for w in batch.seqs)
-        device_s = self.cost.step_time(
-            cfg,
-            num_tokens=num_tokens,
-            context_tokens=sum(w.start_pos + len(w.token_ids) for w in batch.seqs),
-            num_seqs=len(batch.seqs),
-            ep_size=self.spec.ep_size,
-            num_local_experts=len(next(iter(self.held.values()), [])),
-        ).total_s
         loaded = blocks_loaded(batch)
         self.kv_blocks_loaded.update(loaded)
         load_device_s = self._load_time(loaded)
-        device_s += load_device_s
+        device_s = load_device_s
         # the loads come first in the modelled step, and the sleep below covers them
         load_s = load_device_s * self.spec.time_scale + (time.perf_counter() - t0) if loaded else 0.0
         tokens, accepted, drafts, logprobs, prompt_lps = {}, {}, {}, {}, {}
@@ -219,11 +220,8 @@ class EmulatedCompute:
                 prompt_lps[w.seq_id] = standin_prompt_logprobs(w, cfg.vocab_size)
             if w.propose and w.seq_id in tokens:
                 drafts[w.seq_id] = tokens[w.seq_id]  # a placeholder: see above
-        if drafts:  # the MTP depth is one more decoder layer over the proposing rows
-            device_s += self.cost.step_time(
-                cfg, num_tokens=len(drafts), context_tokens=0, num_seqs=len(drafts), ep_size=1,
-                num_local_experts=cfg.num_experts,
-            ).total_s / cfg.num_layers
+        device_s += self.step_device_s(batch, drafts)
+        self._route(sum(len(w.token_ids) for w in batch.seqs))
         remaining = device_s * self.spec.time_scale - (time.perf_counter() - t0)
         if remaining > 0:
             time.sleep(remaining)
@@ -237,6 +235,42 @@ class EmulatedCompute:
             overrun, load_s, logprobs, prompt_lps,
         )
 
+    def _moe_loads(self) -> list[float] | None:
+        """Per MoE layer, the most loaded rank's routed load over the balanced share
+        under this map (actors.compute.routing_model): the layer's combine waits for
+        it. None when every layer is balanced."""
+        cfg = self.spec.model
+        if not cfg.moe_layers or self.spec.ep_size <= 1:
+            return None
+        loads = straggler_loads(cfg, self.spec.expert_map, self.spec.expert_skew)
+        return None if all(abs(f - 1.0) < 1e-9 for f in loads) else loads
+
+    def _route(self, tokens: int) -> None:
+        """Count the pairs this NPU's own tokens route, as a real NPU's routers do."""
+        cfg = self.spec.model
+        for layer in cfg.moe_layers:
+            pairs = pairs_routed(cfg, layer, tokens, self.spec.expert_skew)
+            if layer in self.routed:
+                self.routed[layer] += pairs
+            else:
+                self.routed[layer] = pairs.copy()
+
+    def step_device_s(self, batch: NPUBatch, drafts: dict) -> float:
+        """The cost model's time for this step: the device's batch split over its dies
+        (the slowest die decides), the MTP layer over the rows that proposed a draft."""
+        dies, per_actor = self.cost.dies, self.spec.dies_per_actor or self.cost.dies
+        ep_dies = self.spec.ep_dies(dies)
+        held = len(next(iter(self.held.values()), []))
+        local = max(1, -(-held // per_actor))  # each die holds its share of the actor's experts
+        rows = [(w.start_pos, len(w.token_ids), w.decode_row, w.seq_id in drafts) for w in batch.seqs]
+        slowest = 0.0
+        for part in split_dies(rows, dies):
+            main = DieBatch.of((start, n, decode) for start, n, decode, _ in part)
+            mtp = DieBatch.of((start + n, 1, True) for start, n, _, proposes in part if proposes)
+            cost = self.cost.step_time(self.spec.model, main, ep_dies, local, mtp, self.moe_loads)
+            slowest = max(slowest, cost.total_s)
+        return slowest
+
     def _load_time(self, loaded: dict[str, int]) -> float:
         """The modelled copy of KV blocks loaded per link (kv_pool.blocks_loaded):
         HCCS within the node, else RoCE; 0 when none."""
@@ -247,4 +281,5 @@ class EmulatedCompute:
         self.kv.release(seq_id)
 
     def expert_load(self) -> dict[int, list[int]]:
-        return {}  # emulated mode routes no tokens: there is no measured expert load
+        """The pairs this NPU's tokens routed per expert and layer, by the routing model."""
+        return {layer: np.rint(pairs).astype(int).tolist() for layer, pairs in self.routed.items()}

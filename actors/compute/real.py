@@ -17,7 +17,7 @@ import torch
 from actors.compute.kv_ledger import KVCharges
 from actors.compute.kv_pool import BlockPublisher, blocks_loaded, pool_blocks, reserve_pool
 from actors.compute.speculative import propose_drafts, verify_drafts
-from actors.cost_model import CostModel
+from actors.cost_model import CostModel, DieBatch
 from actors.ep import EPExperts
 from actors.hbm import HBMLedger
 from actors.model.batch import ForwardBatch
@@ -208,13 +208,12 @@ class RealCompute:
                     logits_out[batch.seqs[i].seq_id] = logits[row].tolist()
         prompt_lps = prompt_logprobs(self.model.logits, hidden, fb, batch.seqs)
         drafts = propose_drafts(self.model, residual, fb, batch.seqs, tokens, accepted, cache) if self.model.mtp else {}
+        # what the step would take on the chip (one die per actor in real compute)
         device_s = self.cost.step_time(
             self.spec.model,
-            num_tokens=fb.num_tokens,
-            context_tokens=sum(w.start_pos + len(w.token_ids) for w in batch.seqs),
-            num_seqs=len(batch.seqs),
-            ep_size=self.spec.ep_size,
-            num_local_experts=len(self.held[next(iter(self.held))]) if self.held else 0,
+            DieBatch.of((w.start_pos, len(w.token_ids), w.decode_row) for w in batch.seqs),
+            self.spec.ep_size,
+            max(1, len(self.held[next(iter(self.held))]) if self.held else 1),
         ).total_s
         exported = self._save(batch)
         return NPUStepResult(
