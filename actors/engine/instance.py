@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ray
 
@@ -92,6 +92,8 @@ class InstanceEngine:
         # (time.time() at the step's end, tokens it generated): throughput over any window,
         # on the wall clock so that a controller or benchmark on another host can line it up
         self.step_log: deque[tuple[float, int]] = deque(maxlen=STEP_LOG_LEN)
+        self.holding = False  # hold(): requests are admitted but no step runs (a batch starts together)
+        self.step_records: list[StepRecord] | None = None  # record_steps(): each step's shape and device time
         self.held = HashCounts()  # prefix hashes cached on any of its NPUs
         self.kv_log = KVEventLog(lambda: list(self.held.counts))
 
@@ -242,7 +244,7 @@ class InstanceEngine:
             if self._reconfig is not None:
                 await self._switch(*self._reconfig)
                 self._reconfig = None
-            if not self.scheduler.has_work():
+            if self.holding or not self.scheduler.has_work():
                 self._step_done(None)  # (aborted, or finished by a failed step): no step to wait for
                 last_end = None
                 self._wake.clear()
@@ -280,10 +282,14 @@ class InstanceEngine:
             self.counters["overrun_steps"] += out.overruns > 0
             generated = self.counters["generated_tokens"]
             self._stamp_decode_side(scheduled, submitted, out)
+            shape = StepRecord.of(scheduled, out.device_time_s) if self.step_records is not None else None
             self._update(scheduled, out)
             self._publish_kv_events()
             ended = time.time()
             self.step_log.append((ended, self.counters["generated_tokens"] - generated))
+            if shape is not None and self.step_records is not None:
+                self.step_records.append(replace(shape, tokens=self.counters["generated_tokens"] - generated,
+                                                 finished=sum(1 for s in scheduled if s.seq.finish_reason)))
             self._step_done(ended)
 
     def _work(self, s: Scheduled) -> SeqWork:
@@ -755,6 +761,20 @@ class InstanceEngine:
         cluster controller rebuilds its view of the instance from these)."""
         return self._layout
 
+    async def hold(self, holding: bool) -> int:
+        """Hold the step loop (requests are still admitted) or let it go on: a batch
+        admitted while held starts in one step. Returns the requests waiting."""
+        self.holding = holding
+        if not holding and self._wake is not None:
+            self._wake.set()
+        return len(self.scheduler.waiting) + len(self.pending)
+
+    def record_steps(self, on: bool = True) -> list[StepRecord]:
+        """Start (on) or stop recording each step's shape and device time; returns
+        what was recorded since the last call."""
+        taken, self.step_records = self.step_records or [], [] if on else None
+        return taken
+
     def steps_since(self, t: float) -> list[tuple[float, int]]:
         """The step log from wall-clock time `t` on."""
         return [e for e in self.step_log if e[0] >= t]
@@ -780,6 +800,29 @@ class InstanceEngine:
             "time": time.time(),
             **self.counters,
         }
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step as `omniray simulate` reads it: what ran and the device time it took."""
+
+    device_s: float
+    seqs: int
+    prefill_tokens: int  # prompt tokens computed
+    decode_seqs: int  # sequences past their prompt
+    tokens: int = 0  # tokens generated
+    finished: int = 0  # sequences that ended in it (their last step may take fewer tokens)
+
+    @classmethod
+    def of(cls, scheduled: list[Scheduled], device_s: float) -> StepRecord:
+        prefill = decode = 0
+        for s in scheduled:
+            prompt_left = len(s.seq.request.prompt_ids) - s.seq.num_computed
+            if prompt_left > 0:
+                prefill += min(prompt_left, s.num_tokens)
+            else:
+                decode += 1
+        return cls(device_s, len(scheduled), prefill, decode)
 
 
 def _fork_id(request_id: str, index: int) -> str:
