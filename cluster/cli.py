@@ -156,6 +156,11 @@ def cmd_simulate(args) -> int:
     from cluster.bench.simulate import print_simulation, run_simulation
     from cluster.launcher import connect
 
+    if args.paper:
+        return _simulate_paper(args)
+    if args.analytic or args.fit:
+        errors.print("[red]error:[/red] --analytic and --fit go with --paper")
+        return 2
     manifest = load_manifest(args.manifest)
     connect(args.address)
     result = run_simulation(manifest, args.batch, args.input_len, args.output_len, args.seed)
@@ -163,6 +168,37 @@ def cmd_simulate(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result.to_dict(), f, indent=2)
+    return 0
+
+
+def _simulate_paper(args) -> int:
+    import json
+
+    from cluster.bench.paper import FITTED, ROWS, fit, print_rows, results, run_row
+
+    if args.fit:
+        from actors.devices import get_device
+
+        calibrations = {}
+        for device in sorted({load_manifest(r.manifest).device for r in ROWS}):
+            cal = fit(device)
+            calibrations[device] = cal
+            stored = get_device(device).calibration
+            values = ", ".join(f"{n} {getattr(cal, n):.4g} (catalog {getattr(stored, n):.4g})" for n in cal.fitted)
+            console.print(f"{device}: {values}; fitted on {', '.join(cal.fitted_on)}")
+        rows = results(calibrations=calibrations)
+        title = f"published figures, analytic, under the fitted {'/'.join(FITTED)}"
+    elif args.analytic:
+        rows, title = results(), "published figures, priced by the cost model"
+    else:
+        from cluster.launcher import connect
+
+        connect(args.address, log_to_driver=False)
+        rows, title = [run_row(r, args.seed) for r in ROWS], "published figures, run through the engine (time_scale 0)"
+    print_rows(rows, console, title)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=2)
     return 0
 
 
@@ -352,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--address", default=None)
     sm.add_argument("--json", default=None, help="write the result here")
+    sm.add_argument("--paper", action="store_true",
+                    help="every published Ascend figure at its own configuration (manifests/paper/), run through "
+                         "the engine: emulated next to published, calibration or held out")
+    sm.add_argument("--analytic", action="store_true", help="with --paper: price the rows by the cost model only")
+    sm.add_argument("--fit", action="store_true",
+                    help="with --paper: fit each device's calibration on its calibration figures and print it")
     sm.set_defaults(func=cmd_simulate)
 
     st = sub.add_parser("status", help="live view of a running server: instances, NPUs and HBM, queue, KV cache")
@@ -407,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--json", default=None, help="write the summary here")
     bl.set_defaults(func=cmd_bench_elastic)
     bp = bench.add_parser("placement", help="Omni Placement: expert-load imbalance before/after, on measured load")
-    bp.add_argument("--manifest", default="tiny-mla", help="a real-compute manifest (default tiny-mla: top-k routing)")
+    bp.add_argument("--manifest", default="tiny-mla",
+                    help="default tiny-mla (real compute, top-k routing); an emulated one (deepseek-v3-910c) is "
+                         "routed by the seeded routing model at its expert_skew")
     bp.add_argument("--ep", type=_positive, default=4)
     bp.add_argument("--requests", type=_positive, default=32)
     bp.add_argument("--max-tokens", type=_positive, default=16)
