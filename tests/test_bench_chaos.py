@@ -11,7 +11,7 @@ from cluster.config import load_manifest
 
 
 def test_an_npu_then_the_controller_killed_under_load_lose_no_request_and_no_npu(ray_session, one_thread):
-    summary = run_chaos_bench(load_manifest("local-mixed"), ["npu", "controller"], concurrency=4, phase_s=4.0,
+    summary = run_chaos_bench(load_manifest("local-mixed"), ["npu", "controller"], concurrency=4, phase_s=2.5,
                               output_len=16)
     assert [f["killed"] for f in summary["faults"]] == ["mixed0.npu0", "controller"]
     assert summary["accepted"] > 0 and summary["requests_hit_by_a_fault"] > 0

@@ -26,7 +26,7 @@ import ray
 
 from actors.engine.block_manager import BlockManager
 from actors.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
-from actors.engine.sequence import Sequence
+from actors.engine.sequence import Sequence, continues, end_reason
 from actors.executor import InstanceExecutor
 from actors.kv_events import HashCounts, KVEventBatch, KVEventLog
 from actors.kv_hash import ROOT, hash_block
@@ -545,7 +545,7 @@ class InstanceEngine:
         parent.forked, parent.fork_outputs = True, outputs
         for j, (ids, lps) in enumerate(zip(outputs, logprobs), start=1):
             if queue is not None:
-                reason = "length" if continues(parent.request, ids) else end_reason(parent.request, ids)
+                reason = end_reason(parent.request, ids) or "length"  # a prefill hands on after one token
                 queue.put_nowait(EngineOutput(parent.request_id, ids, True, reason, len(parent.request.prompt_ids),
                                               0, index=j, logprobs=lps or None))
 
@@ -836,14 +836,3 @@ def _plain(req: EngineRequest) -> bool:
             and req.guide is None and req.n == 1)
 
 
-def end_reason(req: EngineRequest, output_ids: list[int]) -> str | None:
-    """How a choice whose tokens so far are `output_ids` ended ("stop": a stop token
-    or EOS; "length": max_tokens); None while it goes on."""
-    last = output_ids[-1] if output_ids else None
-    if last is not None and (last in req.stop_token_ids or (not req.ignore_eos and last == req.eos_token_id)):
-        return "stop"
-    return "length" if len(output_ids) >= req.max_tokens else None
-
-
-def continues(req: EngineRequest, output_ids: list[int]) -> bool:
-    return end_reason(req, output_ids) is None

@@ -91,11 +91,24 @@ class Sequence:
 
     def check_finished(self) -> bool:
         req = self.request
-        last = self.output_ids[-1] if self.output_ids else None
-        if last is not None and (last in req.stop_token_ids or (not req.ignore_eos and last == req.eos_token_id)):
+        reason = end_reason(req, self.output_ids)
+        if reason == "stop":
             self.finish_reason = "stop"
         elif self.guide is not None and self.guide.done:
             self.finish_reason = "stop"  # the grammar is complete (its EOS was the only way on)
-        elif len(self.output_ids) >= req.max_tokens or (req.prefill_only and self.output_ids):
+        elif reason == "length" or (req.prefill_only and self.output_ids):
             self.finish_reason = "length"
         return self.finish_reason is not None
+
+
+def end_reason(req: EngineRequest, output_ids: list[int]) -> str | None:
+    """How a choice whose tokens so far are `output_ids` ended ("stop": a stop token
+    or EOS; "length": max_tokens); None while it goes on."""
+    last = output_ids[-1] if output_ids else None
+    if last is not None and (last in req.stop_token_ids or (not req.ignore_eos and last == req.eos_token_id)):
+        return "stop"
+    return "length" if len(output_ids) >= req.max_tokens else None
+
+
+def continues(req: EngineRequest, output_ids: list[int]) -> bool:
+    return end_reason(req, output_ids) is None

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import ray
 
 from actors.kv_hash import block_hashes
-from actors.engine.instance import end_reason
+from actors.engine.sequence import end_reason
 from actors.protocol import EngineRequest, SamplingParams
 from cluster.proxy.lifecycle import Lifecycle
 from cluster.proxy.master import NoInstanceAvailable
