@@ -14,7 +14,7 @@ the engine (`omniray simulate`); the two agree within the engine's discreteness
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 from actors.cost_model import CostModel, DieBatch
@@ -115,8 +115,7 @@ def price(row: PaperRow, calibration: Calibration | None = None) -> tuple[float,
 
 def _scaled(one: DieBatch, n: float) -> DieBatch:
     """`n` copies of a one-sequence batch (n may be fractional: a device's batch over its dies)."""
-    return DieBatch(*(v * n for v in (one.num_seqs, one.num_tokens, one.kv_tokens, one.prefill_pairs,
-                                      one.decode_pairs, one.prefill_context, one.logit_rows)))
+    return DieBatch(**{f.name: getattr(one, f.name) * n for f in fields(DieBatch)})
 
 
 def results(rows=ROWS, calibrations: dict[str, Calibration] | None = None) -> list[RowResult]:

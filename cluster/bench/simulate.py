@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 import ray
 
+from actors.devices import get_device
 from actors.engine.scheduler import SchedulerConfig
 from actors.kv_hash import block_hashes
 from actors.protocol import EngineRequest
@@ -107,8 +108,6 @@ def run_simulation(manifest: Manifest, batch: int, input_len: int, output_len: i
                            time_scale=0.0, block_size=bs, kv_blocks=eng.kv_blocks,
                            mtp_acceptance_rate=eng.mtp_acceptance_rate, dies_per_actor=spec.dies_per_actor or 0,
                            expert_skew=manifest.expert_skew)
-    from actors.devices import get_device
-
     ep_dies = spec.ep * (spec.dies_per_actor or get_device(manifest.device).dies)
     prefill_s = decode_s = 0.0
     window_steps = window_tokens = 0
