@@ -118,7 +118,7 @@ class EmulatedCompute:
         self.num_blocks = 0
         self.load_s = 0.0  # modelled seconds of the last load_weights
         self.kv_blocks_loaded: Counter[str] = Counter()  # by link (kv_pool.blocks_loaded)
-        self.routed: dict[int, np.ndarray] = {}  # per MoE layer: the pairs its tokens routed to each expert
+        self.routed_tokens = 0  # the tokens its steps ran: the routing model spreads their pairs (expert_load)
         self.moe_loads = self._moe_loads()
 
     def load_weights(self, weight_refs: dict | None, warm: EmulatedReplica | None = None) -> None:
@@ -221,7 +221,7 @@ class EmulatedCompute:
             if w.propose and w.seq_id in tokens:
                 drafts[w.seq_id] = tokens[w.seq_id]  # a placeholder: see above
         device_s += self.step_device_s(batch, drafts)
-        self._route(sum(len(w.token_ids) for w in batch.seqs))
+        self.routed_tokens += sum(len(w.token_ids) for w in batch.seqs)
         remaining = device_s * self.spec.time_scale - (time.perf_counter() - t0)
         if remaining > 0:
             time.sleep(remaining)
@@ -244,16 +244,6 @@ class EmulatedCompute:
             return None
         loads = straggler_loads(cfg, self.spec.expert_map, self.spec.expert_skew)
         return None if all(abs(f - 1.0) < 1e-9 for f in loads) else loads
-
-    def _route(self, tokens: int) -> None:
-        """Count the pairs this NPU's own tokens route, as a real NPU's routers do."""
-        cfg = self.spec.model
-        for layer in cfg.moe_layers:
-            pairs = pairs_routed(cfg, layer, tokens, self.spec.expert_skew)
-            if layer in self.routed:
-                self.routed[layer] += pairs
-            else:
-                self.routed[layer] = pairs.copy()
 
     def step_device_s(self, batch: NPUBatch, drafts: dict) -> float:
         """The cost model's time for this step: the device's batch split over its dies
@@ -281,5 +271,11 @@ class EmulatedCompute:
         self.kv.release(seq_id)
 
     def expert_load(self) -> dict[int, list[int]]:
-        """The pairs this NPU's tokens routed per expert and layer, by the routing model."""
-        return {layer: np.rint(pairs).astype(int).tolist() for layer, pairs in self.routed.items()}
+        """The pairs this NPU's tokens routed per expert and layer, as a real NPU's routers
+        count them: the routing model's popularity does not change between steps, so
+        the tokens' total says it all (nothing is counted on the step's path)."""
+        if not self.routed_tokens:
+            return {}
+        cfg = self.spec.model
+        return {layer: np.rint(pairs_routed(cfg, layer, self.routed_tokens, self.spec.expert_skew)).astype(int).tolist()
+                for layer in cfg.moe_layers}
