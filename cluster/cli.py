@@ -156,6 +156,9 @@ def cmd_simulate(args) -> int:
     from cluster.bench.simulate import print_simulation, run_simulation
     from cluster.launcher import connect
 
+    if args.through_proxy and args.paper:
+        errors.print("[red]error:[/red] --through-proxy runs one manifest, not --paper")
+        return 2
     if args.paper:
         return _simulate_paper(args)
     if args.analytic or args.fit:
@@ -163,7 +166,8 @@ def cmd_simulate(args) -> int:
         return 2
     manifest = load_manifest(args.manifest)
     connect(args.address)
-    result = run_simulation(manifest, args.batch, args.input_len, args.output_len, args.seed)
+    result = run_simulation(manifest, args.batch, args.input_len, args.output_len, args.seed,
+                            through_proxy=args.through_proxy)
     print_simulation(result, console)
     if args.json:
         with open(args.json, "w") as f:
@@ -388,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--address", default=None)
     sm.add_argument("--json", default=None, help="write the result here")
+    sm.add_argument("--through-proxy", action="store_true",
+                    help="serve the whole manifest and send the batch over HTTP: the master's routing, budgets and "
+                         "P/D hand-off decide where each request runs (default: the first instance's engine alone)")
     sm.add_argument("--paper", action="store_true",
                     help="every published Ascend figure at its own configuration (manifests/paper/), run through "
                          "the engine: emulated next to published, calibration or held out")

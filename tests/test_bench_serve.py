@@ -80,6 +80,16 @@ def test_simulate_refuses_real_compute(ray_session):
         run_simulation(load_manifest("local"), 2, 8, 4)
 
 
+def test_simulate_through_the_proxy_refuses_a_cluster_that_serves_already(server):
+    """It would serve on Serve's existing port and stop that Serve at the end."""
+    from cluster.bench.simulate import run_simulation
+    from cluster.config import load_manifest
+
+    with pytest.raises(RuntimeError, match="Serve already runs"):
+        run_simulation(load_manifest("pangu-pro-moe-72b"), 2, 8, 4, through_proxy=True)
+    assert ray.get(server.instances[0].engine.stats.remote())["healthy"]
+
+
 def test_trace_replay_hits_the_prefixes_the_hash_ids_imply(server):
     """One mixed instance with a pool big enough to evict nothing, one request at a
     time: the engine reuses exactly the prefix blocks the trace's hash ids share

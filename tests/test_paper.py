@@ -76,3 +76,29 @@ def test_the_engine_gives_the_analytic_figure(ray_session, name):
     assert ran.emulated == pytest.approx(analytic, rel=tolerance)
     if tpot is not None:
         assert ran.tpot_ms == pytest.approx(tpot * 1000, rel=tolerance)
+
+
+def test_through_the_proxy_the_master_places_the_batch_and_the_figures_hold(ray_session):
+    """`--through-proxy`: the manifest served whole, the batch sent over HTTP. One
+    mixed instance: the master's path changes where a request runs, not what a step
+    costs, so the figures are the engine's alone. Prefill + decode instances: the
+    decode instance holds until every request's KV reached it, so its window is the
+    whole batch; prefill is priced as on the engine alone, and the first decode step
+    pays the KV hand-off."""
+    from cluster.bench.simulate import run_simulation
+    from cluster.config import InstanceSpec
+
+    pd = load_manifest("pd-72b")
+    mixed = pd.model_copy(update={"instances": [InstanceSpec(name="m0", role="mixed", ep=2)]})
+    alone = run_simulation(mixed, 8, 256, 6)
+    served = run_simulation(mixed, 8, 256, 6, through_proxy=True)
+    assert served.through_proxy and served.instances == 1 and served.ep == 2
+    for key in ("prefill_tok_s_per_npu", "decode_tok_s_per_npu", "tpot_s", "decode_steps"):
+        assert getattr(served, key) == pytest.approx(getattr(alone, key), rel=1e-9), key
+    split = pd.model_copy(update={"instances": [InstanceSpec(name="p0", role="prefill", ep=2),
+                                                InstanceSpec(name="d0", role="decode", ep=2)]})
+    disaggregated = run_simulation(split, 8, 256, 6, through_proxy=True)
+    assert disaggregated.instances == 2 and disaggregated.ep == 4
+    assert disaggregated.prefill_tok_s_per_npu == pytest.approx(alone.prefill_tok_s_per_npu, rel=1e-9)
+    assert disaggregated.decode_steps == alone.decode_steps  # the whole batch decoded together on d0
+    assert disaggregated.decode_device_s > alone.decode_device_s  # the hand-off's KV load
