@@ -22,10 +22,13 @@ def test_emulated_718b_starts_and_charges_weights_split_over_npus(ray_session):
     try:
         counts, per_param = cfg.parameter_counts(), DTYPE_BYTES[cfg.weight_dtype]
         assert counts.total > 700e9
-        expert_bytes = [r["by_category"]["weights"] - counts.replicated * per_param for r in inst.memory]
-        assert sum(expert_bytes) == counts.routed_experts * per_param
+        # the routed experts, the MTP layer's too, split over the NPUs; the rest on each
+        sharded = counts.routed_experts + cfg.mtp_expert_params()
+        replicated = counts.replicated - cfg.mtp_expert_params()
+        expert_bytes = [r["by_category"]["weights"] - replicated * per_param for r in inst.memory]
+        assert sum(expert_bytes) == sharded * per_param
         assert len(set(expert_bytes)) == 1  # an even split: 256 experts over 16 NPUs
-        weights = counts.replicated * per_param + counts.routed_experts * per_param // ep
+        weights = replicated * per_param + sharded * per_param // ep
         block = 16 * cfg.kv_bytes_per_token()
         for report in inst.memory:
             assert report["by_category"]["weights"] == weights
@@ -224,3 +227,29 @@ def test_loading_runs_below_serving_and_never_above_it():
     policy, nice = out["v"]
     assert policy == os.SCHED_IDLE or nice == 19
     assert nice >= 15
+
+
+def test_an_emulated_npu_holds_its_share_of_the_mtp_layers_experts():
+    """As the Ascend stacks deploy it, an MTP layer's routed experts are sharded over
+    the EP group like a main layer's: EP-16 holds a sixteenth of them, not all. No Ray."""
+    from actors.compute.emulated import EmulatedCompute, replicated_bytes
+    from actors.cost_model import CostModel
+    from actors.devices import get_device
+    from actors.expert_map import ExpertMap
+    from actors.hbm import HBMLedger
+    from actors.protocol import NPUSpec
+
+    cfg = load_manifest("pangu-ultra-moe-718b").model
+    assert cfg.num_mtp_layers >= 1
+    device = get_device("910C")
+    spec = NPUSpec("x.npu0", "x", 0, "910C", "emulated", cfg,
+                   ExpertMap.contiguous(cfg.moe_layers, cfg.num_experts, 16), "g", "gloo", time_scale=0.0)
+    compute = EmulatedCompute(spec, HBMLedger(spec.name, device.hbm_bytes), CostModel(device))
+    compute.load_weights(None)
+    expert = cfg.expert_params() * DTYPE_BYTES[cfg.weight_dtype]
+    assert compute.ledger.charged("weights", "mtp.experts") == cfg.num_mtp_layers * cfg.num_experts // 16 * expert
+    counts = cfg.parameter_counts()
+    assert replicated_bytes(cfg) == (counts.replicated - cfg.mtp_expert_params()) * DTYPE_BYTES[cfg.weight_dtype]
+    assert compute.ledger.used_by("weights") == (
+        replicated_bytes(cfg) + len(cfg.moe_layers) * cfg.num_experts // 16 * expert
+        + cfg.num_mtp_layers * cfg.num_experts // 16 * expert)

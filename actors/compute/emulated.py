@@ -84,8 +84,12 @@ def standin_accepts(last_token: int, position: int, rate: float) -> bool:
 
 
 def replicated_bytes(cfg) -> int:
-    """The bytes of the part of the model every NPU holds (all but the routed experts)."""
-    return cfg.parameter_counts().replicated * DTYPE_BYTES[cfg.weight_dtype]
+    """The bytes of the part of the model every NPU holds: all but the routed
+    experts, the MTP layers' included. The Ascend stacks shard an MTP layer's
+    experts over the EP group as a main layer's (CloudMatrix-Infer, Pangu), so
+    the emulated ledger does too; real compute's MTP module holds all of its
+    experts (actors/model/mtp.py) and charges the tensors it built."""
+    return (cfg.parameter_counts().replicated - cfg.mtp_expert_params()) * DTYPE_BYTES[cfg.weight_dtype]
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,12 @@ class EmulatedCompute:
             if self.ledger.charged("weights", key) is not None:
                 self.ledger.release("weights", key)
             self.ledger.charge("weights", key, self._experts_bytes(len(experts)))
+        if self.spec.model.num_mtp_layers and self.held:  # each MTP layer's experts sharded as a main layer's
+            share = round(sum(map(len, self.held.values())) / len(self.held))  # experts a main layer holds here
+            key = "mtp.experts"
+            if self.ledger.charged("weights", key) is not None:
+                self.ledger.release("weights", key)
+            self.ledger.charge("weights", key, self._experts_bytes(self.spec.model.num_mtp_layers * share))
         if self.retained:
             self.ledger.charge("retained", "experts", self._experts_bytes(sum(map(len, self.retained.values()))))
 

@@ -142,6 +142,10 @@ class ModelConfig(BaseModel):
         """One routed expert: gate, up and down projections (SwiGLU)."""
         return 3 * self.hidden_size * self.moe_intermediate_size
 
+    def mtp_expert_params(self) -> int:
+        """The routed experts of the MTP layers (part of `parameter_counts().mtp`)."""
+        return self.num_mtp_layers * self.num_experts * self.expert_params()
+
     def parameter_counts(self) -> "ParameterCounts":
         """Parameters by part; the ledger and the weight loader both use this."""
         h = self.hidden_size
