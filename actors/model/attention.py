@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from actors.model.config import ModelConfig
-from actors.model.layers import RMSNorm, apply_rope, rope_cos_sin
+from actors.model.layers import RMSNorm, apply_rope
 
 LOG2E = 1.4426950408889634
 AMLA_BLOCK = 16
@@ -37,11 +37,19 @@ def _expand_kv(k: torch.Tensor, hq: int) -> torch.Tensor:
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_start: int) -> torch.Tensor:
-    """Reference kernel. q [Hq, Tq, D], k [Hkv, S, D], v [Hkv, S, Dv] -> [Hq, Tq, Dv]."""
-    k, v = _expand_kv(k, q.shape[0]), _expand_kv(v, q.shape[0])
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~_causal_mask(q.shape[1], k.shape[1], q_start), float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1), v)
+    """Reference kernel. q [Hq, Tq, D], k [Hkv, S, D], v [Hkv, S, Dv] -> [Hq, Tq, Dv].
+
+    Grouped-query heads attend as one block per KV head (the query heads that
+    share it stacked as rows), so K and V are never copied per query head; a
+    decode row (one query, at the end of its context) sees every key, so it
+    needs no mask."""
+    hq, tq, d = q.shape
+    hkv, s_len = k.shape[0], k.shape[1]
+    group = hq // hkv
+    scores = torch.matmul(q.reshape(hkv, group * tq, d), k.transpose(-1, -2)) * scale  # [Hkv, G*Tq, S]
+    if tq > 1 or q_start + 1 != s_len:
+        scores = scores.masked_fill(~_causal_mask(tq, s_len, q_start).repeat(group, 1), float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v).reshape(hq, tq, v.shape[-1])
 
 
 _FLOAT_BITS = {  # dtype -> (same-width int, mantissa bits, exponent mask)
@@ -120,12 +128,11 @@ class GQAAttention(nn.Module):
         q = self.q_proj(x).view(t, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x).view(t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(t, cfg.num_kv_heads, cfg.head_dim)
-        cos, sin = rope_cos_sin(batch.positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        cos, sin = batch.rope(cfg.head_dim, cfg.rope_theta, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = torch.empty(t, cfg.num_heads, cfg.head_dim, dtype=x.dtype)
-        for seq in batch.slices():
+        for seq, (k_all, v_all) in zip(batch.slices(), cache.append_batch(self.layer, batch, k, v)):
             rows = slice(seq.offset, seq.offset + seq.length)
-            k_all, v_all = cache.append(seq.seq_id, self.layer, k[rows], v[rows])
             o = self.kernel(q[rows].transpose(0, 1), k_all.transpose(0, 1), v_all.transpose(0, 1), self.scale, seq.start_pos)
             out[rows] = o.transpose(0, 1)
         return self.o_proj(out.reshape(t, self.o_proj.in_features))
@@ -168,16 +175,15 @@ class MLAAttention(nn.Module):
         q_nope, q_rope = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         kv = self.kv_a_proj_with_mqa(x)
         c_kv, k_rope = self.kv_a_layernorm(kv[:, :r]), kv[:, r:]
-        cos, sin = rope_cos_sin(batch.positions, cfg.qk_rope_head_dim, cfg.rope_theta, x.dtype)
+        cos, sin = batch.rope(cfg.qk_rope_head_dim, cfg.rope_theta, x.dtype)
         q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
         w = self.kv_b_proj.weight.view(nh, cfg.qk_nope_head_dim + cfg.v_head_dim, r)
         w_uk, w_uv = w[:, : cfg.qk_nope_head_dim], w[:, cfg.qk_nope_head_dim :]
         q_lat = torch.einsum("thn,hnr->thr", q_nope, w_uk)
         query = torch.cat([q_lat, q_rope], dim=-1)  # [T, H, r + rope]
         out_lat = torch.empty(t, nh, r, dtype=x.dtype)
-        for seq in batch.slices():
+        for seq, (c_all, kr_all) in zip(batch.slices(), cache.append_batch(self.layer, batch, c_kv, k_rope)):
             rows = slice(seq.offset, seq.offset + seq.length)
-            c_all, kr_all = cache.append(seq.seq_id, self.layer, c_kv[rows], k_rope[rows])
             key = torch.cat([c_all, kr_all], dim=-1)[None]  # one shared head
             o = self.kernel(query[rows].transpose(0, 1), key, c_all[None], self.scale, seq.start_pos)
             out_lat[rows] = o.transpose(0, 1)

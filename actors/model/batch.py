@@ -8,9 +8,11 @@ that sequence already in the KV cache).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from actors.model.layers import rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,14 @@ class ForwardBatch:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     seqs: list[SeqSlice]
+    _rope: dict = field(default_factory=dict, repr=False)  # (dim, theta, dtype) -> (cos, sin), one per step
+
+    def rope(self, dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables of the batch's positions (rope_cos_sin), made once for every layer."""
+        key = (dim, theta, dtype)
+        if key not in self._rope:
+            self._rope[key] = rope_cos_sin(self.positions, dim, theta, dtype)
+        return self._rope[key]
 
     @classmethod
     def build(cls, items: list[tuple[str, list[int], int]]) -> "ForwardBatch":

@@ -20,6 +20,10 @@ class SequenceKVStore:
         layers[layer] = full
         return full
 
+    def append_batch(self, layer: int, batch, *new: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """append() for each sequence of `batch` (a ForwardBatch), its rows of `new`."""
+        return [self.append(s.seq_id, layer, *(t[s.offset:s.offset + s.length] for t in new)) for s in batch.slices()]
+
     def length(self, seq_id: str) -> int:
         layers = self._kv.get(seq_id)
         return int(layers[0][0].shape[0]) if layers and 0 in layers else 0

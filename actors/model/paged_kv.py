@@ -3,12 +3,16 @@
 The engine's block manager decides which block ids a sequence owns (its block
 table); this store only holds the tensors: per layer, one tensor per cached
 quantity shaped [num_blocks, block_size, ...]. Before a forward, `bind` tells
-it each sequence's block table; attention then calls `append`, which writes
-the new tokens into their slots and returns the sequence's whole context
-gathered from its blocks — the same contract as SequenceKVStore.
+it each sequence's block table; attention then calls `append_batch`, which
+writes the step's new tokens into their slots and returns each sequence's
+whole context gathered from its blocks, the same contract as SequenceKVStore.
+The slot mapping is made once a step (`plan`), so a layer costs one scatter and
+one gather per cached tensor, whatever the batch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +28,17 @@ def kv_shapes(cfg: ModelConfig) -> list[tuple[int, ...]]:
     return [(cfg.num_kv_heads, cfg.head_dim)] * 2
 
 
+@dataclass(frozen=True)
+class SlotPlan:
+    """One step's slot mapping (slot = block * block_size + offset), made once for
+    every layer: where each new row is written, and which slots hold each
+    sequence's whole context (its new rows included), sequence after sequence."""
+
+    write: torch.Tensor  # [rows of the batch], in batch row order
+    read: torch.Tensor  # [sum of context lengths]
+    lengths: list[int]  # context length of each sequence, in batch order
+
+
 class PagedKVStore:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, num_layers: int | None = None):
         self.block_size = block_size
@@ -31,31 +46,49 @@ class PagedKVStore:
         self.pool = [[torch.zeros(num_blocks, block_size, *s, dtype=dtype) for s in kv_shapes(cfg)] for _ in range(layers)]
         self._tables: dict[str, list[int]] = {}
         self._starts: dict[str, int] = {}
+        self._plan: tuple[object, SlotPlan] | None = None  # (the batch it maps, its plan)
 
     def bind(self, seq_id: str, block_table: list[int], start: int) -> None:
         """This step, seq_id's new tokens start at `start` and live in these blocks."""
         self._tables[seq_id] = block_table
         self._starts[seq_id] = start
+        self._plan = None
 
     def unbind_all(self) -> None:
         self._tables.clear()
         self._starts.clear()
+        self._plan = None
 
-    def _slots(self, seq_id: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        table = torch.tensor(self._tables[seq_id], dtype=torch.long)
-        pos = torch.arange(start, stop)
-        return table[pos // self.block_size], pos % self.block_size
+    def plan(self, batch) -> SlotPlan:
+        """The slot mapping of `batch` (a ForwardBatch of bound sequences), made on
+        its first layer and reused by the others."""
+        if self._plan is not None and self._plan[0] is batch:
+            return self._plan[1]
+        writes, reads, lengths = [], [], []
+        for seq in batch.slices():
+            start = self._starts[seq.seq_id]
+            stop = start + seq.length
+            pos = np.arange(stop)
+            slots = np.asarray(self._tables[seq.seq_id], dtype=np.int64)[pos // self.block_size] * self.block_size \
+                + pos % self.block_size
+            writes.append(slots[start:])
+            reads.append(slots)
+            lengths.append(stop)
+        plan = SlotPlan(torch.from_numpy(np.concatenate(writes)), torch.from_numpy(np.concatenate(reads)), lengths)
+        self._plan = (batch, plan)
+        return plan
 
-    def append(self, seq_id: str, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        start = self._starts[seq_id]
-        stop = start + new[0].shape[0]
-        blocks, offsets = self._slots(seq_id, start, stop)
-        all_blocks, all_offsets = self._slots(seq_id, 0, stop)
-        out = []
-        for pool, t in zip(self.pool[layer], new):
-            pool[blocks, offsets] = t
-            out.append(pool[all_blocks, all_offsets])
-        return tuple(out)
+    def append_batch(self, layer: int, batch, *new: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Write every sequence's new rows of `layer` (one scatter per cached
+        tensor) and return each sequence's whole context (one gather per tensor,
+        split by sequence): the same contract as SequenceKVStore.append_batch."""
+        plan = self.plan(batch)
+        contexts = []
+        for pool, rows in zip(self.pool[layer], new):
+            flat = pool.view(-1, *pool.shape[2:])
+            flat[plan.write] = rows
+            contexts.append(flat[plan.read].split(plan.lengths))
+        return list(zip(*contexts))
 
     def export_stacked(self, blocks: list[int]) -> np.ndarray:
         """The blocks as one array [len(blocks), block_size, width], every cached
