@@ -70,6 +70,88 @@ def test_continuous_batching_gives_each_request_its_solo_tokens(model):
         assert outs[-1].num_prompt_tokens == len(prompt)
 
 
+def test_one_stream_per_consumer_carries_every_request_of_a_step_with_its_solo_tokens(model):
+    """A consumer's requests come back on one stream, each item a step's updates of
+    all of them (not one item per request); each request's tokens are its solo
+    tokens, a bad one fails alone, and closing a consumer's requests early aborts
+    them on the engine."""
+    from cluster.proxy.engine_streams import EngineStreams
+
+    cfg, refs, reference = model
+    prompts, lengths = _prompts([6, 21, 13, 30], seed=7), [9, 4, 12, 7]
+    inst = _engine(cfg, refs)
+    try:
+        async def main():
+            streams = EngineStreams("test")
+
+            async def one(req):
+                return [out async for out in streams.open(inst.engine, req)]
+
+            reqs = [_req(i, p, n) for i, (p, n) in enumerate(zip(prompts, lengths))]
+            bad = EngineRequest("bad", [1, 2], max_tokens=10**6)
+            results = await asyncio.gather(*map(one, reqs), one(bad), return_exceptions=True)
+            early = streams.open(inst.engine, _req(9, prompts[0], 200))
+            await early.__anext__()
+            await early.aclose()  # left after one output: the engine aborts it
+            for _ in range(200):
+                if not ray.get(inst.engine.stats.remote())["running"]:
+                    break
+                await asyncio.sleep(0.01)
+            streams.close()
+            raw = inst.engine.stream.remote("raw")  # the stream as the engine sends it
+            await asyncio.gather(*(inst.engine.submit.remote(r, "raw") for r in
+                                   [_req(i, p, 5) for i, p in enumerate(prompts)]))
+            items, done = [], 0
+            async for ref in raw:
+                items.append(await ref)
+                done += sum(out.finished for _, out in items[-1])
+                if done == len(prompts):
+                    break
+            return results, items
+
+        (*results, bad), items = asyncio.run(main())
+        stats = ray.get(inst.engine.stats.remote())
+    finally:
+        inst.shutdown()
+    assert isinstance(bad, Exception) and "max_tokens" in str(bad)
+    for prompt, n, outs in zip(prompts, lengths, results):
+        assert _tokens(outs) == generate(reference, [prompt], n).tokens[0]
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert max(len({rid for rid, _ in item}) for item in items) == len(prompts)  # a step's updates, one item
+    assert len(items) < sum(len(item) for item in items)
+
+
+def test_a_consumer_that_does_not_read_holds_up_no_one(model):
+    """The engine yields a step's item whether or not its consumer read the last:
+    a consumer that never reads its stream delays neither the engine nor another
+    consumer's requests, and its own request still runs to its end."""
+    from cluster.proxy.engine_streams import EngineStreams
+
+    cfg, refs, reference = model
+    prompt = _prompts([12], seed=11)[0]
+    inst = _engine(cfg, refs)
+    try:
+        async def main():
+            stalled = inst.engine.stream.remote("never-reads")  # opened, never iterated
+            await inst.engine.submit.remote(_req(0, prompt, 30), "never-reads")
+            streams = EngineStreams("test")
+            outs = [out async for out in streams.open(inst.engine, _req(1, prompt, 5))]
+            for _ in range(500):
+                stats = await inst.engine.stats.remote()
+                if stats["generated_tokens"] >= 35:
+                    break
+                await asyncio.sleep(0.01)
+            streams.close()
+            return outs, stats, stalled
+
+        outs, stats, _ = asyncio.run(main())
+    finally:
+        inst.shutdown()
+    assert _tokens(outs) == generate(reference, [prompt], 5).tokens[0]
+    assert stats["generated_tokens"] >= 35 and stats["running"] == 0  # the unread request ran to its end too
+
+
 def test_stop_token_ends_a_request(model):
     cfg, refs, reference = model
     prompt = _prompts([9], seed=3)[0]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 import ray
 
 from actors.engine.block_manager import BlockManager
+from actors.engine.consumers import ConsumerStream, RequestSink
 from actors.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
 from actors.engine.sequence import Sequence, continues, end_reason
 from actors.executor import InstanceExecutor
@@ -60,7 +61,8 @@ class InstanceEngine:
         self.scheduler = Scheduler(config.scheduler, self.managers)
         self.executor = InstanceExecutor(npus)
         self.seqs: dict[str, Sequence] = {}
-        self.queues: dict[str, asyncio.Queue] = {}
+        self.queues: dict[str, asyncio.Queue | RequestSink] = {}  # request -> where its outputs go
+        self.consumers: dict[str, ConsumerStream] = {}  # consumer -> its stream's pending items (consumers.py)
         self.hashes: dict[str, list[int]] = {}  # seq id -> prefix-chain hashes of its full blocks
         self.pending: dict[str, Sequence] = {}  # parallel P/D: admitted, waiting for their KV
         # KV delivered before its request came: (when, output ids, KV, forks' output ids)
@@ -123,11 +125,47 @@ class InstanceEngine:
                     self._finish(seq, "abort")
             self.queues.pop(request.request_id, None)
 
+    @ray.method(enable_task_events=False)
+    async def stream(self, consumer: str):
+        """Every update of `consumer`'s requests (those it sent with `submit`), one
+        item a step: a list of (request id, EngineOutput or the exception that
+        failed it). Runs as long as the consumer reads; when it goes away, its
+        unfinished requests are aborted."""
+        self._ensure_loop()
+        stream = self.consumers.setdefault(consumer, ConsumerStream())
+        try:
+            while True:
+                await stream.ready.wait()
+                yield stream.take()
+        finally:
+            if self.consumers.get(consumer) is stream:
+                del self.consumers[consumer]
+            for request_id in list(stream.requests):
+                for seq in self._choices(request_id):
+                    if not seq.finish_reason:
+                        self._finish(seq, "abort")
+                self.queues.pop(request_id, None)
+
+    @ray.method(enable_task_events=False)  # a call per request, on the hot path (see kv_events)
+    async def submit(self, request: EngineRequest, consumer: str) -> None:
+        """Admit a request whose outputs go out on `consumer`'s stream; a bad
+        request raises here."""
+        self._ensure_loop()
+        stream = self.consumers.setdefault(consumer, ConsumerStream())  # (its stream call may still be on its way)
+        await self._admit(request, RequestSink(stream, request.request_id, request.n, self._sink_closed))
+        stream.requests.add(request.request_id)  # (no output before the first step after this)
+
+    def _sink_closed(self, request_id: str) -> None:
+        if isinstance(self.queues.get(request_id), RequestSink):
+            del self.queues[request_id]
+
     def _choices(self, request_id: str) -> list[Sequence]:
         """The live sequences of a request: its own, and its forks (n > 1)."""
         return [s for s in self.seqs.values() if s.request_id == request_id]
 
-    async def _admit(self, req: EngineRequest) -> Sequence:
+    async def _admit(self, req: EngineRequest, sink: RequestSink | None = None) -> Sequence:
+        """Take a request in; its outputs go to `sink` (a consumer's stream) or to a
+        queue of its own (generate)."""
         if not req.prompt_ids:
             raise ValueError("prompt_ids: empty prompt")
         if req.request_id in self.seqs:
@@ -144,7 +182,7 @@ class InstanceEngine:
             seq.guide = self._guide(req.guide, seq.output_ids)
         if req.kv_pending:  # parallel P/D: open the stream now, schedule when the KV arrives
             self.seqs[req.request_id] = seq
-            self.queues[req.request_id] = asyncio.Queue()
+            self.queues[req.request_id] = sink or asyncio.Queue()
             self.pending[req.request_id] = seq
             early = self.early.pop(req.request_id, None)
             if early is not None:
@@ -155,7 +193,7 @@ class InstanceEngine:
         elif self.config.kv_cache_name and req.block_hashes and req.params.prompt_logprobs is None:
             await self._match_global(seq)  # (prompt logprobs need the whole prompt's forward: no cache)
         self.seqs[req.request_id] = seq
-        self.queues[req.request_id] = asyncio.Queue()
+        self.queues[req.request_id] = sink or asyncio.Queue()
         self.counters["prompt_tokens"] += len(req.prompt_ids)
         self.scheduler.add(seq)
         self._wake.set()

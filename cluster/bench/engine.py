@@ -43,6 +43,7 @@ from actors.model.reference import build_reference, generate
 from actors.model.shared_tensor import fetch_shared
 from actors.protocol import EngineRequest
 from cluster.config import Manifest
+from cluster.proxy.engine_streams import EngineStreams
 from cluster.launcher import launch_engine, launch_instance, publish_weights
 
 
@@ -93,17 +94,25 @@ def _prompt(length: int, vocab: int, seed: int) -> list[int]:
     return [rng.randrange(7, vocab) for _ in range(length)]
 
 
-async def _stream(engine, prompt: list[int], max_tokens: int, block_size: int) -> tuple[list[int], float, int]:
-    """Run one request; return (tokens, seconds to its first output, num_cached_tokens)."""
+async def _stream(engine, prompt: list[int], max_tokens: int, block_size: int,
+                  streams: EngineStreams | None = None) -> tuple[list[int], float, int]:
+    """Run one request (on `streams`, a consumer's output streams as a proxy slave
+    holds them; None: its own); return (tokens, seconds to its first output,
+    num_cached_tokens)."""
+    own = streams is None
+    streams = streams or EngineStreams("bench")
     req = EngineRequest(f"bench-{uuid.uuid4().hex[:8]}", prompt, max_tokens=max_tokens,
                         block_hashes=block_hashes(prompt, block_size))
     t0 = time.perf_counter()
     tokens, ttft, cached = [], None, 0
-    async for ref in engine.generate.remote(req):
-        out = await ref
-        ttft = time.perf_counter() - t0 if ttft is None else ttft
-        tokens += out.token_ids
-        cached = out.num_cached_tokens
+    try:
+        async for out in streams.open(engine, req):
+            ttft = time.perf_counter() - t0 if ttft is None else ttft
+            tokens += out.token_ids
+            cached = out.num_cached_tokens
+    finally:
+        if own:
+            streams.close()
     return tokens, ttft, cached
 
 
@@ -111,7 +120,9 @@ def _engine_run(engine, prompts: list[list[int]], output_len: int, block_size: i
     """Submit all prompts at once; (output tokens/s from first submit to last finish, tokens)."""
     async def main():
         t0 = time.perf_counter()
-        results = await asyncio.gather(*[_stream(engine, p, output_len, block_size) for p in prompts])
+        streams = EngineStreams("bench")  # one consumer, as a proxy slave
+        results = await asyncio.gather(*[_stream(engine, p, output_len, block_size, streams) for p in prompts])
+        streams.close()
         return time.perf_counter() - t0, [r[0] for r in results]
 
     wall, tokens = asyncio.run(main())

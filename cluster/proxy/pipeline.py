@@ -30,6 +30,7 @@ import ray
 from actors.kv_hash import block_hashes
 from actors.engine.sequence import end_reason
 from actors.protocol import EngineRequest, SamplingParams
+from cluster.proxy.engine_streams import EngineStreams
 from cluster.proxy.lifecycle import Lifecycle
 from cluster.proxy.master import NoInstanceAvailable
 from cluster.proxy.token_cache import TokenizerThread
@@ -103,6 +104,7 @@ class Pipeline:
         `thread`: where the prompt's blocks are hashed, off the event loop (the slave's tokenizer thread)."""
         self.tokenizer, self.master, self.block_size = tokenizer, master, block_size
         self.on_done = on_done
+        self.streams = EngineStreams("slave")  # one output stream per engine for all this slave's requests
         self.thread = thread or TokenizerThread(tokenizer)
 
     async def run(self, prompt_ids: list[int], sampling: dict, stops: list[str], life: Lifecycle) -> AsyncIterator[Delta]:
@@ -184,18 +186,18 @@ class Pipeline:
         `engines` collects every engine the request was sent to (to abort on exit)."""
         if decision.mode == "mixed":
             engines.append((decision.decode, decision.decode_engine))
-            async for out in _outputs(decision.decode_engine.generate.remote(EngineRequest(rid, **base)), life):
+            async for out in _outputs(self.streams.open(decision.decode_engine, EngineRequest(rid, **base)), life):
                 yield decision.decode_engine, out
             return
         parallel = decision.mode == "parallel"
         prefill_req = EngineRequest(rid, **base, prefill_only=True)
         if parallel:  # both at once: decode parks the request until the prefill pushes the KV to it
             engines.append((decision.decode, decision.decode_engine))
-            decode_outputs = decision.decode_engine.generate.remote(EngineRequest(rid, **base, kv_pending=True))
+            decode_outputs = self.streams.open(decision.decode_engine, EngineRequest(rid, **base, kv_pending=True))
             prefill_req.deliver_to = decision.decode_engine
         engines.append((decision.prefill, decision.prefill_engine))
         firsts = {}  # choice -> the prefill's output: its first token (n > 1: each choice's)
-        async for out in _outputs(decision.prefill_engine.generate.remote(prefill_req), life):
+        async for out in _outputs(self.streams.open(decision.prefill_engine, prefill_req), life):
             firsts[out.index] = out
         first = firsts[0]
         so_far = base["output_ids"] + list(first.token_ids)
@@ -218,9 +220,8 @@ class Pipeline:
             decision = await self.master.schedule_decode.remote(rid, len(base["prompt_ids"]), base["max_tokens"])
             life.route.update(decode=decision.decode, decode_queued_s=decision.queued_s)
             engines.append((decision.decode, decision.decode_engine))
-            decode_outputs = decision.decode_engine.generate.remote(
-                EngineRequest(rid, **{**base, "output_ids": so_far}, kv_transfer=first.kv_transfer,
-                              fork_outputs=forks))
+            decode_outputs = self.streams.open(decision.decode_engine, EngineRequest(
+                rid, **{**base, "output_ids": so_far}, kv_transfer=first.kv_transfer, fork_outputs=forks))
         async for out in _outputs(decode_outputs, life):
             if firsts:  # the first tokens go out with the decode's first output
                 for first_out in firsts.values():
@@ -230,10 +231,9 @@ class Pipeline:
 
 
 async def _outputs(stream, life: Lifecycle):
-    """EngineOutputs of an engine's streaming generate call; the stages the engine
+    """A request's EngineOutputs from its engine's stream; the stages the engine
     stamped are stamped on the request's lifecycle as each output arrives."""
-    async for ref in stream:
-        out = await ref
+    async for out in stream:
         if out.stamps:
             life.stamp_ages(out.stamps)
         yield out
