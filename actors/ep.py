@@ -19,6 +19,7 @@ all-to-all, so the group's own `all_to_all_single` carries the dispatch.
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 
@@ -50,6 +51,7 @@ class EPExperts:
     def __init__(self, expert_map: ExpertMap, rank: int, num_experts: int, group=None):
         self.expert_map, self.rank, self.group = expert_map, rank, group
         self.world = expert_map.ep_size
+        self.comm_s = 0.0  # wall seconds in all-to-alls, waits for the other ranks included
         self.routes = {layer: _LayerRoutes(ranks, num_experts) for layer, ranks in expert_map.slots.items()}
 
     def on(self, expert_map: ExpertMap, rank: int, num_experts: int, group) -> "EPExperts":
@@ -63,7 +65,11 @@ class EPExperts:
         return same
 
     def _a2a(self, out: torch.Tensor, inp: torch.Tensor, out_splits=None, in_splits=None) -> torch.Tensor:
-        return self.group.all_to_all_single(out, inp, out_splits, in_splits)
+        t0 = time.perf_counter()
+        try:
+            return self.group.all_to_all_single(out, inp, out_splits, in_splits)
+        finally:
+            self.comm_s += time.perf_counter() - t0
 
     def run(self, moe: MoELayer, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         t, k = route.expert_ids.shape

@@ -28,6 +28,7 @@ class StepOutput:
     load_s: list[float] = field(default_factory=list)  # per rank: wall seconds until its KV loads were in place
     logprobs: dict = field(default_factory=dict)  # seq id -> TokenLogprob of its sampled token (when asked)
     prompt_logprobs: dict = field(default_factory=dict)  # seq id -> per row of its chunk (when asked)
+    comm_s: float = 0.0  # the NPUs' mean wall seconds in EP all-to-alls this step
 
 
 class InstanceExecutor:
@@ -85,6 +86,7 @@ class InstanceExecutor:
             [r.load_s for r in results],
             logprobs,
             prompt_logprobs,
+            sum(r.comm_s for r in results) / len(results),
         )
 
     def step(self, works: list[SeqWork], return_logits: bool = False) -> StepOutput:

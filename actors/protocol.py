@@ -203,6 +203,7 @@ class NPUStepResult:
     # this step lasted the host's time, not the chip's (an overrun of the emulator)
     overrun: bool = False
     load_s: float = 0.0  # wall seconds from the step's start until its KV loads were in place
+    comm_s: float = 0.0  # wall seconds of the step in the EP all-to-alls (waits for the other ranks included)
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # seq id -> its sampled token's (params.logprobs)
     # seq id -> an entry per row of the chunk fed this step (params.prompt_logprobs): row i's is
     # the logprob of the prompt token after it (token_ids[i+1], or next_token after the last row

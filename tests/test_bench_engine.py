@@ -28,6 +28,14 @@ def test_bench_engine_tiny(ray_session, tmp_path):
         assert set(row) == {"batch", "engine_tok_s", "reference_tok_s", "ratio", "tokens_match"}
         assert row["tokens_match"] is True
         assert all(row[k] > 0 for k in ("batch", "engine_tok_s", "reference_tok_s", "ratio"))
+    # where a step goes: every step of the timed run counted once, each part measured, EP-2 exchanges tokens
+    for sp in data["splits"]:
+        assert 4 <= sp["steps"] <= 4 + sp["batch"]  # 4 tokens each: a step each, prefills joined or not
+        assert all(sp[k] > 0 for k in ("step_ms", "dispatch_ms", "npu_compute_ms", "all_to_all_ms", "update_ms"))
+        assert sp["transfer_ms"] >= 0
+        parts = sum(sp[k] for k in ("dispatch_ms", "npu_compute_ms", "all_to_all_ms", "transfer_ms", "update_ms",
+                                    "other_ms"))
+        assert parts <= sp["step_ms"] * 1.001 + 1e-6
     prefix = data["prefix"]
     assert {"ttft_uncached_s", "ttft_cached_s", "ratio", "cached_tokens"} <= set(prefix)
     assert all(prefix[k] > 0 for k in ("ttft_uncached_s", "ttft_cached_s", "ratio", "cached_tokens"))

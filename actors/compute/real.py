@@ -180,6 +180,7 @@ class RealCompute:
         fb = ForwardBatch.build([(w.seq_id, w.token_ids, w.start_pos) for w in batch.seqs])
         cache = self._cache_for(batch)
         load_s = time.perf_counter() - t0 if any(w.load_blocks for w in batch.seqs) else 0.0
+        comm0 = self.experts.comm_s
         residual = self.model.residual(fb, cache, self.experts)
         hidden = self.model.norm(residual)
         tokens, accepted, logits_out = {}, {}, {} if batch.return_logits else None
@@ -218,7 +219,7 @@ class RealCompute:
         exported = self._save(batch)
         return NPUStepResult(
             self.spec.rank, tokens, logits_out, device_s, time.perf_counter() - t0, exported, accepted, drafts,
-            load_s=load_s, logprobs=logprobs, prompt_logprobs=prompt_lps,
+            load_s=load_s, logprobs=logprobs, prompt_logprobs=prompt_lps, comm_s=self.experts.comm_s - comm0,
         )
 
     def free(self, seq_id: str) -> None:

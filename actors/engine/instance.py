@@ -80,6 +80,10 @@ class InstanceEngine:
             # (the engine's own host time: scheduling, results, events): an emulated chip idles through
             # the second, which on a real host takes a few ms a step
             "step_wall_s": 0.0, "host_gap_s": 0.0,
+            # where a step's wall time goes (bench engine): scheduling and sending it, the slowest
+            # NPU's wall and the NPUs' mean share of it in all-to-alls, taking the results in
+            # (outputs, events, records)
+            "dispatch_s": 0.0, "npu_s": 0.0, "a2a_s": 0.0, "update_s": 0.0,
         }
         self.device_time_s = 0.0
         self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
@@ -288,6 +292,7 @@ class InstanceEngine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            scheduling = time.monotonic()
             scheduled = self.scheduler.schedule()
             if not scheduled:
                 self._publish_kv_events()  # a failed admission may have evicted
@@ -295,10 +300,11 @@ class InstanceEngine:
                 await asyncio.sleep(0.001)  # admission waits for blocks freed by a finishing request
                 continue
             works = [self._work(s) for s in scheduled]
-            submitted = time.monotonic()
+            refs = self.executor.submit(works, ranks=[s.seq.rank for s in scheduled])
+            submitted = time.monotonic()  # (sending it is host work: the gap's, not the step's)
+            self.counters["dispatch_s"] += submitted - scheduling
             if last_end is not None:
                 self.counters["host_gap_s"] += submitted - last_end
-            refs = self.executor.submit(works, ranks=[s.seq.rank for s in scheduled])
             self._retired = None  # freed while the NPUs run the step: what the last switch replaced
             try:
                 out = InstanceExecutor.merge(await asyncio.gather(*refs))
@@ -318,6 +324,8 @@ class InstanceEngine:
             self.counters["step_wall_s"] += last_end - submitted
             self.counters["steps"] += 1
             self.counters["overrun_steps"] += out.overruns > 0
+            self.counters["npu_s"] += out.wall_time_s
+            self.counters["a2a_s"] += out.comm_s
             generated = self.counters["generated_tokens"]
             self._stamp_decode_side(scheduled, submitted, out)
             shape = StepRecord.of(scheduled, out.device_time_s) if self.step_records is not None else None
@@ -328,6 +336,7 @@ class InstanceEngine:
             if shape is not None and self.step_records is not None:
                 self.step_records.append(replace(shape, tokens=self.counters["generated_tokens"] - generated,
                                                  finished=sum(1 for s in scheduled if s.seq.finish_reason)))
+            self.counters["update_s"] += time.monotonic() - last_end
             self._step_done(ended)
 
     def _work(self, s: Scheduled) -> SeqWork:

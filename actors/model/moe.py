@@ -41,6 +41,8 @@ def apply_grouped(experts: nn.ModuleDict, x: torch.Tensor, expert_ids: torch.Ten
 class LocalExperts:
     """All routed experts in this process."""
 
+    comm_s = 0.0  # no collective (EPExperts counts its all-to-alls)
+
     def run(self, moe: "MoELayer", x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         t, k = route.expert_ids.shape
         rows = x.repeat_interleave(k, dim=0)

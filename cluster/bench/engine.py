@@ -56,6 +56,36 @@ class BatchRow:
     tokens_match: bool  # every engine token equals the reference's greedy token, in every repeat
 
 
+SPLIT_COUNTERS = ("steps", "step_wall_s", "host_gap_s", "dispatch_s", "npu_s", "a2a_s", "update_s")
+
+
+@dataclass
+class StepSplit:
+    """Where an engine step's wall time went, per step (ms), over a batch's timed runs:
+    the step (NPUs at work: compute and all-to-all; then the results' way back) and
+    the engine's host gap before the next one (scheduling and sending it, taking
+    the results in, and the rest: the consumer streams' items and the event loop's
+    other work, which share the engine's thread)."""
+
+    batch: int
+    steps: int
+    step_ms: float  # the loop's time per step: step + host gap
+    dispatch_ms: float  # schedule, build each sequence's work, send the batch to every NPU
+    npu_compute_ms: float  # the slowest NPU's wall, less the NPUs' mean time in all-to-alls
+    all_to_all_ms: float  # the NPUs' mean wall time in the EP all-to-alls (waits for each other included)
+    transfer_ms: float  # from the slowest NPU's end to the engine holding every result
+    update_ms: float  # outputs, KV events and step records
+    other_ms: float  # the host gap's rest: streaming the outputs, the event loop's other work
+
+    @classmethod
+    def of(cls, batch: int, d: dict) -> "StepSplit":
+        n = max(d["steps"], 1)
+        ms = lambda v: 1000 * v / n
+        return cls(batch, d["steps"], ms(d["step_wall_s"] + d["host_gap_s"]), ms(d["dispatch_s"]),
+                   ms(d["npu_s"] - d["a2a_s"]), ms(d["a2a_s"]), ms(d["step_wall_s"] - d["npu_s"]), ms(d["update_s"]),
+                   ms(d["host_gap_s"] - d["dispatch_s"] - d["update_s"]))
+
+
 @dataclass
 class PrefixRow:
     ttft_uncached_s: float
@@ -78,6 +108,7 @@ class EngineBenchResult:
     scheduler: dict
     global_kv_cache: bool
     batches: list[BatchRow] = field(default_factory=list)
+    splits: list[StepSplit] = field(default_factory=list)  # per batch, over its timed runs
     prefix: PrefixRow | None = None
 
     @property
@@ -182,6 +213,7 @@ def run_engine_bench(
     eng_runs = {b: [] for b in batches}
     ref_runs = {b: [] for b in batches}
     match = {b: True for b in batches}
+    spent = {b: dict.fromkeys(SPLIT_COUNTERS, 0.0) for b in batches}  # engine counters over the timed runs
     with _Engine(manifest, refs, ep, kv_blocks, sched) as e:
         warm = [_prompt(prompt_len, vocab, seed=-1)]
         _engine_run(e.engine, warm, output_len, bs)
@@ -189,7 +221,11 @@ def run_engine_bench(
         for r in range(repeats):
             for b in batches:
                 prompts = [_prompt(prompt_len, vocab, seed=(r * 1000 + b) * 1000 + i) for i in range(b)]
+                before = ray.get(e.engine.stats.remote())
                 tok_s, got = _engine_run(e.engine, prompts, output_len, bs)
+                after = ray.get(e.engine.stats.remote())
+                for k in SPLIT_COUNTERS:
+                    spent[b][k] += after[k] - before[k]
                 eng_runs[b].append(tok_s)
                 tok_s, want = _reference_run(reference, prompts, output_len)
                 ref_runs[b].append(tok_s)
@@ -197,6 +233,7 @@ def run_engine_bench(
     for b in batches:
         e_tok, r_tok = statistics.median(eng_runs[b]), statistics.median(ref_runs[b])
         result.batches.append(BatchRow(b, e_tok, r_tok, e_tok / r_tok, match[b]))
+        result.splits.append(StepSplit.of(b, spent[b]))
 
     # 2. prefix reuse: prompt = prefix + suffix; seeds from 10**9 up are never used by part 1
     def prompt(r: int, which: int, part: int) -> list[int]:
@@ -237,6 +274,16 @@ def print_engine_bench(result: EngineBenchResult, console) -> None:
         table.add_column(col, justify="right")
     for b in result.batches:
         table.add_row(str(b.batch), f"{b.engine_tok_s:.1f}", f"{b.reference_tok_s:.1f}", f"{b.ratio:.2f}x", yes(b.tokens_match))
+    console.print(table)
+    table = Table(title="where a step goes, ms per step (engine counters over the timed runs)")
+    cols = (("batch", "batch"), ("steps", "steps"), ("step", "step_ms"), ("dispatch", "dispatch_ms"),
+            ("NPU compute", "npu_compute_ms"), ("all-to-all", "all_to_all_ms"), ("results back", "transfer_ms"),
+            ("update", "update_ms"), ("streams, other", "other_ms"))
+    for title, _ in cols:
+        table.add_column(title, justify="right")
+    for sp in result.splits:
+        table.add_row(*(str(getattr(sp, k)) if isinstance(getattr(sp, k), int) else f"{getattr(sp, k):.2f}"
+                        for _, k in cols))
     console.print(table)
     p = result.prefix
     if p is None:
