@@ -60,7 +60,8 @@ class InstanceExecutor:
             per_rank[self.rank_of(w.seq_id) if ranks is None else ranks[i]].append(w)
         self._step += 1
         specs, self._switch_to = self._switch_to or [None] * len(self.npus), None
-        return [npu.step.remote(NPUBatch(self._step, seqs, return_logits, spec))
+        max_rows = max(sum(len(w.token_ids) for w in seqs) for seqs in per_rank)
+        return [npu.step.remote(NPUBatch(self._step, seqs, return_logits, spec, max_rows))
                 for npu, seqs, spec in zip(self.npus, per_rank, specs)]
 
     @staticmethod

@@ -187,6 +187,9 @@ class NPUBatch:
     # spec: it switches (group formed and experts staged beforehand) as the step
     # starts, so the switch costs no round trip of its own
     spec: NPUSpec | None = None
+    # the most token rows any NPU of the instance feeds this step: bounds what one NPU
+    # sends another in an MoE layer, so the dispatch carries its own counts (actors/ep.py)
+    max_rows: int | None = None
 
 
 @dataclass
@@ -203,12 +206,12 @@ class NPUStepResult:
     # this step lasted the host's time, not the chip's (an overrun of the emulator)
     overrun: bool = False
     load_s: float = 0.0  # wall seconds from the step's start until its KV loads were in place
-    comm_s: float = 0.0  # wall seconds of the step in the EP all-to-alls (waits for the other ranks included)
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)  # seq id -> its sampled token's (params.logprobs)
     # seq id -> an entry per row of the chunk fed this step (params.prompt_logprobs): row i's is
     # the logprob of the prompt token after it (token_ids[i+1], or next_token after the last row
     # of a non-final chunk); None for the last row of a chunk that samples (its target is generated)
     prompt_logprobs: dict[str, list[TokenLogprob | None]] = field(default_factory=dict)
+    comm_s: float = 0.0  # wall seconds of the step in the EP all-to-alls (waits for the other ranks included)
 
 
 @dataclass

@@ -47,20 +47,26 @@ class _EPProbe:
         self.ep = EPExperts(ExpertMap({0: slots}), rank, num_experts, pg)
         self.moe = SimpleNamespace(layer=0, experts=nn.ModuleDict({str(e): _Scale(e + 1.0) for e in slots[rank]}))
 
-    def run(self, x, ids):
-        return self.ep.run(self.moe, x, RouterOutput(ids, torch.ones(ids.shape, dtype=x.dtype)))
+    def run(self, x, ids, max_rows=None):
+        """The layer's output and the all-to-alls it took."""
+        self.ep.max_rows, before = max_rows, self.ep.comm_calls
+        out = self.ep.run(self.moe, x, RouterOutput(ids, torch.ones(ids.shape, dtype=x.dtype)))
+        return out, self.ep.comm_calls - before
 
 
-def _round_trip(slots, num_experts, tokens_per_rank, k=2, seed=0):
+def _round_trip(slots, num_experts, tokens_per_rank, k=2, seed=0, bounded=False, dtype=torch.float64):
+    """Each rank's (input, expert ids) and (output, all-to-alls); `bounded`: the
+    step's bound on rows comes along, as in an engine step."""
     group = f"probe-{uuid.uuid4().hex[:6]}"
     probes = [_EPProbe.remote(r, slots, num_experts, group) for r in range(len(slots))]
     gen = torch.Generator().manual_seed(seed)
     inputs = []
     for t in tokens_per_rank:
-        x = torch.randn(t, 8, generator=gen, dtype=torch.float64)
+        x = torch.randn(t, 8, generator=gen, dtype=torch.float64).to(dtype)
         ids = torch.stack([torch.randperm(num_experts, generator=gen)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.long)
         inputs.append((x, ids))
-    outs = ray.get([p.run.remote(x, ids) for p, (x, ids) in zip(probes, inputs)])
+    bound = max(tokens_per_rank) if bounded else None
+    outs = ray.get([p.run.remote(x, ids, bound) for p, (x, ids) in zip(probes, inputs)])
     for p in probes:
         ray.kill(p)
     return inputs, outs
@@ -74,13 +80,25 @@ def _round_trip(slots, num_experts, tokens_per_rank, k=2, seed=0):
         ([[0, 1, 2], [0, 3, 4]], [6, 6]),  # expert 0 has two copies (Omni Placement redundancy)
     ],
 )
-def test_dispatch_combine_round_trips_tokens_exactly(ray_session, slots, tokens):
+@pytest.mark.parametrize("bounded", [True, False], ids=["counts-in-header", "counts-first"])
+def test_dispatch_combine_round_trips_tokens_exactly(ray_session, slots, tokens, bounded):
+    """With the step's bound the counts travel in the dispatch's header (two
+    all-to-alls); without it they go first (three). Either way every row comes
+    back from the expert it was sent to."""
     num_experts = len({e for held in slots for e in held})
-    inputs, outs = _round_trip(slots, num_experts, tokens)
-    for (x, ids), out in zip(inputs, outs):
+    inputs, outs = _round_trip(slots, num_experts, tokens, bounded=bounded)
+    for (x, ids), (out, calls) in zip(inputs, outs):
         assert out.shape == (x.shape[0], ids.shape[1], x.shape[1])
         expected = x.unsqueeze(1) * (ids.to(x.dtype) + 1).unsqueeze(-1)
         assert torch.equal(out, expected)
+        assert calls == (2 if bounded else 3)
+
+
+def test_header_counts_stay_exact_in_bfloat16(ray_session):
+    """300 rows for one slot: a count bfloat16 cannot hold (the header is bytes)."""
+    inputs, outs = _round_trip([[0], [1]], 2, [300, 2], bounded=True, dtype=torch.bfloat16)
+    for (x, ids), (out, calls) in zip(inputs, outs):
+        assert torch.equal(out, x.unsqueeze(1) * (ids.to(x.dtype) + 1).unsqueeze(-1)) and calls == 2
 
 
 @pytest.mark.parametrize("manifest, ep_sizes", [("local", [1, 2, 4]), ("tiny-mla", [4])])  # tiny-mla at 1, 2: test_cli

@@ -180,7 +180,7 @@ class RealCompute:
         fb = ForwardBatch.build([(w.seq_id, w.token_ids, w.start_pos) for w in batch.seqs])
         cache = self._cache_for(batch)
         load_s = time.perf_counter() - t0 if any(w.load_blocks for w in batch.seqs) else 0.0
-        comm0 = self.experts.comm_s
+        comm0, self.experts.max_rows = self.experts.comm_s, batch.max_rows
         residual = self.model.residual(fb, cache, self.experts)
         hidden = self.model.norm(residual)
         tokens, accepted, logits_out = {}, {}, {} if batch.return_logits else None

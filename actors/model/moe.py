@@ -42,6 +42,7 @@ class LocalExperts:
     """All routed experts in this process."""
 
     comm_s = 0.0  # no collective (EPExperts counts its all-to-alls)
+    max_rows: int | None = None  # (EPExperts: bounds a step's dispatch)
 
     def run(self, moe: "MoELayer", x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         t, k = route.expert_ids.shape
