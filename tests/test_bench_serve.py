@@ -90,6 +90,18 @@ def test_simulate_through_the_proxy_refuses_a_cluster_that_serves_already(server
     assert ray.get(server.instances[0].engine.stats.remote())["healthy"]
 
 
+def test_bench_latency_times_omniray_and_a_bare_serve_echo_in_one_run(server, tmp_path):
+    """Both answered every request (a non-200 raises); the echo leaves the server's Serve again."""
+    from ray import serve
+
+    from cluster.bench.latency import ECHO_APP, run_latency_bench
+
+    r = run_latency_bench(server.manifest, requests=6, warmup=1, url=server.url)
+    assert r.requests == 6 and r.omniray_p50_ms > 0 and r.echo_p50_ms > 0
+    assert r.omniray_p90_ms >= r.omniray_p50_ms and r.ratio == r.omniray_p50_ms / r.echo_p50_ms
+    assert ECHO_APP not in serve.status().applications
+
+
 def test_trace_replay_hits_the_prefixes_the_hash_ids_imply(server):
     """One mixed instance with a pool big enough to evict nothing, one request at a
     time: the engine reuses exactly the prefix blocks the trace's hash ids share
