@@ -15,6 +15,7 @@ from ray.cluster_utils import Cluster
 
 from actors.model.reference import build_reference, generate
 from actors.npu import NPU_RESOURCE
+from cluster.bench.serve import free_port
 from cluster.config import MANIFEST_DIR, parse_manifest
 from cluster.proxy.tokens import Tokenizer
 from helpers import generate_during
@@ -44,7 +45,7 @@ def test_instances_span_nodes_and_pd_crosses_them(cluster):
                       {"name": "decode0", "role": "decode", "ep": 2, "placement": "SPREAD"}],
         "proxy": {"policy": "round_robin"},
     }, MANIFEST_DIR)
-    server = start_server(manifest, port=8000 + hash("multinode") % 500)
+    server = start_server(manifest, port=free_port())
     try:
         nodes = {i.name: [n["node"] for n in ray.get([npu.stats.remote() for npu in i.npus])]
                  for i in server.instances}
@@ -200,7 +201,7 @@ def test_the_standby_pool_follows_the_instances_as_they_are_added_and_removed(cl
         "instances": [{"name": "mixed0", "role": "mixed", "ep": 1, "placement": "STRICT_PACK"}],
         "elastic": {"standby_npus": 1},
     }, MANIFEST_DIR)
-    server = start_server(manifest, port=8000 + hash("multinode-standby") % 500)
+    server = start_server(manifest, port=free_port())
     try:
         def view() -> dict:
             return ray.get(server.controller.describe.remote())

@@ -10,6 +10,7 @@ import ray
 from ray import serve
 
 from actors.model.reference import build_reference, generate
+from cluster.bench.serve import free_port
 from cluster.config import load_manifest
 from cluster.proxy.tokens import Tokenizer
 from cluster.server import OWNER_NAMESPACE, app_from_args, owner_name
@@ -18,7 +19,7 @@ from cluster.server import OWNER_NAMESPACE, app_from_args, owner_name
 def test_app_from_args_serves_and_owner_holds_the_backend(ray_session, monkeypatch):
     """As the shipped configs run it: the key from $OMNIRAY_API_KEY (`api_key_env`)."""
     monkeypatch.setenv("OMNIRAY_API_KEY", "k")
-    port = 8000 + (hash("omniray-config") % 500)
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     manifest = load_manifest("local")
     try:
