@@ -68,6 +68,7 @@ class InstanceEngine:
         # KV delivered before its request came: (when, output ids, KV, forks' output ids)
         self.early: dict[str, tuple[float, list[int], KVTransfer, list | None]] = {}
         self.guides = None  # guided decoding: grammars compiled for this engine's tokenizer, on first use
+        self._kv_cache = None  # the global KV cache actor's handle, once looked up
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.counters = {
@@ -227,13 +228,15 @@ class InstanceEngine:
         return True
 
     async def _match_global(self, seq: Sequence) -> None:
-        import ray
-
         usable = seq.request.block_hashes[: (len(seq.request.prompt_ids) - 1) // self.config.scheduler.block_size]
+        if not usable:  # no full block before the last token: nothing the cache could hold
+            return
         try:
-            cache = ray.get_actor(self.config.kv_cache_name)
-            hit = await cache.match.remote(usable)
+            if self._kv_cache is None:  # looked up once (a GCS call), again after a failure
+                self._kv_cache = ray.get_actor(self.config.kv_cache_name)
+            hit = await self._kv_cache.match.remote(usable)
         except Exception:  # no cache, or it is restarting: a miss costs only recomputation
+            self._kv_cache = None
             return
         seq.remote_blocks, seq.remote_tokens = hit["refs"], hit["num_blocks"] * self.config.scheduler.block_size
 
