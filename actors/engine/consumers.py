@@ -24,6 +24,13 @@ from dataclasses import dataclass, field
 from actors.protocol import EngineOutput
 
 
+def stamps_as_ages(out: EngineOutput, now: float) -> None:
+    """An output's lifecycle stamps (monotonic times) as their ages when it leaves
+    the engine: the receiver has its own clock."""
+    if out.stamps:
+        out.stamps = {stage: now - t for stage, t in out.stamps.items()}
+
+
 @dataclass
 class ConsumerStream:
     """What is waiting for one consumer, and which of its requests are open."""
@@ -39,8 +46,8 @@ class ConsumerStream:
         self.ready.clear()
         now = time.monotonic()
         for _, out in items:
-            if isinstance(out, EngineOutput) and out.stamps:
-                out.stamps = {stage: now - t for stage, t in out.stamps.items()}
+            if isinstance(out, EngineOutput):
+                stamps_as_ages(out, now)
         return items
 
 

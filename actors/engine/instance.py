@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import ray
 
 from actors.engine.block_manager import BlockManager
-from actors.engine.consumers import ConsumerStream, RequestSink
+from actors.engine.consumers import ConsumerStream, RequestSink, stamps_as_ages
 from actors.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
 from actors.engine.sequence import Sequence, continues, end_reason
 from actors.executor import InstanceExecutor
@@ -117,9 +117,7 @@ class InstanceEngine:
                 out = await queue.get()
                 if isinstance(out, Exception):
                     raise out
-                if out.stamps:  # monotonic times -> ages as it leaves: the receiver has its own clock
-                    now = time.monotonic()
-                    out.stamps = {stage: now - t for stage, t in out.stamps.items()}
+                stamps_as_ages(out, time.monotonic())
                 yield out
                 open_choices -= out.finished
                 if open_choices == 0:
