@@ -36,7 +36,9 @@ def server(ray_session, one_thread):
         "name": "serve-test", "model": "models/tiny-gqa-moge.yaml", "compute": "real",
         "instances": [{"name": "prefill0", "role": "prefill", "ep": 1}, {"name": "prefill1", "role": "prefill", "ep": 1},
                       {"name": "decode0", "role": "decode", "ep": 2}],
-        "proxy": {"api_keys": [KEY], "max_body_bytes": 65536},
+        # a starvation bound far above how long queueing a test's requests takes on a slow box: the
+        # sorting tests see the weighted order, not requests that waited past the bound (400 ms by default)
+        "proxy": {"api_keys": [KEY], "max_body_bytes": 65536, "starvation_ms": 30000},
     }, MANIFEST_DIR)
     srv = start_server(manifest, port=free_port(), grpc_port=free_port())
     yield srv
