@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from dataclasses import replace
 
 import ray
 
@@ -100,6 +101,7 @@ class NPUActor:
         self.forming: dict = {}  # groups still forming in their own thread (collective.PendingGroup), by name
         self.device_time_s = 0.0
         self.steps = 0
+        self.sampled: dict[str, int] = {}  # seq id -> the token its last step sampled
         self.prepares = 0  # prepare calls: experts staged from elsewhere ahead of a switch
 
     def ready(self) -> str:
@@ -260,7 +262,11 @@ class NPUActor:
     def step(self, batch: NPUBatch) -> NPUStepResult:
         if batch.spec is not None:
             self.commit(batch.spec)
+        if any(w.follows for w in batch.seqs):
+            batch = replace(batch, seqs=[replace(w, token_ids=[self.sampled[w.seq_id]]) if w.follows else w
+                                         for w in batch.seqs])
         result = self.compute.step(batch)
+        self.sampled = result.tokens  # what a follow-on step (SeqWork.follows) feeds
         self.device_time_s += result.device_time_s
         self.steps += 1
         return result

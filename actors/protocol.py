@@ -149,6 +149,10 @@ class SeqWork:
     # copy on write: (source, destination) blocks to copy before the step (a fork's copy
     # of its parent's partial last prompt block, where the choices diverge)
     copy_blocks: tuple[tuple[int, int], ...] = ()
+    # overlapped steps: the engine sent this step before the last one's results were in,
+    # so it does not know the token to feed; the NPU feeds the one it sampled for this
+    # sequence in its previous step (token_ids holds a placeholder of the right length)
+    follows: bool = False
 
     @property
     def decode_row(self) -> bool:

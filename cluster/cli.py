@@ -78,7 +78,7 @@ def cmd_bench_engine(args) -> int:
     manifest = load_manifest(args.manifest)
     connect(args.address)
     result = run_engine_bench(manifest, args.ep, args.batches, args.prompt_len, args.output_len,
-                              args.prefix_len, args.suffix_len, args.repeats)
+                              args.prefix_len, args.suffix_len, args.repeats, args.compare_overlap)
     print_engine_bench(result, console)
     if args.json:
         result.write_json(args.json)
@@ -442,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--prefix-len", type=_positive, default=288, help="shared prefix of the prefix-reuse prompt")
     bg.add_argument("--suffix-len", type=_positive, default=32, help="its distinct suffix")
     bg.add_argument("--repeats", type=_positive, default=3)
+    bg.add_argument("--compare-overlap", action="store_true",
+                    help="also run an engine with overlapped steps off, interleaved: the A/B in one run")
     bg.add_argument("--address", default=None)
     bg.add_argument("--json", default=None, help="write the summary here")
     bg.set_defaults(func=cmd_bench_engine)

@@ -54,6 +54,8 @@ class EngineSettings(BaseModel):
     mtp: bool = False  # MTP speculative decoding (greedy requests); the model needs MTP heads
     mtp_acceptance_rate: float = Field(0.9, ge=0.0, le=1.0)  # emulated compute only
     global_kv_cache: bool = True  # publish prompt blocks to the global KV cache actor
+    # send the next step of steady decoding before the last one's results are in (async scheduling)
+    overlap_steps: bool = True
     kv_cache_bytes: int = Field(1 << 30, gt=0)  # its capacity (LRU eviction past it)
 
 

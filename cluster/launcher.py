@@ -245,7 +245,7 @@ def engine_name(instance: str) -> str:
 
 def launch_engine(
     instance: Instance, scheduler: SchedulerConfig | None = None, kv_cache_name: str | None = None, mtp: bool = False,
-    tokenizer_json: str | None = None,
+    tokenizer_json: str | None = None, overlap_steps: bool = True,
 ):
     """Start the engine actor that drives an instance's NPUs step by step (by the
     instance's owner, if it has one). `tokenizer_json` (the text of a HF
@@ -256,7 +256,7 @@ def launch_engine(
         raise ValueError(f"mtp: model {instance.specs[0].model.name} has no MTP heads (num_mtp_layers: 0)")
     scheduler = scheduler or SchedulerConfig(block_size=instance.specs[0].block_size)
     config = EngineConfig(instance.name, instance.role, scheduler, kv_cache_name, mtp, tokenizer_json,
-                          instance.specs[0].model.vocab_size)
+                          instance.specs[0].model.vocab_size, overlap_steps)
     args = (config, instance.npus, instance.memory, instance.specs)
     owner = instance.owner
     instance.engine = ray.get(owner.start_engine.remote(*args)) if owner is not None else start_engine_actor(*args)
@@ -334,7 +334,7 @@ def launch_manifest_instance(manifest, spec, weight_refs: dict | None, kv_cache=
     inst.kv_cache = kv_cache
     try:
         launch_engine(inst, SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size),
-                      cache_name, eng.mtp, tokenizer_json_text(manifest.tokenizer))
+                      cache_name, eng.mtp, tokenizer_json_text(manifest.tokenizer), eng.overlap_steps)
     except Exception:
         inst.shutdown()
         raise

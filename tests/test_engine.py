@@ -22,11 +22,12 @@ from cluster.launcher import launch_engine, launch_instance
 BS = 16
 
 
-def _engine(cfg, refs, ep=2, role="mixed", kv_blocks=None, cache=None, compute="real", device="910B", sched=None):
+def _engine(cfg, refs, ep=2, role="mixed", kv_blocks=None, cache=None, compute="real", device="910B", sched=None,
+            overlap=True):
     name = f"{role}-{uuid.uuid4().hex[:6]}"
     inst = launch_instance(name, cfg, ep, compute, device, refs, role=role, kv_blocks=kv_blocks, kv_cache_name=cache,
                            time_scale=0.0)
-    launch_engine(inst, sched or SchedulerConfig(block_size=BS), kv_cache_name=cache)
+    launch_engine(inst, sched or SchedulerConfig(block_size=BS), kv_cache_name=cache, overlap_steps=overlap)
     return inst
 
 
@@ -165,6 +166,43 @@ def test_stop_token_ends_a_request(model):
     got = _tokens(outs)
     assert got == full[: full.index(stop) + 1]
     assert outs[-1].finish_reason == "stop"
+
+
+def test_overlapped_steps_stop_exactly_and_equal_the_engine_without_them(model):
+    """Overlapped steps send the next decode step before the last one's results are
+    in: the tokens (greedy, seeded, with logprobs) are the reference's, a stop
+    token ends its request exactly (the token computed past it is never sent, nor
+    counted), and the engine without overlap gives the same outputs and counters."""
+    cfg, refs, reference = model
+    prompts = _prompts([9, 21, 30], seed=3)
+    full = generate(reference, [prompts[0]], 10).tokens[0]
+    stop = full[4]
+    seeded = SamplingParams(temperature=0.8, seed=7)
+    reqs = lambda: [_req(0, prompts[0], 10, stop_token_ids=frozenset({stop})),
+                    _req(1, prompts[1], 12, params=seeded),
+                    _req(2, prompts[2], 12, params=SamplingParams(logprobs=2))]
+    got, stats = {}, {}
+    for overlap in (True, False):
+        inst = _engine(cfg, refs, overlap=overlap)
+        try:
+            async def main():
+                return await asyncio.gather(*[_run(inst.engine, r) for r in reqs()])
+
+            got[overlap] = asyncio.run(main())
+            stats[overlap] = ray.get(inst.engine.stats.remote())
+        finally:
+            inst.shutdown()
+    for outs in got.values():
+        assert _tokens(outs[0]) == full[: full.index(stop) + 1] and outs[0][-1].finish_reason == "stop"
+        assert _tokens(outs[1]) == generate(reference, [prompts[1]], 12, params=seeded).tokens[0]
+        assert _tokens(outs[2]) == generate(reference, [prompts[2]], 12).tokens[0]
+    lps = {o: [lp for out in outs[2] for lp in out.logprobs] for o, outs in got.items()}
+    assert len(lps[True]) == 12  # (the batches' shapes may differ: float64 rounding, not other values)
+    assert [lp.token_id for lp in lps[True]] == [lp.token_id for lp in lps[False]]
+    assert lps[True][-1].logprob == pytest.approx(lps[False][-1].logprob, abs=1e-9)
+    assert stats[True]["overlapped_steps"] > 0 and stats[False]["overlapped_steps"] == 0
+    for key in ("computed_tokens", "generated_tokens"):  # (steps: the requests may join in one step or two)
+        assert stats[True][key] == stats[False][key], key
 
 
 def test_prefix_reuse_equals_full_prefill(model):

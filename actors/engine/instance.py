@@ -48,6 +48,10 @@ class EngineConfig:
     mtp: bool = False  # MTP speculative decoding for greedy requests (the model needs MTP heads)
     tokenizer_json: str | None = None  # guided decoding: the tokenizer (HF tokenizer.json text)
     vocab_size: int = 0  # the model's (guided decoding's token masks cover it)
+    # overlapped steps (async scheduling): while the NPUs run a step of steady decoding, the
+    # next one is already sent (the NPUs feed the tokens they sampled): the engine's host
+    # work (results, streams, the next dispatch) leaves the step's critical path
+    overlap_steps: bool = True
 
 
 class InstanceEngine:
@@ -85,6 +89,7 @@ class InstanceEngine:
             # NPU's wall and the NPUs' mean share of it in all-to-alls, taking the results in
             # (outputs, events, records)
             "dispatch_s": 0.0, "npu_s": 0.0, "a2a_s": 0.0, "update_s": 0.0,
+            "overlapped_steps": 0,  # steps sent before the last one's results were in (_follow_on)
         }
         self.device_time_s = 0.0
         self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
@@ -282,63 +287,131 @@ class InstanceEngine:
         self._after_step = []
 
     async def _steps(self) -> None:
-        last_end = None  # when the last step ended, while the work went on since
+        last_end = None  # when the last step's results were in, while the work went on since
+        flight: _Flight | None = None  # a step on the NPUs whose results are not taken in yet
         while True:
-            if self._reconfig is not None:
-                await self._switch(*self._reconfig)
-                self._reconfig = None
-            if self.holding or not self.scheduler.has_work():
-                self._step_done(None)  # (aborted, or finished by a failed step): no step to wait for
-                last_end = None
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            scheduling = time.monotonic()
-            scheduled = self.scheduler.schedule()
-            if not scheduled:
-                self._publish_kv_events()  # a failed admission may have evicted
-                last_end = None  # waiting for blocks, not host work
-                await asyncio.sleep(0.001)  # admission waits for blocks freed by a finishing request
-                continue
-            works = [self._work(s) for s in scheduled]
-            refs = self.executor.submit(works, ranks=[s.seq.rank for s in scheduled])
-            submitted = time.monotonic()  # (sending it is host work: the gap's, not the step's)
-            self.counters["dispatch_s"] += submitted - scheduling
+            if flight is None:
+                if self._reconfig is not None:
+                    await self._switch(*self._reconfig)
+                    self._reconfig = None
+                if self.holding or not self.scheduler.has_work():
+                    self._step_done(None)  # (aborted, or finished by a failed step): no step to wait for
+                    last_end = None
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                scheduling = time.monotonic()
+                scheduled = self.scheduler.schedule()
+                if not scheduled:
+                    self._publish_kv_events()  # a failed admission may have evicted
+                    last_end = None  # waiting for blocks, not host work
+                    await asyncio.sleep(0.001)  # admission waits for blocks freed by a finishing request
+                    continue
+                flight = self._send(scheduled, [self._work(s) for s in scheduled], scheduling)
+            # overlapped steps: the next step goes out before this one's results are taken in
+            follow = self._follow_on(flight) if self.config.overlap_steps else None
+            awaiting = time.monotonic()
             if last_end is not None:
-                self.counters["host_gap_s"] += submitted - last_end
+                self.counters["host_gap_s"] += awaiting - last_end
             self._retired = None  # freed while the NPUs run the step: what the last switch replaced
             try:
-                out = InstanceExecutor.merge(await asyncio.gather(*refs))
+                out = InstanceExecutor.merge(await asyncio.gather(*flight.refs))
             except Exception as err:  # an NPU failed: fail what ran, loudly, and keep serving the rest
                 logger.exception("engine %s: step failed", self.config.name)
-                import ray
-
                 if isinstance(err, ray.exceptions.RayActorError):  # an NPU is gone: the instance needs a rebuild
                     self.healthy = False
-                for s in scheduled:
+                for s in flight.scheduled:
                     self._fail(s.seq, f"engine {self.config.name}: step failed on an NPU: {err}")
+                if follow is not None:  # (its sequences were the failed step's)
+                    await asyncio.gather(*follow.refs, return_exceptions=True)
                 self._step_done(None, f"step failed on an NPU: {err}")
                 self._publish_kv_events()
+                flight, last_end = None, None
                 continue
-            self.device_time_s += out.device_time_s
-            last_end = time.monotonic()
-            self.counters["step_wall_s"] += last_end - submitted
-            self.counters["steps"] += 1
-            self.counters["overrun_steps"] += out.overruns > 0
-            self.counters["npu_s"] += out.wall_time_s
-            self.counters["a2a_s"] += out.comm_s
-            generated = self.counters["generated_tokens"]
-            self._stamp_decode_side(scheduled, submitted, out)
-            shape = StepRecord.of(scheduled, out.device_time_s) if self.step_records is not None else None
-            self._update(scheduled, out)
-            self._publish_kv_events()
-            ended = time.time()
-            self.step_log.append((ended, self.counters["generated_tokens"] - generated))
-            if shape is not None and self.step_records is not None:
-                self.step_records.append(replace(shape, tokens=self.counters["generated_tokens"] - generated,
-                                                 finished=sum(1 for s in scheduled if s.seq.finish_reason)))
-            self.counters["update_s"] += time.monotonic() - last_end
-            self._step_done(ended)
+            last_end = self._take_in(flight, out, awaiting)
+            flight = follow
+
+    def _send(self, scheduled: list[Scheduled], works: list[SeqWork], began: float) -> _Flight:
+        """Send one step to the NPUs; `began`: when its scheduling began."""
+        refs = self.executor.submit(works, ranks=[s.seq.rank for s in scheduled])
+        submitted = time.monotonic()
+        self.counters["dispatch_s"] += submitted - began
+        return _Flight(scheduled, refs, submitted)
+
+    def _take_in(self, flight: _Flight, out, awaiting: float) -> float:
+        """A step's results are in (the loop began waiting for them at `awaiting`):
+        update its sequences, stream their tokens, publish the KV events, log it.
+        Returns when the results were in."""
+        scheduled = flight.scheduled
+        results_in = time.monotonic()
+        self.device_time_s += out.device_time_s
+        self.counters["step_wall_s"] += results_in - awaiting
+        self.counters["steps"] += 1
+        self.counters["overrun_steps"] += out.overruns > 0
+        self.counters["npu_s"] += out.wall_time_s
+        self.counters["a2a_s"] += out.comm_s
+        generated = self.counters["generated_tokens"]
+        self._stamp_decode_side(scheduled, flight.submitted, out)
+        shape = StepRecord.of(scheduled, out.device_time_s) if self.step_records is not None else None
+        self._update(scheduled, out)
+        self._publish_kv_events()
+        ended = time.time()
+        self.step_log.append((ended, self.counters["generated_tokens"] - generated))
+        if shape is not None and self.step_records is not None:
+            self.step_records.append(replace(shape, tokens=self.counters["generated_tokens"] - generated,
+                                             finished=sum(1 for s in scheduled if s.seq.finish_reason)))
+        self.counters["update_s"] += time.monotonic() - results_in
+        self._step_done(ended)
+        return results_in
+
+    def _follow_on(self, flight: _Flight) -> _Flight | None:
+        """Overlapped steps (async scheduling): the step after `flight`, sent now,
+        while `flight` runs, when it is steady decoding: every sequence of it
+        decodes one token with nothing that needs its result first (no MTP
+        draft, no grammar, no penalty over the output, no min_tokens ban, no KV
+        to load or copy), nothing waits to be admitted, and no switch or hold is
+        pending. Each sequence's token to feed is the one its NPU samples in
+        `flight` (SeqWork.follows). A sequence that ends in `flight` by length
+        is left out; one that ends by a stop token or EOS has one token computed
+        past its end, which is never taken in (its update skips a finished
+        sequence) and whose KV goes with its blocks. None: the next step waits
+        for this one's results, as without overlap."""
+        if self.holding or self._reconfig is not None or self.scheduler.waiting:
+            return None
+        began = time.monotonic()
+        nxt = []
+        for s in flight.scheduled:
+            seq = s.seq
+            if seq.finish_reason:
+                continue
+            if not self._followable(s):
+                return None
+            if len(seq.output_ids) + 1 < seq.request.max_tokens:  # (else `flight` samples its last token)
+                nxt.append(seq)
+        if not nxt:
+            return None
+        for seq in nxt:  # the KV slot of the token it feeds: the one after `flight`'s
+            if not self.managers[seq.rank].grow(seq.block_table, seq.num_computed + 2):
+                return None
+        works, follow = [], []
+        for seq in nxt:
+            works.append(SeqWork(seq.seq_id, [0], seq.num_computed + 1, True, self._params(seq),
+                                 len(seq.output_ids) + 1, block_table=list(seq.block_table), follows=True))
+            item = Scheduled(seq, 1)
+            item.samples = True
+            follow.append(item)
+        self.counters["overlapped_steps"] += 1
+        return self._send(follow, works, began)
+
+    def _followable(self, s: Scheduled) -> bool:
+        """A sequence of a step in flight whose next step can go out before that
+        step's results are in (see _follow_on)."""
+        seq, req = s.seq, s.seq.request
+        p = req.params
+        return (s.samples and s.num_tokens == 1 and bool(seq.output_ids) and not s.load and not seq.copy_blocks
+                and seq.draft is None and not (self.config.mtp and _plain(req)) and seq.guide is None
+                and not p.needs_history and len(seq.output_ids) + 1 >= p.min_tokens
+                and (req.n == 1 or seq.forked) and seq.rank is not None)
 
     def _work(self, s: Scheduled) -> SeqWork:
         seq, bs = s.seq, self.config.scheduler.block_size
@@ -681,8 +754,6 @@ class InstanceEngine:
         first = self._next_step()
         exports = info.pop("exports")
         if exports:  # the leaving NPUs go once this returns: their KV must be out by then (the engine owns the copies)
-            import ray
-
             await asyncio.to_thread(ray.wait, exports, num_returns=len(exports), fetch_local=False)
         if first is not None:
             at, error = await first
@@ -748,8 +819,6 @@ class InstanceEngine:
 
     async def _switch(self, npus: list, specs: list, memory: list[dict], done: asyncio.Future,
                       recompute: bool, exported: dict[str, tuple]) -> None:
-        import ray
-
         t0, switch_at = time.monotonic(), time.time()  # the old size's last step is in the step log
         try:
             old = self.executor.npus
@@ -848,6 +917,15 @@ class InstanceEngine:
             "time": time.time(),
             **self.counters,
         }
+
+
+@dataclass
+class _Flight:
+    """A step sent to the NPUs: what it runs, the refs of their results, when it went."""
+
+    scheduled: list[Scheduled]
+    refs: list
+    submitted: float
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,8 @@ def _launch(manifest, name: str, ep: int, role: str, placement, refs):
                            backend=manifest.collective_backend, time_scale=manifest.time_scale,
                            block_size=eng.block_size, kv_blocks=eng.kv_blocks, placement=placement)
     try:
-        launch_engine(inst, SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size))
+        launch_engine(inst, SchedulerConfig(eng.max_num_seqs, eng.max_num_batched_tokens, eng.block_size),
+                      overlap_steps=eng.overlap_steps)
     except BaseException:
         inst.shutdown()
         raise

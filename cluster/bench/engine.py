@@ -22,11 +22,16 @@ B requests really run as one batch):
 
 Figures are medians over `repeats`; one untimed warm-up request runs first on
 each engine (it starts the engine loop and the gloo group's first all-to-all).
+
+With `compare_overlap`, part 1 also runs a second engine with overlapped steps
+off (each step waits for the last one's results), interleaved with the first
+in every repeat: the A/B of async scheduling in one run.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -54,6 +59,9 @@ class BatchRow:
     reference_tok_s: float
     ratio: float  # engine / reference output tokens/s (higher is better)
     tokens_match: bool  # every engine token equals the reference's greedy token, in every repeat
+    # compare_overlap: the same engine with overlapped steps off, and engine / that
+    no_overlap_tok_s: float | None = None
+    overlap_gain: float | None = None
 
 
 SPLIT_COUNTERS = ("steps", "step_wall_s", "host_gap_s", "dispatch_s", "npu_s", "a2a_s", "update_s")
@@ -73,7 +81,9 @@ class StepSplit:
     dispatch_ms: float  # schedule, build each sequence's work, send the batch to every NPU
     npu_compute_ms: float  # the slowest NPU's wall, less the NPUs' mean time in all-to-alls
     all_to_all_ms: float  # the NPUs' mean wall time in the EP all-to-alls (waits for each other included)
-    transfer_ms: float  # from the slowest NPU's end to the engine holding every result
+    # the engine's wait for the results less the slowest NPU's wall: the results' way back;
+    # negative with overlapped steps, where the engine's host work ran beside the NPUs
+    transfer_ms: float
     update_ms: float  # outputs, KV events and step records
     other_ms: float  # the host gap's rest: streaming the outputs, the event loop's other work
 
@@ -169,7 +179,8 @@ def _reference_run(model, prompts: list[list[int]], output_len: int) -> tuple[fl
 class _Engine:
     """One instance + engine actor (and its own global KV cache actor), killed on exit."""
 
-    def __init__(self, manifest: Manifest, refs, ep: int, kv_blocks: int, sched: SchedulerConfig):
+    def __init__(self, manifest: Manifest, refs, ep: int, kv_blocks: int, sched: SchedulerConfig,
+                 overlap_steps: bool | None = None):
         eng, tag = manifest.engine, uuid.uuid4().hex[:6]
         self.cache = None
         cache_name = None
@@ -181,7 +192,8 @@ class _Engine:
             backend=manifest.collective_backend, block_size=sched.block_size, kv_blocks=kv_blocks,
             kv_cache_name=cache_name,
         )
-        self.engine = launch_engine(self.inst, sched, kv_cache_name=cache_name)
+        overlap = eng.overlap_steps if overlap_steps is None else overlap_steps
+        self.engine = launch_engine(self.inst, sched, kv_cache_name=cache_name, overlap_steps=overlap)
 
     def __enter__(self):
         return self
@@ -194,7 +206,7 @@ class _Engine:
 
 def run_engine_bench(
     manifest: Manifest, ep: int, batches: list[int], prompt_len: int, output_len: int,
-    prefix_len: int, suffix_len: int, repeats: int,
+    prefix_len: int, suffix_len: int, repeats: int, compare_overlap: bool = False,
 ) -> EngineBenchResult:
     if manifest.compute != "real":
         raise ValueError("compute: bench engine checks tokens against the reference and needs compute: real")
@@ -214,9 +226,13 @@ def run_engine_bench(
     ref_runs = {b: [] for b in batches}
     match = {b: True for b in batches}
     spent = {b: dict.fromkeys(SPLIT_COUNTERS, 0.0) for b in batches}  # engine counters over the timed runs
-    with _Engine(manifest, refs, ep, kv_blocks, sched) as e:
+    plain_runs = {b: [] for b in batches}  # compare_overlap: the engine without overlapped steps
+    with contextlib.ExitStack() as stack:
+        e = stack.enter_context(_Engine(manifest, refs, ep, kv_blocks, sched))
+        plain = stack.enter_context(_Engine(manifest, refs, ep, kv_blocks, sched, False)) if compare_overlap else None
         warm = [_prompt(prompt_len, vocab, seed=-1)]
-        _engine_run(e.engine, warm, output_len, bs)
+        for engine in [e] + [plain] * compare_overlap:
+            _engine_run(engine.engine, warm, output_len, bs)
         _reference_run(reference, warm, output_len)
         for r in range(repeats):
             for b in batches:
@@ -230,9 +246,17 @@ def run_engine_bench(
                 tok_s, want = _reference_run(reference, prompts, output_len)
                 ref_runs[b].append(tok_s)
                 match[b] = match[b] and got == want
+                if plain is not None:
+                    tok_s, got = _engine_run(plain.engine, prompts, output_len, bs)
+                    plain_runs[b].append(tok_s)
+                    match[b] = match[b] and got == want
     for b in batches:
         e_tok, r_tok = statistics.median(eng_runs[b]), statistics.median(ref_runs[b])
-        result.batches.append(BatchRow(b, e_tok, r_tok, e_tok / r_tok, match[b]))
+        row = BatchRow(b, e_tok, r_tok, e_tok / r_tok, match[b])
+        if compare_overlap:
+            row.no_overlap_tok_s = statistics.median(plain_runs[b])
+            row.overlap_gain = e_tok / row.no_overlap_tok_s
+        result.batches.append(row)
         result.splits.append(StepSplit.of(b, spent[b]))
 
     # 2. prefix reuse: prompt = prefix + suffix; seeds from 10**9 up are never used by part 1
@@ -270,10 +294,14 @@ def print_engine_bench(result: EngineBenchResult, console) -> None:
     yes = lambda ok: "[green]yes" if ok else "[red]NO"
     table = Table(title=f"omniray bench engine — {result.model} ({result.dtype}), EP-{result.ep}, "
                   f"prompt {result.prompt_len}, {result.output_len} output tokens, median of {result.repeats}")
-    for col in ("batch", "engine tok/s", "reference tok/s", "engine / reference", "tokens match"):
+    ab = any(b.overlap_gain is not None for b in result.batches)
+    cols = ("batch", "engine tok/s", "reference tok/s", "engine / reference")
+    for col in cols + (("no overlap tok/s", "overlap gain") if ab else ()) + ("tokens match",):
         table.add_column(col, justify="right")
     for b in result.batches:
-        table.add_row(str(b.batch), f"{b.engine_tok_s:.1f}", f"{b.reference_tok_s:.1f}", f"{b.ratio:.2f}x", yes(b.tokens_match))
+        extra = (f"{b.no_overlap_tok_s:.1f}", f"{b.overlap_gain:.2f}x") if ab else ()
+        table.add_row(str(b.batch), f"{b.engine_tok_s:.1f}", f"{b.reference_tok_s:.1f}", f"{b.ratio:.2f}x", *extra,
+                      yes(b.tokens_match))
     console.print(table)
     table = Table(title="where a step goes, ms per step (engine counters over the timed runs)")
     cols = (("batch", "batch"), ("steps", "steps"), ("step", "step_ms"), ("dispatch", "dispatch_ms"),

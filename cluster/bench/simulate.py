@@ -158,7 +158,7 @@ def _direct(manifest: Manifest, batch: int, input_len: int):
                            mtp_acceptance_rate=eng.mtp_acceptance_rate, dies_per_actor=spec.dies_per_actor or 0,
                            expert_skew=manifest.expert_skew)
     try:
-        engine = launch_engine(inst, sched, mtp=eng.mtp)
+        engine = launch_engine(inst, sched, mtp=eng.mtp, overlap_steps=eng.overlap_steps)
     except Exception:
         inst.shutdown()
         raise
