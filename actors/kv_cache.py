@@ -10,7 +10,9 @@ returns are owned by its caller (this actor) and stored on the node that ran it;
 Ray's locality-aware scheduling runs it where its arguments are, i.e. on the
 producer's node. Cost: one memcpy in that node's shared memory per block written.
 Readers still get the block zero-copy. `put` returns after the copy is done,
-so a producer that waited for `put` may drop its refs or die.
+so a producer that waited for `put` may drop its refs or die; an NPU does not
+wait (its step goes on), and its blocks are readable through its own refs
+until the copies are made.
 
 This actor keeps only (hash -> ref, nbytes) in an LRU. Dropping an entry drops its
 reference, which lets the object store free the block once no reader still
@@ -39,33 +41,39 @@ logger = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def _adopt(*blocks):
-    """Return the blocks, plus a small marker that comes back inline to the caller.
+def _adopt(rows: list[int | None], *objects):
+    """Return block i as object i (row rows[i] of objects[i] when it is a producer's
+    step object holding several blocks), plus a small marker that comes back inline
+    to the caller.
 
     All returns of a task are done together, so awaiting the marker awaits them all
     without pulling the blocks into the cache's process. No retries: lost arguments
     (producer died first) cannot be re-fetched anyway.
     """
-    return (*blocks, True)
+    return (*(obj if row is None else obj[row] for obj, row in zip(objects, rows)), True)
 
 
 class _Block:
-    __slots__ = ("ref", "nbytes", "hits", "last_use")
+    __slots__ = ("src", "nbytes", "hits", "last_use")
 
-    def __init__(self, ref: ray.ObjectRef, nbytes: int):
-        self.ref, self.nbytes, self.hits, self.last_use = ref, nbytes, 0, time.monotonic()
+    def __init__(self, src: list, nbytes: int):
+        # what a reader loads: [ref] of a block this actor owns, or, until its copy
+        # is made, the producer's [ref, row] (row `row` of the producer's step object)
+        self.src, self.nbytes, self.hits, self.last_use = src, nbytes, 0, time.monotonic()
 
 
 class GlobalKVCache:
     """Hash -> block ref index with an LRU byte budget.
 
     An async actor: every method runs on one event loop thread and only `put`
-    yields (while its copies are made), at a point where it holds no LRU state, so
-    the LRU needs no lock and a slow put does not hold up `match`.
-    Counters: `hits` = blocks matched, `misses` = blocks of a `match` query after
-    its matched prefix (all of them, not just the first, so hits + misses = blocks
-    queried), `evictions` = blocks dropped for capacity (not `evict`/`clear`),
-    `puts` = blocks newly stored. `clear` and `evict` leave the counters alone.
+    yields (while its copies are made). A put indexes its new blocks before it
+    yields, with the producer's refs, so a `match` that comes after it sees them
+    at once (a producer need not wait for the copies); once they are made, the
+    entries still there point at this actor's copies. Counters: `hits` = blocks
+    matched, `misses` = blocks of a `match` query after its matched prefix (all
+    of them, not just the first, so hits + misses = blocks queried), `evictions`
+    = blocks dropped for capacity (not `evict`/`clear`), `puts` = blocks newly
+    stored. `clear` and `evict` leave the counters alone.
     """
 
     def __init__(self, capacity_bytes: int):
@@ -77,50 +85,55 @@ class GlobalKVCache:
         self.hits = self.misses = self.evictions = self.puts = 0
         self.kv_log = KVEventLog(lambda: list(self._blocks))
 
-    async def put(self, entries: list[tuple[int, list[ray.ObjectRef], int]]) -> int:
-        """Adopt (hash, [ref], nbytes) entries; return how many were newly stored.
+    async def put(self, entries: list[tuple[int, list, int]]) -> int:
+        """Adopt (hash, [ref] or [ref, row], nbytes) entries; return how many were
+        newly stored, once this actor owns their copies.
 
         A hash already present keeps its first block (same prefix, same KV) and is
         only moved to most-recently-used. A block larger than the whole capacity is
-        not stored. New blocks are copied into refs this actor owns (see module doc);
-        if that fails (the producer died first), none of this call's blocks is
-        stored, which only costs recomputation. Then LRU blocks are evicted until
-        bytes <= capacity; this call's blocks are the most recent, so they go last.
+        not stored. New blocks are indexed at once (with the producer's refs: see
+        the class doc), then LRU blocks are evicted until bytes <= capacity (this
+        call's blocks are the most recent, so they go last), then the copies are
+        made (see module doc). If that fails (the producer died first), this
+        call's blocks leave the index again, which only costs recomputation.
         """
-        fresh: dict[int, tuple[ray.ObjectRef, int]] = {}
-        for h, (ref,), nbytes in entries:
+        fresh: dict[int, _Block] = {}
+        for h, src, nbytes in entries:
             if h in self._blocks:
                 self._touch(h)
             elif h not in fresh and nbytes <= self.capacity_bytes:
-                fresh[h] = (ref, int(nbytes))
+                fresh[h] = _Block(list(src), int(nbytes))
         if not fresh:
             return 0
-        *owned, done = _adopt.options(num_returns=len(fresh) + 1).remote(*(r for r, _ in fresh.values()))
-        try:
-            await done  # other calls (match, ...) run meanwhile
-        except Exception as e:  # noqa: BLE001 - any failure means: not cached
-            logger.warning("KV cache: adopting %d blocks failed: %s", len(fresh), e)
-            return 0
-        stored, evicted = [], []
-        for (h, (_, nbytes)), ref in zip(fresh.items(), owned):
-            if h in self._blocks:  # stored by a concurrent put while we waited
-                self._touch(h)
-                continue
-            self._blocks[h] = _Block(ref, nbytes)
-            self._bytes += nbytes
-            stored.append(h)
-        self.puts += len(stored)
+        self._blocks.update(fresh)
+        self._bytes += sum(b.nbytes for b in fresh.values())
+        self.puts += len(fresh)
+        evicted = []
         while self._bytes > self.capacity_bytes:
             h, block = self._blocks.popitem(last=False)
             self._bytes -= block.nbytes
             self.evictions += 1
             evicted.append(h)
-        new = set(stored)
-        self.kv_log.record([h for h in stored if h in self._blocks], [h for h in evicted if h not in new])
-        return len(stored)
+        self.kv_log.record([h for h in fresh if h in self._blocks], [h for h in evicted if h not in fresh])
+        *owned, done = _adopt.options(num_returns=len(fresh) + 1).remote(
+            [b.src[1] if len(b.src) > 1 else None for b in fresh.values()], *(b.src[0] for b in fresh.values()))
+        try:
+            await done  # other calls (match, ...) run meanwhile
+        except Exception as e:  # noqa: BLE001 - any failure means: not cached
+            logger.warning("KV cache: adopting %d blocks failed: %s", len(fresh), e)
+            gone = [h for h, b in fresh.items() if self._blocks.get(h) is b]
+            for h in gone:
+                self._bytes -= self._blocks.pop(h).nbytes
+            self.puts -= len(fresh)
+            self.kv_log.record(removed=gone)
+            return 0
+        for block, ref in zip(fresh.values(), owned):
+            block.src = [ref]  # (an entry evicted meanwhile is no one's: its copy goes with it)
+        return len(fresh)
 
     def match(self, hashes: list[int]) -> dict:
-        """Longest cached prefix of `hashes`: {"num_blocks": n, "refs": [[ref], ...]}.
+        """Longest cached prefix of `hashes`: {"num_blocks": n, "refs": [src, ...]},
+        each src [ref] or [ref, row] (see _Block).
 
         Matched blocks become most-recently-used and count a hit each; the query's
         remaining blocks count as misses. A gap ends the match even if later
@@ -133,7 +146,7 @@ class GlobalKVCache:
                 break
             block.hits += 1
             self._touch(h)
-            refs.append([block.ref])
+            refs.append(block.src)
         n = len(refs)
         self.hits += n
         self.misses += len(hashes) - n

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import os
 import subprocess
@@ -214,15 +216,59 @@ def test_an_npu_publishes_through_a_cache_that_died_and_indexes_in_its_successor
     publisher = BlockPublisher(spec)
     first = get_or_create_kv_cache(1 << 20, name=name)
     h1, h2 = block_hashes(list(range(2 * BS)), BS)
-    assert list(publisher.publish([("s1", h1, np.zeros(BS))])) == ["s1"]
+    assert list(publisher.publish([("s1", h1)], np.zeros((1, BS)))) == ["s1"]
+    assert ray.get(publisher._told) == 1  # (told, not awaited: an async actor's calls may run out of order)
     assert ray.get(first.contains.remote([h1])) == [True]
     ray.kill(first, no_restart=True)
-    exported = publisher.publish([("s1", h2, np.ones(BS))])  # no error: the block is the sequence's still
-    assert len(exported["s1"]) == 1 and (ray.get(exported["s1"][0][0]) == 1).all()
+    exported = publisher.publish([("s1", h2)], np.ones((1, BS)))  # no error: the block is the sequence's still
+    (ref, row), = exported["s1"]
+    assert (ray.get(ref)[row] == 1).all()
+    ray.wait([publisher._told], timeout=30)  # the dead cache's answer: the publisher looks the name up again
     second = get_or_create_kv_cache(1 << 20, name=name)  # a successor under the name is found again
-    publisher.publish([("s2", h2, np.ones(BS))])
+    publisher.publish([("s2", h2)], np.ones((1, BS)))
     assert ray.get(second.contains.remote([h2])) == [True]
     ray.kill(second)
+
+
+def test_a_step_object_of_several_blocks_is_indexed_at_once_and_copied_out_block_by_block(ray_session):
+    """An NPU puts a step's blocks as one object and tells the cache without waiting:
+    a match while the put copies them out sees them (the producer's object and
+    row), and once the put is done each is a block object of the cache's own."""
+    cache = GlobalKVCache(100 * BLOCK_BYTES)  # the actor's class, its calls interleaved by hand
+    hashes = block_hashes(list(range(3 * BS)), BS)
+    ref = ray.put(np.stack([np.full(BS, float(i)) for i in range(3)]))
+
+    async def main():
+        put = asyncio.get_running_loop().create_task(cache.put([(h, [ref, i], BLOCK_BYTES) for i, h in enumerate(hashes)]))
+        await asyncio.sleep(0)  # the put runs until it waits for its copies
+        early = cache.match(hashes)
+        return early, await put, cache.match(hashes)
+
+    early, stored, late = asyncio.run(main())
+    assert early["num_blocks"] == 3 and [src[1] for src in early["refs"]] == [0, 1, 2]
+    assert stored == 3 and cache.stats()["puts"] == 3
+    assert all(len(src) == 1 for src in late["refs"])  # the cache's own copies
+    for i, (block,) in enumerate(late["refs"]):
+        np.testing.assert_array_equal(ray.get(block), np.full(BS, float(i)))
+
+
+def test_a_put_whose_blocks_are_lost_leaves_the_index_as_it_was(ray_session):
+    """Blocks that cannot be copied out (their producer died, or its step object is
+    an error) leave the index again: a later match misses, nothing else breaks."""
+    cache = _new_cache(100 * BLOCK_BYTES)
+    hashes = block_hashes(list(range(2 * BS)), BS)
+    lost = _lost_step.remote()
+    assert ray.get(cache.put.remote([(h, [lost, i], BLOCK_BYTES) for i, h in enumerate(hashes)])) == 0
+    assert ray.get(cache.contains.remote(hashes)) == [False, False]
+    s = ray.get(cache.stats.remote())
+    assert (s["blocks"], s["bytes"], s["puts"]) == (0, 0, 0)
+    _put_blocks(cache, hashes)  # the next put of them is stored
+    assert ray.get(cache.contains.remote(hashes)) == [True, True]
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _lost_step():
+    raise RuntimeError("the step object never came")
 
 
 def test_plain_class_sync_methods():

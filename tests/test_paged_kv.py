@@ -22,11 +22,10 @@ def test_blocks_round_trip_between_stores(model):
     before = [[t.clone() for t in layer] for layer in dst.pool]
 
     moved, into = [9, 2, 14, 5], [0, 7, 3, 11]
-    data = src.export_blocks(moved)
+    data = src.export_stacked(moved)
     assert len(data) == len(moved)
-    for d in data:
-        d.setflags(write=False)  # as the object store hands them back
-    dst.import_blocks(into, data)
+    data.setflags(write=False)  # as the object store hands it back
+    dst.import_blocks(into, list(data))
 
     untouched = [b for b in range(16) if b not in into]
     for layer_src, layer_dst, layer_before in zip(src.pool, dst.pool, before):

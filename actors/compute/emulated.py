@@ -238,8 +238,8 @@ class EmulatedCompute:
         # the host's own work outlasted the modelled step: it lasted the host's time, not the chip's
         overrun = self.spec.time_scale > 0 and remaining < 0
         # no tensors: a block is a marker; the index still charges its real size
-        saved = [(w.seq_id, h, np.zeros(0, dtype=np.uint8)) for w in batch.seqs for _, h in w.save_blocks]
-        exported = self.publisher.publish(saved) if saved else {}
+        saved = [(w.seq_id, h) for w in batch.seqs for _, h in w.save_blocks]
+        exported = self.publisher.publish(saved, np.zeros((len(saved), 0), dtype=np.uint8)) if saved else {}
         return NPUStepResult(
             self.spec.rank, tokens, None, device_s, time.perf_counter() - t0, exported, accepted, drafts,
             overrun, load_s, logprobs, prompt_lps,

@@ -49,11 +49,24 @@ def reserve_pool(spec: NPUSpec, ledger: HBMLedger) -> int:
 
 
 class BlockPublisher:
+    """Puts a step's saved KV blocks into the object store, one object for all of
+    them, and tells the global KV cache which of them it may index, without
+    waiting: the step returns as soon as the blocks are in the store."""
+
     def __init__(self, spec: NPUSpec):
         self.spec, self.nbytes = spec, block_bytes(spec)
         self._cache = None
+        self._told = None  # the ref of the last put told to the cache (checked on the next one)
 
     def _cache_actor(self):
+        if self._told is not None:  # a cache that failed the last put is looked up again
+            done, _ = ray.wait([self._told], timeout=0)
+            if done:
+                self._told = None
+                try:
+                    ray.get(done[0])
+                except ray.exceptions.RayActorError:
+                    self._cache = None
         if self._cache is None and self.spec.kv_cache_name:
             try:
                 self._cache = ray.get_actor(self.spec.kv_cache_name)
@@ -61,21 +74,21 @@ class BlockPublisher:
                 self._cache = None  # no global cache: nothing is indexed
         return self._cache
 
-    def publish(self, blocks: list[tuple[str, int | None, object]]) -> dict[str, list]:
-        """blocks: (seq id, prefix hash or None, data). Returns seq id -> [[ref], ...] in order."""
-        cache = self._cache_actor()
+    def publish(self, blocks: list[tuple[str, int | None]], data) -> dict[str, list]:
+        """blocks: (seq id, prefix hash or None), one per row of `data` (an array,
+        a block a row). Returns seq id -> [[ref, row], ...] in order: row `row` of
+        the step's one object (readers take the row; the cache copies it out)."""
+        ref = ray.put(data)
         exported: dict[str, list] = {}
         entries = []
-        for seq_id, block_hash, data in blocks:
-            ref = ray.put(data)
-            exported.setdefault(seq_id, []).append([ref])
-            if block_hash is not None and cache is not None:
-                entries.append((block_hash, [ref], self.nbytes))
-        if entries:
-            try:
-                ray.get(cache.put.remote(entries))  # indexed before the step returns: a later match sees them
-            except ray.exceptions.RayActorError:
-                # the cache is restarting or gone: blocks not indexed cost only a later miss,
-                # never the step (the sequences keep their blocks); a gone one is looked up again
-                self._cache = None
+        for row, (seq_id, block_hash) in enumerate(blocks):
+            exported.setdefault(seq_id, []).append([ref, row])
+            if block_hash is not None:
+                entries.append((block_hash, [ref, row], self.nbytes))
+        cache = self._cache_actor() if entries else None
+        if cache is not None:
+            # told, not awaited: the cache indexes them as it takes the call (a later match
+            # sees them) and copies them out beside the next steps; a cache restarting or
+            # gone costs only later misses, never the step
+            self._told = cache.put.remote(entries)
         return exported

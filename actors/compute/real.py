@@ -155,7 +155,7 @@ class RealCompute:
         self.paged.unbind_all()
         copies = [c for w in batch.seqs for c in w.copy_blocks]
         if copies:  # forks' copy on write, before anything writes this step
-            self.paged.import_blocks([d for _, d in copies], self.paged.export_blocks([s for s, _ in copies]))
+            self.paged.import_blocks([d for _, d in copies], self.paged.export_stacked([s for s, _ in copies]))
         # a block's source: [ref] of the block, or [ref, i]: row i of a migrated sequence's blocks
         loads = [(block, src) for w in batch.seqs for block, src in w.load_blocks]
         self.kv_blocks_loaded.update(blocks_loaded(batch))
@@ -171,8 +171,8 @@ class RealCompute:
         saves = [(w.seq_id, h, b) for w in batch.seqs for b, h in w.save_blocks]
         if not saves:
             return {}
-        data = self.paged.export_blocks([b for _, _, b in saves])
-        return self.publisher.publish([(seq_id, h, d) for (seq_id, h, _), d in zip(saves, data)])
+        data = self.paged.export_stacked([b for _, _, b in saves])
+        return self.publisher.publish([(seq_id, h) for seq_id, h, _ in saves], data)
 
     @torch.no_grad()
     def step(self, batch: NPUBatch) -> NPUStepResult:

@@ -100,14 +100,9 @@ class PagedKVStore:
         parts = [t[idx].reshape(len(blocks), self.block_size, -1) for layer in self.pool for t in layer]
         return torch.cat(parts, dim=2).numpy()
 
-    def export_blocks(self, blocks: list[int]) -> list[np.ndarray]:
-        """Each block as an array of its own (the global KV cache keeps one object a block)."""
-        whole = self.export_stacked(blocks)
-        return [whole[i].copy() for i in range(len(blocks))]
-
     def import_blocks(self, blocks: list[int], data: list) -> None:
-        """Fill `blocks` from export_blocks' arrays (or the store's read-only views
-        of them), one scatter per tensor."""
+        """Fill `blocks` from rows of export_stacked's arrays (or the store's
+        read-only views of them), one scatter per tensor."""
         if not blocks:
             return
         idx = torch.tensor(blocks, dtype=torch.long)
