@@ -238,6 +238,10 @@ def test_global_kv_cache_serves_another_instance_and_pd_equals_mixed(model):
         pre = asyncio.run(_run(prefill.engine, _req(0, prompt, 8, prefill_only=True)))
         transfer = pre[-1].kv_transfer
         assert _tokens(pre) == want[:1] and transfer is not None and transfer.num_tokens == len(prompt)
+        assert len(transfer.blocks) == 4  # three full blocks and the partial last one
+        # a request whose first token is its last hands nothing on: no decode follows
+        only = asyncio.run(_run(prefill.engine, _req(3, _prompts([40], seed=8)[0], 1, prefill_only=True)))
+        assert only[-1].finished and only[-1].kv_transfer is None
         dec = asyncio.run(_run(decode.engine, _req(1, prompt, 8, output_ids=_tokens(pre), kv_transfer=transfer)))
         assert _tokens(pre) + _tokens(dec) == want
         assert ray.get(decode.engine.stats.remote())["computed_tokens"] == 7  # decode computed no prompt token

@@ -419,7 +419,8 @@ class InstanceEngine:
         n_prompt = len(seq.request.prompt_ids)
         prompt_hashes = self._chain(seq, n_prompt)
         save = []
-        if seq.request.prefill_only and s.samples:  # hand the whole prompt's KV on
+        if seq.request.prefill_only and s.samples and len(seq.output_ids) + 1 < seq.request.max_tokens:
+            # hand the whole prompt's KV on (not when this token is the request's last: no decode follows)
             save = [(b, prompt_hashes[i] if i < len(prompt_hashes) else None) for i, b in enumerate(seq.block_table[: -(-n_prompt // bs)])]
         elif self.config.kv_cache_name and self.config.role != "decode":  # publish newly computed prompt blocks
             first = max(start, seq.num_cached) // bs
@@ -599,7 +600,7 @@ class InstanceEngine:
                     forked = self._fork(seq, [[out.tokens[i]] for i in ids], fork_lps)
             if finished:
                 transfer = None
-                if seq.request.prefill_only:
+                if seq.request.prefill_only and self._continues(seq):  # (else no decode follows)
                     transfer = KVTransfer(len(seq.request.prompt_ids), self.config.scheduler.block_size, out.exported.get(seq.seq_id, []))
                 self._finish(seq, seq.finish_reason, transfer)
             else:
