@@ -9,7 +9,11 @@
   instance serves. Only then does the engine switch, between two steps: every
   NPU swaps to the new group, sequences on NPUs that leave export their KV
   through the object store and resume on a kept NPU, and the next step runs on
-  M NPUs. The released NPUs go last: back to the standby pool when there is
+  M NPUs. Each leaving NPU exports the KV of all its sequences as one object,
+  sent when the command reaches the engine (it runs right after that NPU's step
+  in flight), so the first step on the new size finds it done; emulated compute
+  charges the copy to the intra-node link when both NPUs share a node, else to
+  RoCE. The released NPUs go last: back to the standby pool when there is
   one (a later scale-up adopts them without starting a process), else away;
   those of a placement group the instance still serves in (they would die with
   it) stay in its reserve instead, which its next scale-up takes first.
@@ -20,6 +24,9 @@
   pool as they are (experts, KV pool, still in the larger group, as the kept
   NPUs stay), and the next scale-up back to that group adopts them with nothing
   to load, stage or form; a parked NPU taken for anything else is recycled.
+  A pool a scale-up drew from starts processes for the rest only after
+  `elastic.standby_refill_delay_s`: a starting Ray worker takes about a CPU
+  second, at a priority above the serving workers.
 - `remap`: the same switch with the same NPUs and a new expert map (Omni
   Placement's rebalance).
 - `cold_start`: the baseline a resize is measured against — a new instance of
