@@ -92,7 +92,7 @@ class EPExperts:
         send_counts = torch.bincount(key, minlength=self.world * lr.num_slots)
         rows = x[token[order]]
         if self.max_rows is None:
-            recv, recv_counts, back = self._exchange_counted(rows, send_counts, lr.num_slots)
+            recv, recv_counts, back = self._exchange_counted(rows, send_counts)
         else:
             recv, recv_counts, back = self._exchange_blocks(rows, send_counts, lr.num_slots, self.max_rows * k)
         # received rows: by source rank, then by slot; name each row's local expert
@@ -103,7 +103,7 @@ class EPExperts:
         per_pair[order] = back(outputs)
         return per_pair.view(t, k, x.shape[-1])
 
-    def _exchange_counted(self, rows: torch.Tensor, send_counts: torch.Tensor, num_slots: int):
+    def _exchange_counted(self, rows: torch.Tensor, send_counts: torch.Tensor):
         """Counts first, then the rows with split sizes: (received rows, received
         counts per (source, slot), the combine that sends outputs back)."""
         recv_counts = self._a2a(torch.empty_like(send_counts), send_counts)
@@ -148,6 +148,6 @@ def _pack(blocks: torch.Tensor, rows: torch.Tensor, split: list[int], row_bytes:
 
 def _unpack(blocks: torch.Tensor, split: list[int], dtype: torch.dtype, hidden: int) -> torch.Tensor:
     """The rows each source's byte block holds (`split` of them), in source order."""
-    item = torch.empty(0, dtype=dtype).element_size()
+    item = dtype.itemsize
     parts = [blocks[s, : n * hidden * item].contiguous().view(dtype).view(n, hidden) for s, n in enumerate(split)]
     return torch.cat(parts) if parts else torch.empty(0, hidden, dtype=dtype)
