@@ -81,3 +81,18 @@ def model(ray_session):
     cfg = load_manifest("local").model
     refs = publish_weights(cfg)
     return cfg, refs, build_reference(cfg, fetch_shared(refs))
+
+
+TIERS = ("fast", "ray", "serving")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test is in one tier, and a `fast` one starts no Ray: a test that is not,
+    or a fast one asking for the Ray session, fails to collect (the tiers stay true)."""
+    for item in items:
+        tiers = [t for t in TIERS if item.get_closest_marker(t)]
+        if len(tiers) != 1:
+            raise pytest.UsageError(f"{item.nodeid}: marks tiers {tiers}; a test module marks one of {TIERS} "
+                                    "(pytestmark)")
+        if tiers == ["fast"] and "ray_session" in item.fixturenames:
+            raise pytest.UsageError(f"{item.nodeid}: marked fast but uses the Ray session; mark its module ray")

@@ -22,7 +22,7 @@ from actors.model.reference import build_reference, generate
 from helpers import tiny
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.fast, pytest.mark.usefixtures("one_thread")]
 
 
 

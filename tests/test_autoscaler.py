@@ -18,6 +18,8 @@ from cluster.autoscaler import (
     ScalingDecision,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def inst(name, role="mixed", ep=2, **kw):
     return InstanceSignals(name=name, role=role, ep=ep, **kw)

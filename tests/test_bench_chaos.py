@@ -9,6 +9,8 @@ import pytest
 from cluster.bench.chaos import run_chaos_bench
 from cluster.config import load_manifest
 
+pytestmark = pytest.mark.serving
+
 
 def test_an_npu_then_the_controller_killed_under_load_lose_no_request_and_no_npu(ray_session, one_thread):
     summary = run_chaos_bench(load_manifest("local-mixed"), ["npu", "controller"], concurrency=4, phase_s=2.5,

@@ -11,6 +11,8 @@ from cluster.bench.compare import parse_vary, parse_variants, variant_manifest
 from cluster.cli import main
 from cluster.config import MANIFEST_DIR, load_manifest
 
+pytestmark = pytest.mark.serving
+
 
 def test_parse_vary_names_variants_and_rejects_unknown_settings():
     assert [v.name for v in parse_vary("policy=omni,round_robin")] == ["omni", "round_robin"]

@@ -18,6 +18,8 @@ from cluster.bench.elastic import (
     serving_lost_s,
 )
 
+pytestmark = pytest.mark.fast
+
 
 def _steps(start, end, period, tokens=8, skip=()):
     """A step every `period` seconds in [start, end), none inside the `skip` spans."""

@@ -13,6 +13,8 @@ from cluster.bench.engine import run_engine_bench
 from cluster.cli import main
 from cluster.config import load_manifest
 
+pytestmark = pytest.mark.ray
+
 
 def test_bench_engine_tiny(ray_session, tmp_path):
     result = run_engine_bench(load_manifest("local"), ep=2, batches=[1, 4], prompt_len=32, output_len=4,

@@ -16,6 +16,8 @@ import pyarrow.parquet as pq
 
 from cluster.cli import main
 
+pytestmark = pytest.mark.serving
+
 
 @pytest.fixture(scope="module")
 def server(ray_session):

@@ -13,6 +13,8 @@ from cluster.bench.report import SLO, summarize, to_table
 from cluster.bench.server_view import host_gap_fraction, overrun_fraction, overrun_warning, server_figures
 from cluster.config import MANIFEST_DIR, parse_manifest
 
+pytestmark = pytest.mark.fast
+
 
 def _manifest(compute: str = "emulated", time_scale: float = 1.0, name: str = "m"):
     return parse_manifest({"name": name, "model": "models/tiny-gqa-moge.yaml", "compute": compute,

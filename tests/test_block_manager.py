@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from actors.engine.block_manager import BlockManager
+
+pytestmark = pytest.mark.fast
 
 
 def test_blocks_are_taken_lowest_first_and_a_table_grows_all_or_nothing():

@@ -7,6 +7,8 @@ import pytest
 from cluster.cli import main
 from helpers import MODELS
 
+pytestmark = pytest.mark.ray
+
 
 def test_verify_passes_on_tiny_mla(ray_session, capsys):
     assert main(["verify", "--manifest", "tiny-mla", "--ep", "1,2", "--tokens", "4"]) == 0

@@ -18,6 +18,8 @@ from cluster.bench.serve import free_port
 from cluster.config import MANIFEST_DIR, load_manifest
 from cluster.proxy.tokens import Tokenizer
 
+pytestmark = pytest.mark.serving
+
 MANIFEST = f"""
 name: mixed-test
 model: {MANIFEST_DIR / "models" / "tiny-gqa-moge.yaml"}

@@ -8,6 +8,8 @@ from actors.cost_model import CostModel, DieBatch, StepCost, split_dies
 from actors.devices import Calibration, get_device
 from actors.model.config import ModelConfig
 
+pytestmark = pytest.mark.fast
+
 
 def deepseek_like(**kw) -> ModelConfig:
     """DeepSeek-V3-shaped config (MLA, 256 experts, top-8), few layers to stay quick."""

@@ -40,6 +40,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.fast
+
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "dashboards" / "omniray.json"
 METRICS_PY = ROOT / "cluster" / "metrics.py"

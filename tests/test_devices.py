@@ -6,6 +6,8 @@ import pytest
 
 from actors.devices import GiB, DeviceSpec, device_names, get_device, get_node, node_names
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize(
     "name, canonical",

@@ -23,6 +23,8 @@ from cluster.launcher import launch_engine, launch_instance
 from cluster.placement import imbalance, plan_placement
 from helpers import generate_during
 
+pytestmark = pytest.mark.ray
+
 BS = 16
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from actors.compute.emulated import EmulatedCompute
 from actors.cost_model import CostModel
 from actors.devices import get_device
@@ -12,6 +14,8 @@ from actors.expert_map import ExpertMap
 from actors.hbm import HBMLedger
 from actors.protocol import NPUBatch, NPUSpec, SeqWork
 from cluster.config import load_manifest
+
+pytestmark = pytest.mark.fast
 
 
 def _compute(time_scale: float) -> EmulatedCompute:

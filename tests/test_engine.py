@@ -19,6 +19,8 @@ from actors.protocol import EngineRequest, SamplingParams
 from cluster.config import load_manifest
 from cluster.launcher import launch_engine, launch_instance
 
+pytestmark = pytest.mark.ray
+
 BS = 16
 
 

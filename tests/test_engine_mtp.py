@@ -18,6 +18,8 @@ from cluster.config import load_manifest
 from cluster.launcher import launch_engine, launch_instance
 from test_mtp import make_copy_model, tiny
 
+pytestmark = pytest.mark.ray
+
 PROMPTS = [[5, 17, 300, 42, 9, 33, 21], [7, 8], list(range(20, 60)), [400, 401, 402]]
 MAX_TOKENS = 24
 

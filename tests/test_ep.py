@@ -22,6 +22,8 @@ from actors.npu import NPU_RESOURCE
 from cluster.config import load_manifest
 from cluster.verify import run_verify
 
+pytestmark = pytest.mark.ray
+
 
 # the probe actor below lives in this test module, which workers cannot import
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

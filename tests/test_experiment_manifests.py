@@ -10,6 +10,8 @@ from actors.devices import get_device
 from actors.model.config import DTYPE_BYTES
 from cluster.config import load_manifest
 
+pytestmark = pytest.mark.fast
+
 LONGEST_TRACE_REQUEST = 126_195 + 2_000  # prompt + output tokens, mooncake_conversation_trace.jsonl
 
 

@@ -14,6 +14,8 @@ import ray
 
 from helpers import reference_text, serving
 
+pytestmark = pytest.mark.serving
+
 PROMPT = "An NPU dies in the middle of this answer"
 TIMEOUT_S = 15.0  # the test server's request timeout: far above any request here, short enough to wait out
 

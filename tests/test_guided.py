@@ -16,6 +16,8 @@ from actors.engine.guided import GuideCompiler, GuideSpec, validate
 
 from helpers import tiny
 
+pytestmark = pytest.mark.fast
+
 TOKENIZER_JSON = Path(__file__).resolve().parent.parent / "cluster" / "assets" / "tokenizer.json"
 VOCAB = tiny("tiny-gqa-moge").vocab_size
 PADDED_VOCAB = VOCAB + 100  # a model whose embedding table is larger than the tokenizer

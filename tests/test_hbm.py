@@ -4,6 +4,8 @@ import pytest
 
 from actors.hbm import GiB, MiB, HBMLedger, HBMOutOfMemory, format_bytes
 
+pytestmark = pytest.mark.fast
+
 
 def test_charge_release_and_report():
     led = HBMLedger("instance0.npu0", 64 * GiB)

@@ -30,6 +30,8 @@ import yaml
 from actors.npu import NPU_RESOURCE
 from cluster.config import API_KEY_ENV
 
+pytestmark = pytest.mark.fast
+
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY_DIR = ROOT / "manifests" / "kuberay"
 SERVE_CONFIG = ROOT / "manifests" / "serve-config.yaml"

@@ -17,6 +17,8 @@ import ray
 from actors.kv_cache import KV_CACHE_NAME, GlobalKVCache, get_or_create_kv_cache
 from actors.kv_hash import ROOT, block_hashes, hash_block
 
+pytestmark = pytest.mark.ray
+
 # Workers must unpickle the producer actor defined here; tests/ is not a package on their path.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from actors.kv_events import HashCounts, KVEventBatch, KVEventLog
 from cluster.proxy.prefix_index import PrefixIndex
+
+pytestmark = pytest.mark.fast
 
 
 def test_a_new_subscriber_gets_a_dump_then_the_batches_after_it():

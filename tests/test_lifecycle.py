@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from cluster.proxy.lifecycle import STAGES, Lifecycle
 
+pytestmark = pytest.mark.fast
+
 
 class FakeClock:
     def __init__(self):

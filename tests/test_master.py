@@ -16,6 +16,8 @@ from cluster.proxy.budgets import Budgets
 from cluster.proxy.master import InstanceRef, OmniMaster
 from cluster.proxy.sorting import SortingConfig
 
+pytestmark = pytest.mark.fast
+
 BS = 16
 
 

@@ -26,7 +26,7 @@ from actors.protocol import SamplingParams
 from helpers import tiny
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.fast, pytest.mark.usefixtures("one_thread")]
 
 
 

@@ -22,6 +22,8 @@ import yaml
 
 from actors.model.config import ModelConfig
 
+pytestmark = pytest.mark.fast
+
 MODELS_DIR = Path(__file__).resolve().parent.parent / "manifests" / "models"
 YAMLS = sorted(MODELS_DIR.glob("*.yaml"))
 

@@ -22,6 +22,8 @@ from actors.model.model import MoEModel
 from actors.model.reference import build_reference, generate
 from actors.model.speculative import TruncatableKVStore, speculative_generate
 
+pytestmark = pytest.mark.fast
+
 PROMPTS = [[5, 17, 300, 42, 9], [7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [400, 401]]
 
 

@@ -20,6 +20,8 @@ from cluster.config import MANIFEST_DIR, parse_manifest
 from cluster.proxy.tokens import Tokenizer
 from helpers import generate_during
 
+pytestmark = pytest.mark.serving
+
 
 @pytest.fixture(scope="module")
 def cluster():

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from cluster.node_placement import NodePlacement, choose_standby, home_node
+
+pytestmark = pytest.mark.fast
 
 POOL = [("s0", "b"), ("s1", "a"), ("s2", "c"), ("s3", "a"), ("s4", "b")]
 

@@ -14,6 +14,8 @@ from actors.protocol import SeqWork
 from cluster.config import load_manifest
 from cluster.launcher import launch_instance, publish_weights
 
+pytestmark = pytest.mark.ray
+
 
 def test_emulated_718b_starts_and_charges_weights_split_over_npus(ray_session):
     m = load_manifest("pangu-ultra-moe-718b")

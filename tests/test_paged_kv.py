@@ -10,6 +10,8 @@ from actors.model.paged_kv import PagedKVStore
 
 from helpers import tiny
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize("model", ["tiny-gqa-moge", "tiny-mla-topk"])
 def test_blocks_round_trip_between_stores(model):

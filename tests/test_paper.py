@@ -7,6 +7,8 @@ from actors.devices import get_device
 from cluster.bench.paper import FITTED, ROWS, fit, price, results, run_row
 from cluster.config import load_manifest
 
+pytestmark = pytest.mark.serving
+
 #: the emulated figure of every row (tokens/s per device), as the cost model gives it now:
 #: a change to the model or the catalog shows up here (update after a deliberate change)
 PINNED = {

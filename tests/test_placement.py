@@ -14,6 +14,8 @@ from cluster import placement
 from cluster.placement import (imbalance, npu_loads, placement_report, plan_layer, plan_placement,
                                slots_needed)
 
+pytestmark = pytest.mark.fast
+
 
 def zipf(n: int, s: float = 1.0, scale: float = 1000.0) -> list[float]:
     return [scale / (i + 1) ** s for i in range(n)]

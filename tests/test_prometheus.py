@@ -29,6 +29,8 @@ from cluster.bench.serve import free_port
 from cluster.config import MANIFEST_DIR, parse_manifest
 from conftest import LOCAL_CPUS, LOCAL_NPUS
 
+pytestmark = pytest.mark.serving
+
 PROMETHEUS = shutil.which("prometheus")
 needs_prometheus = pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
 

@@ -32,6 +32,8 @@ from cluster.proxy.protocol import (
     to_sampling,
 )
 
+pytestmark = pytest.mark.fast
+
 USER = [{"role": "user", "content": "hi"}]
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import ray
 
 from cluster.proxy.master import fetch_published
+
+pytestmark = pytest.mark.ray
 
 
 @ray.remote(num_cpus=0)

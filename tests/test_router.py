@@ -18,6 +18,8 @@ from actors.model.router import (
     imbalance_score,
 )
 
+pytestmark = pytest.mark.fast
+
 HIDDEN = 16
 # (num_experts, num_expert_groups, num_experts_per_tok)
 MOGE_SHAPES = [(8, 4, 4), (16, 4, 8), (64, 8, 8)]

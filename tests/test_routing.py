@@ -23,6 +23,8 @@ from cluster.proxy.routing import (
 )
 from cluster.proxy.sorting import QueuedRequest
 
+pytestmark = pytest.mark.fast
+
 BS = 16
 
 

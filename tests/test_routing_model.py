@@ -16,6 +16,8 @@ from actors.protocol import NPUBatch, NPUSpec, SeqWork
 from cluster.config import load_manifest
 from cluster.placement import plan_placement, slots_needed
 
+pytestmark = pytest.mark.ray
+
 DEEPSEEK = load_manifest("deepseek-v3-910c").model
 PANGU = load_manifest("pangu-pro-moe-72b").model
 

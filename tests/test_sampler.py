@@ -23,7 +23,7 @@ from actors.protocol import NPUBatch, NPUSpec, SamplingParams, SeqWork
 
 from helpers import tiny
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.fast, pytest.mark.usefixtures("one_thread")]
 
 V = 64
 LOGITS = torch.randn(V, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2

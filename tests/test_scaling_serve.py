@@ -18,6 +18,8 @@ from cluster.cli import main as cli_main
 from cluster.proxy.master import fetch_published
 from helpers import reference_text, serving
 
+pytestmark = pytest.mark.serving
+
 ADMIN = "admin-secret"
 MODEL = "tiny-gqa-moge"
 

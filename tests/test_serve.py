@@ -22,6 +22,8 @@ from cluster.config import MANIFEST_DIR, parse_manifest
 from cluster.proxy.lifecycle import STAGES
 from cluster.proxy.tokens import Tokenizer
 
+pytestmark = pytest.mark.serving
+
 KEY = "sk-omniray-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPTS = ["The experts of a mixture", "Ray actors hold the weights of one NPU each and"]

@@ -15,6 +15,8 @@ from cluster.config import load_manifest
 from cluster.proxy.tokens import Tokenizer
 from cluster.server import OWNER_NAMESPACE, app_from_args, owner_name
 
+pytestmark = pytest.mark.serving
+
 
 def test_app_from_args_serves_and_owner_holds_the_backend(ray_session, monkeypatch):
     """As the shipped configs run it: the key from $OMNIRAY_API_KEY (`api_key_env`)."""

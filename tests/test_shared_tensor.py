@@ -9,6 +9,8 @@ import torch
 
 from actors.model.shared_tensor import from_shared, to_shared
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_round_trip_keeps_dtype_and_values(dtype):

@@ -7,10 +7,13 @@ import subprocess
 import sys
 
 import psutil
+import pytest
 
 from cluster.bench.loadgen import RequestResult
 from cluster.bench.soak import RSSSampler, _label, _windows
 from cluster.cli import main
+
+pytestmark = pytest.mark.fast
 
 MB = 2**20
 

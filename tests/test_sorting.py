@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from cluster.proxy.sorting import QueuedRequest, SortingConfig, WeightedSorter
 
+pytestmark = pytest.mark.fast
+
 
 def req(rid, prompt, arrival=0.0, max_tokens=16):
     return QueuedRequest(rid, prompt, max_tokens, arrival)

@@ -13,6 +13,8 @@ from actors.kv_hash import block_hashes
 from cluster.proxy.token_cache import TokenCache, TokenizerThread, entry_bytes
 from cluster.proxy.tokens import Tokenizer
 
+pytestmark = pytest.mark.fast
+
 TEXTS = ["The scheduler routes requests.", "你好，世界！专家并行 🚀", "code:\n\treturn x ** 2\r\n", "", "  a  "]
 
 

@@ -11,6 +11,8 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from cluster.proxy.tokens import IncrementalDetokenizer, Tokenizer
 
+pytestmark = pytest.mark.fast
+
 ASSET = Path(__file__).resolve().parent.parent / "cluster" / "assets" / "tokenizer.json"
 TEXTS = [
     "The scheduler routes requests to the least loaded NPU.",

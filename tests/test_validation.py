@@ -6,6 +6,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from cluster.config import format_validation_error
 from cluster.validation import field_errors
 
+pytestmark = pytest.mark.fast
+
 
 class Inner(BaseModel):
     n: int

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from cluster.bench.workloads import WorkItem, expected_prefix_hits, ideal_hit_rate, make_workload
 
+pytestmark = pytest.mark.fast
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "cluster" / "bench" / "traces" / "sample_mooncake.jsonl"
 SYNTHETIC = ("random", "shared-prefix", "multi-turn")
