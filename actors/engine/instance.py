@@ -26,11 +26,12 @@ import ray
 
 from actors.engine.block_manager import BlockManager
 from actors.engine.consumers import ConsumerStream, RequestSink, stamps_as_ages
+from actors.engine.elastic_switch import ElasticSwitch
+from actors.engine.prefix_book import PrefixBook
 from actors.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
 from actors.engine.sequence import Sequence, continues, end_reason
 from actors.executor import InstanceExecutor
-from actors.kv_events import HashCounts, KVEventBatch, KVEventLog
-from actors.kv_hash import ROOT, hash_block
+from actors.kv_events import KVEventBatch
 from actors.protocol import EngineOutput, EngineRequest, KVTransfer, SeqWork
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,6 @@ class InstanceEngine:
         self.seqs: dict[str, Sequence] = {}
         self.queues: dict[str, asyncio.Queue | RequestSink] = {}  # request -> where its outputs go
         self.consumers: dict[str, ConsumerStream] = {}  # consumer -> its stream's pending items (consumers.py)
-        self.hashes: dict[str, list[int]] = {}  # seq id -> prefix-chain hashes of its full blocks
         self.pending: dict[str, Sequence] = {}  # parallel P/D: admitted, waiting for their KV
         # KV delivered before its request came: (when, output ids, KV, forks' output ids)
         self.early: dict[str, tuple[float, list[int], KVTransfer, list | None]] = {}
@@ -93,21 +93,16 @@ class InstanceEngine:
         }
         self.device_time_s = 0.0
         self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
-        # (npus, specs, memory, future, recompute, exported): applied between two steps
-        self._reconfig: tuple | None = None
+        self.elastic = ElasticSwitch(self)  # an EP resize or a new expert map, applied between two steps
         # resolved when the next step ends: (its end, None); (None, why) when it failed;
         # (None, None) when the work ran out first. Never left pending (a resize waits on it)
         self._after_step: list[asyncio.Future] = []
-        self._adopted: dict[str, tuple[object, BlockManager]] = {}  # NPUs set up for the next switch, and
-        # their block managers (built then: in the switch they would be its pause), by actor id
-        self._retired: tuple | None = None  # what the last switch replaced: freed beside the next step, not in its pause
         # (time.time() at the step's end, tokens it generated): throughput over any window,
         # on the wall clock so that a controller or benchmark on another host can line it up
         self.step_log: deque[tuple[float, int]] = deque(maxlen=STEP_LOG_LEN)
         self.holding = False  # hold(): requests are admitted but no step runs (a batch starts together)
         self.step_records: list[StepRecord] | None = None  # record_steps(): each step's shape and device time
-        self.held = HashCounts()  # prefix hashes cached on any of its NPUs
-        self.kv_log = KVEventLog(lambda: list(self.held.counts))
+        self.prefixes = PrefixBook(bs)  # prefix-chain hashes, local prefix caching, KV events
 
     # ---- requests ------------------------------------------------------------------
     @ray.method(enable_task_events=False)  # a call per request, on the hot path (see kv_events)
@@ -291,9 +286,8 @@ class InstanceEngine:
         flight: _Flight | None = None  # a step on the NPUs whose results are not taken in yet
         while True:
             if flight is None:
-                if self._reconfig is not None:
-                    await self._switch(*self._reconfig)
-                    self._reconfig = None
+                if self.elastic.pending is not None:
+                    await self.elastic.apply()
                 if self.holding or not self.scheduler.has_work():
                     self._step_done(None)  # (aborted, or finished by a failed step): no step to wait for
                     last_end = None
@@ -303,7 +297,7 @@ class InstanceEngine:
                 scheduling = time.monotonic()
                 scheduled = self.scheduler.schedule()
                 if not scheduled:
-                    self._publish_kv_events()  # a failed admission may have evicted
+                    self.prefixes.publish(self.managers)  # a failed admission may have evicted
                     last_end = None  # waiting for blocks, not host work
                     await asyncio.sleep(0.001)  # admission waits for blocks freed by a finishing request
                     continue
@@ -313,7 +307,7 @@ class InstanceEngine:
             awaiting = time.monotonic()
             if last_end is not None:
                 self.counters["host_gap_s"] += awaiting - last_end
-            self._retired = None  # freed while the NPUs run the step: what the last switch replaced
+            self.elastic.retired = None  # freed while the NPUs run the step: what the last switch replaced
             try:
                 out = InstanceExecutor.merge(await asyncio.gather(*flight.refs))
             except Exception as err:  # an NPU failed: fail what ran, loudly, and keep serving the rest
@@ -325,7 +319,7 @@ class InstanceEngine:
                 if follow is not None:  # (its sequences were the failed step's)
                     await asyncio.gather(*follow.refs, return_exceptions=True)
                 self._step_done(None, f"step failed on an NPU: {err}")
-                self._publish_kv_events()
+                self.prefixes.publish(self.managers)
                 flight, last_end = None, None
                 continue
             last_end = self._take_in(flight, out, awaiting)
@@ -354,7 +348,7 @@ class InstanceEngine:
         self._stamp_decode_side(scheduled, flight.submitted, out)
         shape = StepRecord.of(scheduled, out.device_time_s) if self.step_records is not None else None
         self._update(scheduled, out)
-        self._publish_kv_events()
+        self.prefixes.publish(self.managers)
         ended = time.time()
         self.step_log.append((ended, self.counters["generated_tokens"] - generated))
         if shape is not None and self.step_records is not None:
@@ -376,7 +370,7 @@ class InstanceEngine:
         past its end, which is never taken in (its update skips a finished
         sequence) and whose KV goes with its blocks. None: the next step waits
         for this one's results, as without overlap."""
-        if self.holding or self._reconfig is not None or self.scheduler.waiting:
+        if self.holding or self.elastic.pending is not None or self.scheduler.waiting:
             return None
         began = time.monotonic()
         nxt = []
@@ -417,7 +411,7 @@ class InstanceEngine:
         seq, bs = s.seq, self.config.scheduler.block_size
         start, stop = seq.num_computed, seq.num_computed + s.num_tokens
         n_prompt = len(seq.request.prompt_ids)
-        prompt_hashes = self._chain(seq, n_prompt)
+        prompt_hashes = self.prefixes.chain(seq, n_prompt)
         save = []
         if seq.request.prefill_only and s.samples and len(seq.output_ids) + 1 < seq.request.max_tokens:
             # hand the whole prompt's KV on (not when this token is the request's last: no decode follows)
@@ -542,16 +536,6 @@ class InstanceEngine:
                 to_emit.append(child)
         return to_emit
 
-    def _chain(self, seq: Sequence, num_tokens: int) -> list[int]:
-        """Prefix-chain hashes of the full blocks within seq's first num_tokens tokens."""
-        bs = self.config.scheduler.block_size
-        chain = self.hashes.setdefault(seq.seq_id, list(seq.request.block_hashes or []))
-        tokens = seq.token_ids
-        while (len(chain) + 1) * bs <= min(num_tokens, len(tokens)):
-            i = len(chain)
-            chain.append(hash_block(chain[-1] if chain else ROOT, tokens[i * bs : (i + 1) * bs]))
-        return chain[: num_tokens // bs]
-
     def _update(self, scheduled: list[Scheduled], out) -> None:
         for s in scheduled:
             seq = s.seq
@@ -586,7 +570,7 @@ class InstanceEngine:
                         break
                 if seq.seq_id in out.logprobs:
                     seq.logprobs.append(out.logprobs[seq.seq_id])
-            self._register_blocks(seq)
+            self.prefixes.register(seq, self.managers[seq.rank])
             if not s.samples:
                 continue
             forked = []
@@ -617,19 +601,6 @@ class InstanceEngine:
                 s.seq.stamp("decode_scheduled", submitted)
                 s.seq.stamp("kv_transferred", submitted + (out.load_s[s.seq.rank] if s.load and out.load_s else 0.0))
 
-    def _publish_kv_events(self) -> None:
-        """The prefix hashes this step stored and evicted on any NPU, as one batch."""
-        changes = [e for m in self.managers for e in m.take_events()]
-        if changes:
-            self.kv_log.record(*self.held.apply(changes))
-
-    def _recount_kv(self) -> None:
-        """The set of NPUs changed (a resize, a rebuild): what the instance holds now,
-        recounted, goes out as one batch of the differences."""
-        for m in self.managers:
-            m.take_events()  # the recount includes them
-        self.kv_log.record(*self.held.reset(m.cached for m in self.managers))
-
     # one call per step, on the hot path: no task events, which would fill the GCS's
     # task-event buffer (hundreds of MiB over a 20-minute soak, `omniray bench chaos --faults none`)
     @ray.method(enable_task_events=False)
@@ -637,15 +608,7 @@ class InstanceEngine:
         """KV events after `after` (a long poll; a full dump for a new subscriber): the
         master follows these to route by prefix (actors.kv_events)."""
         self._ensure_loop()
-        return await self.kv_log.after(after, epoch)
-
-    def _register_blocks(self, seq: Sequence) -> None:
-        """Name the blocks this step filled by their prefix hash (local prefix caching)."""
-        bm = self.managers[seq.rank]
-        chain = self._chain(seq, seq.num_computed)
-        for i in range(seq.registered_blocks, len(chain)):
-            bm.register(seq.block_table[i], chain[i])
-        seq.registered_blocks = max(seq.registered_blocks, len(chain))
+        return await self.prefixes.events(after, epoch)
 
     def _take_prompt_logprobs(self, seq: Sequence, rows: list | None) -> None:
         """Prompt logprobs of the rows this step computed: row i of a chunk fed from
@@ -705,7 +668,7 @@ class InstanceEngine:
         self.counters["cached_tokens"] += seq.first_cached or 0
         self.scheduler.finish(seq)
         self.seqs.pop(seq.seq_id, None)
-        self.hashes.pop(seq.seq_id, None)
+        self.prefixes.forget(seq)
         self._emit(seq, transfer)
 
     @staticmethod
@@ -736,34 +699,7 @@ class InstanceEngine:
         caller: the switch stands, its requests failed loudly, and the reason is
         in `first_step_error`."""
         self._ensure_loop()
-        if self._reconfig is not None:
-            raise RuntimeError(f"engine {self.config.name}: a reconfiguration is already in progress")
-        known = {n._actor_id.hex(): n for n in self.executor.npus} | {k: n for k, (n, _) in self._adopted.items()}
-        missing = [i for i in npus if i not in known]
-        if missing:
-            raise ValueError(f"npus: {', '.join(missing)} neither serve in nor were adopted by "
-                             f"engine {self.config.name}")
-        t0 = time.time()
-        switched = asyncio.get_running_loop().create_future()
-        # the leaving NPUs export their sequences' KV now: each runs its export right after
-        # its step in flight (a synchronous actor runs one caller's tasks in the order they
-        # were sent), beside this engine's switch, so the first step on the new size finds it done
-        exported = {} if recompute else self._export_kv(self._leaving(set(npus)), specs[0].compute == "real")
-        self._reconfig = ([known[i] for i in npus], specs, memory, switched, recompute, exported)
-        self._wake.set()
-        info = await switched
-        first = self._next_step()
-        exports = info.pop("exports")
-        if exports:  # the leaving NPUs go once this returns: their KV must be out by then (the engine owns the copies)
-            await asyncio.to_thread(ray.wait, exports, num_returns=len(exports), fetch_local=False)
-        if first is not None:
-            at, error = await first
-            if at is not None:
-                info["first_step_at"] = at  # wall clock, as the step log
-                info["first_step_s"] = at - t0
-            elif error is not None:  # switched all the same: its requests failed loudly, a lost NPU marks it unhealthy
-                info["first_step_error"] = error
-        return info
+        return await self.elastic.reconfigure(npus, specs, memory, recompute)
 
     async def after_steps(self, n: int = 2) -> list[float | None]:
         """The wall-clock ends of the next n steps (None for one that failed, or
@@ -788,86 +724,7 @@ class InstanceEngine:
         keeps their handles: the switch names them by actor id. `reports`: NPUs
         set up already (parked by a scale-down back, as they were: these are
         their reports), only reached (NPUActor.ready), for the same reason."""
-        if reports is None:
-            reports = list(await asyncio.gather(*(n.setup.remote(weight_refs, s) for n, s in zip(npus, specs))))
-        else:
-            await asyncio.gather(*(n.ready.remote() for n in npus))
-        bs = self.config.scheduler.block_size
-        self._adopted.update((n._actor_id.hex(), (n, BlockManager(r["kv_blocks"], bs))) for n, r in zip(npus, reports))
-        return reports
-
-    def _leaving(self, staying) -> list[Sequence]:
-        """The running sequences on NPUs not among `staying` (actor ids) after a switch."""
-        npus = self.executor.npus
-        return [s for s in self.scheduler.running if s.rank is not None and npus[s.rank]._actor_id.hex() not in staying]
-
-    def _export_kv(self, seqs: list[Sequence], holds_data: bool) -> dict[str, tuple]:
-        """The KV of `seqs`, each on an NPU that leaves: one export call and one object
-        per NPU for all of its sequences (a call and an object a sequence would cost
-        the NPU, this engine and the first step's fetch each, while the instance
-        waits). Whole block tables: no step grows them before the switch. Returns,
-        by sequence id, (the ref of its NPU's export, its first row there); the ref
-        is None where the NPUs hold no KV data (emulated: the kept NPU models the
-        copy from the block count alone)."""
-        blocks, rows = {}, {}
-        for seq in seqs:
-            exported = blocks.setdefault(seq.rank, [])
-            rows[seq.seq_id] = (seq.rank, len(exported))
-            exported += seq.block_table
-        refs = {r: self.executor.npus[r].export_blocks.remote(b) for r, b in blocks.items() if b and holds_data}
-        self.counters["kv_exports"] += len(refs)
-        return {seq_id: (refs.get(r), first) for seq_id, (r, first) in rows.items()}
-
-    async def _switch(self, npus: list, specs: list, memory: list[dict], done: asyncio.Future,
-                      recompute: bool, exported: dict[str, tuple]) -> None:
-        t0, switch_at = time.monotonic(), time.time()  # the old size's last step is in the step log
-        try:
-            old = self.executor.npus
-            old_rank = {n._actor_id.hex(): r for r, n in enumerate(old)}
-            new_rank = {n._actor_id.hex(): r for r, n in enumerate(npus)}
-            bs = self.config.scheduler.block_size
-            # the sequences on leaving NPUs, their KV exported when the command came
-            # (those of them still running: none came since, no step ran between)
-            moving = self._leaving(new_rank)
-            layout = (list(npus), list(specs), list(memory))
-            if not self.scheduler.has_work():  # no step to carry the specs: switch the NPUs now
-                await asyncio.gather(*(n.commit.remote(s) for n, s in zip(npus, specs)))
-                specs = None
-        except Exception as err:
-            logger.exception("engine %s: reconfiguration failed", self.config.name)
-            self.healthy = False
-            for seq in list(self.seqs.values()):
-                self._fail(seq, f"engine {self.config.name}: reconfiguration failed: {err}")
-            done.set_exception(err)
-            return
-        # no await from here on: the switch is atomic for the loop and for aborts
-        bs_managers = []
-        for npu in npus:
-            kept = old_rank.get(npu._actor_id.hex())  # else adopted (reconfigure checked): its manager is built
-            bs_managers.append(self.managers[kept] if kept is not None else self._adopted[npu._actor_id.hex()][1])
-        for seq in self.scheduler.running:
-            if seq.rank is not None and old[seq.rank]._actor_id.hex() in new_rank:
-                seq.rank = new_rank[old[seq.rank]._actor_id.hex()]
-        for seq in moving:
-            if not seq.finish_reason:  # block i of its KV: row first + i of its old NPU's export (on its node)
-                ref, first = exported.get(seq.seq_id, (None, 0))
-                tokens = seq.num_computed if seq.seq_id in exported else 0  # else (a rebuild) it recomputes its KV
-                self.scheduler.migrate(seq, [[ref, first + i] for i in range(-(-tokens // bs))], tokens,
-                                       self.nodes[seq.rank])
-        self._retired = (self.executor, self.managers, self._adopted)
-        self.managers = self.scheduler.managers = bs_managers
-        self._recount_kv()
-        self.nodes = [m.get("node") for m in memory]
-        self.executor = InstanceExecutor(npus, specs)
-        self._layout = layout
-        self._adopted = {}  # the ones not switched to went back to the standby pool or away
-        self.counters["reconfigurations"] += 1
-        self.healthy = True
-        self.counters["migrated_seqs"] += len(moving)
-        # the exports finish beside the first step (whose imports wait for them), not in the pause
-        exports = list(dict.fromkeys(ref for ref, _ in exported.values() if ref is not None))
-        done.set_result({"ep": len(npus), "pause_s": time.monotonic() - t0, "switch_at": switch_at,
-                         "migrated": len(moving), "exports": exports})
+        return await self.elastic.adopt(npus, specs, weight_refs, reports)
 
     # ---- state for the master ---------------------------------------------------------
     async def npu_stats(self) -> list[dict]:
