@@ -10,6 +10,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
+from cluster.cli_args import ep_list, positive
 from cluster.config import API_KEY_ENV, load_manifest
 
 SHUTDOWN_TIMEOUT_S = 45.0  # `omniray serve`: Ctrl-C waits this long for a clean shutdown, then exits
@@ -17,26 +18,6 @@ SHUTDOWN_TIMEOUT_S = 45.0  # `omniray serve`: Ctrl-C waits this long for a clean
 console = Console()
 # errors go to stderr, as argparse's do, unwrapped (a message naming a field stays on one line)
 errors = Console(stderr=True, soft_wrap=True)
-
-
-def _ep_list(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--ep: expected comma-separated integers, got {text!r}") from None
-    if not sizes or any(s <= 0 for s in sizes):
-        raise argparse.ArgumentTypeError(f"--ep: sizes must be positive integers, got {text!r}")
-    return sizes
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def cmd_verify(args) -> int:
@@ -360,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check that EP instances generate exactly the reference's tokens")
     v.add_argument("--manifest", default="local", help="manifest path or shipped name (default: local)")
-    v.add_argument("--ep", type=_ep_list, default=[1, 2, 4], help="EP sizes, e.g. 1,2,4")
-    v.add_argument("--tokens", type=_positive, default=32, help="tokens to generate per prompt")
+    v.add_argument("--ep", type=ep_list, default=[1, 2, 4], help="EP sizes, e.g. 1,2,4")
+    v.add_argument("--tokens", type=positive, default=32, help="tokens to generate per prompt")
     v.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
     v.set_defaults(func=cmd_verify)
 
@@ -369,8 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--manifest", default="local", help="manifest path or shipped name (default: local)")
     sv.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
     sv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=_positive, default=8000)
-    sv.add_argument("--grpc-port", type=_positive, default=None, help="also serve gRPC (omniray.proto) on this port")
+    sv.add_argument("--port", type=positive, default=8000)
+    sv.add_argument("--grpc-port", type=positive, default=None, help="also serve gRPC (omniray.proto) on this port")
     sv.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
                     help=f"require this key (Authorization: Bearer KEY); default ${API_KEY_ENV}. A --host other "
                          "than loopback needs one")
@@ -383,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scale", help="resize an instance's EP, or add / remove an instance, while serving")
     sc.add_argument("--url", default="http://127.0.0.1:8000", help="the running server")
     sc.add_argument("--instance", default=None, help="the instance to resize (with --npus)")
-    sc.add_argument("--npus", type=_positive, default=None, help="its new EP size (or the added instance's)")
+    sc.add_argument("--npus", type=positive, default=None, help="its new EP size (or the added instance's)")
     sc.add_argument("--add-instance", default=None, choices=["prefill", "decode", "mixed"], help="add one of this role")
     sc.add_argument("--remove-instance", default=None, help="drain this instance, then remove it")
     sc.add_argument("--admin-key", default=None, help="the server's admin key (or $OMNIRAY_ADMIN_KEY)")
@@ -397,9 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sm = sub.add_parser("simulate", help="an emulated model on the real scheduling path, timed by the cost model")
     sm.add_argument("--manifest", default="pangu-pro-moe-72b", help="an emulated manifest (default pangu-pro-moe-72b)")
-    sm.add_argument("--batch", type=_positive, default=32)
-    sm.add_argument("--input-len", type=_positive, default=1024)
-    sm.add_argument("--output-len", type=_positive, default=64)
+    sm.add_argument("--batch", type=positive, default=32)
+    sm.add_argument("--input-len", type=positive, default=1024)
+    sm.add_argument("--output-len", type=positive, default=64)
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--address", default=None)
     sm.add_argument("--json", default=None, help="write the result here")
@@ -425,23 +406,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     be = bench.add_parser("ep", help="per-step time of EP instances vs the single-process reference")
     be.add_argument("--manifest", default="local")
-    be.add_argument("--ep", type=_ep_list, default=[4])
-    be.add_argument("--batch", type=_positive, default=16, help="sequences in the batch")
-    be.add_argument("--prompt-len", type=_positive, default=32)
-    be.add_argument("--steps", type=_positive, default=16, help="decode steps timed")
-    be.add_argument("--repeats", type=_positive, default=3)
+    be.add_argument("--ep", type=ep_list, default=[4])
+    be.add_argument("--batch", type=positive, default=16, help="sequences in the batch")
+    be.add_argument("--prompt-len", type=positive, default=32)
+    be.add_argument("--steps", type=positive, default=16, help="decode steps timed")
+    be.add_argument("--repeats", type=positive, default=3)
     be.add_argument("--address", default=None)
     be.add_argument("--json", default=None, help="write the summary here")
     be.set_defaults(func=cmd_bench_ep)
     bg = bench.add_parser("engine", help="instance engine throughput and prefix reuse vs the single-process reference")
     bg.add_argument("--manifest", default="local")
-    bg.add_argument("--ep", type=_positive, default=2, help="EP size of the instance")
-    bg.add_argument("--batches", type=_ep_list, default=[1, 8, 32], help="requests submitted at once, e.g. 1,8,32")
-    bg.add_argument("--prompt-len", type=_positive, default=32)
-    bg.add_argument("--output-len", type=_positive, default=16, help="tokens generated per request")
-    bg.add_argument("--prefix-len", type=_positive, default=288, help="shared prefix of the prefix-reuse prompt")
-    bg.add_argument("--suffix-len", type=_positive, default=32, help="its distinct suffix")
-    bg.add_argument("--repeats", type=_positive, default=3)
+    bg.add_argument("--ep", type=positive, default=2, help="EP size of the instance")
+    bg.add_argument("--batches", type=ep_list, default=[1, 8, 32], help="requests submitted at once, e.g. 1,8,32")
+    bg.add_argument("--prompt-len", type=positive, default=32)
+    bg.add_argument("--output-len", type=positive, default=16, help="tokens generated per request")
+    bg.add_argument("--prefix-len", type=positive, default=288, help="shared prefix of the prefix-reuse prompt")
+    bg.add_argument("--suffix-len", type=positive, default=32, help="its distinct suffix")
+    bg.add_argument("--repeats", type=positive, default=3)
     bg.add_argument("--compare-overlap", action="store_true",
                     help="also run an engine with overlapped steps off, interleaved: the A/B in one run")
     bg.add_argument("--address", default=None)
@@ -449,8 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     bg.set_defaults(func=cmd_bench_engine)
     bl = bench.add_parser("latency", help="1-token requests one at a time, against a bare Ray Serve echo")
     bl.add_argument("--manifest", default="local")
-    bl.add_argument("--requests", type=_positive, default=100)
-    bl.add_argument("--prompt-tokens", type=_positive, default=4)
+    bl.add_argument("--requests", type=positive, default=100)
+    bl.add_argument("--prompt-tokens", type=positive, default=4)
     bl.add_argument("--address", default=None)
     bl.add_argument("--json", default=None, help="write the summary here")
     bl.set_defaults(func=cmd_bench_latency)
@@ -462,13 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--manifest", default="local")
     bl.add_argument("--address", default=None)
     bl.add_argument("--instance", default=None, help="the instance to scale (default: the first decode, else mixed)")
-    bl.add_argument("--to-ep", type=_positive, default=None, help="EP size to scale up to (default: twice its own)")
-    bl.add_argument("--concurrency", type=_positive, default=8, help="requests in flight throughout")
+    bl.add_argument("--to-ep", type=positive, default=None, help="EP size to scale up to (default: twice its own)")
+    bl.add_argument("--concurrency", type=positive, default=8, help="requests in flight throughout")
     bl.add_argument("--phase-s", type=float, default=6.0, help="steady seconds before, between and after the events")
     bl.add_argument("--warmup-s", type=float, default=5.0, help="seconds of load before the first steady phase")
-    bl.add_argument("--cycles", type=_positive, default=5, help="scale up-and-down cycles (medians and totals over them)")
-    bl.add_argument("--input-len", type=_positive, default=32)
-    bl.add_argument("--output-len", type=_positive, default=64)
+    bl.add_argument("--cycles", type=positive, default=5, help="scale up-and-down cycles (medians and totals over them)")
+    bl.add_argument("--input-len", type=positive, default=32)
+    bl.add_argument("--output-len", type=positive, default=64)
     bl.add_argument("--standby", type=int, default=None, help="warm NPU actors (default: as many as the scale-up adds)")
     bl.add_argument("--seed", type=int, default=0)
     bl.add_argument("--direct", action="store_true",
@@ -479,10 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--manifest", default="tiny-mla",
                     help="default tiny-mla (real compute, top-k routing); an emulated one (deepseek-v3-910c) is "
                          "routed by the seeded routing model at its expert_skew")
-    bp.add_argument("--ep", type=_positive, default=4)
-    bp.add_argument("--requests", type=_positive, default=32)
-    bp.add_argument("--max-tokens", type=_positive, default=16)
-    bp.add_argument("--redundant", type=_ep_list, default=[1, 2], help="redundant slots per NPU to plan with")
+    bp.add_argument("--ep", type=positive, default=4)
+    bp.add_argument("--requests", type=positive, default=32)
+    bp.add_argument("--max-tokens", type=positive, default=16)
+    bp.add_argument("--redundant", type=ep_list, default=[1, 2], help="redundant slots per NPU to plan with")
     bp.add_argument("--seed", type=int, default=0)
     bp.add_argument("--address", default=None)
     bp.add_argument("--json", default=None, help="write the summary here")
@@ -491,9 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     bx.add_argument("--manifest", default="local-mixed", help="default local-mixed: three mixed instances")
     bx.add_argument("--faults", default="npu,kv_cache,master",
                     help="what to kill, in order, of npu, kv_cache, master, controller (it restarts)")
-    bx.add_argument("--concurrency", type=_positive, default=8)
+    bx.add_argument("--concurrency", type=positive, default=8)
     bx.add_argument("--phase-s", type=float, default=5.0, help="seconds before each fault and after the last")
-    bx.add_argument("--output-len", type=_positive, default=48)
+    bx.add_argument("--output-len", type=positive, default=48)
     bx.add_argument("--seed", type=int, default=0)
     bx.add_argument("--address", default=None)
     bx.add_argument("--duration", type=float, default=None,

@@ -7,7 +7,7 @@ add an instance (launched, then announced to the master), remove one (the
 master stops routing to it, it finishes what it holds, then it goes), and
 rebalance experts (Omni Placement from the measured load). Every action is
 logged, kept in `events` and exported as `omniray_scaling_events_total`.
-The master asks it for the membership when the master restarts.
+The master records the membership it is told (a restarted master reads it back).
 
 It restarts too. The actors it has started (NPUs, engines) and placement groups
 are the keeper's (cluster.keeper), so they outlive it; a restarted controller
@@ -96,11 +96,6 @@ class ClusterController:
         self._export_sizes()
 
     # ---- state (calls that reach it while it restarts wait for it: they change nothing) -------
-    @ray.method(max_task_retries=-1)
-    def membership(self) -> list[tuple[str, str]]:
-        """(name, role) of every instance now (a restarted master starts from these)."""
-        return [(i.name, i.role) for i in self.instances.values()]
-
     @ray.method(max_task_retries=-1)
     def describe(self) -> dict:
         view = self.elastic_view()

@@ -134,6 +134,20 @@ def test_add_then_remove_an_instance_drains_without_losing_its_request(server, e
     text = httpx.post(f"{server.url}/v1/completions", timeout=120,
                       json={"model": MODEL, "prompt": "after the removal", "max_tokens": 5, "temperature": 0})
     assert text.status_code == 200 and text.json()["choices"][0]["text"] == expect("after the removal", 5)
+    # a restarted master starts from the instances it was told of, not the ones it was started with
+    started = ray.get(server.master.snapshot.remote())["started"]
+    ray.kill(server.master, no_restart=False)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            snap = ray.get(server.master.snapshot.remote(), timeout=30)
+        except ray.exceptions.RayError:
+            snap = None
+        if snap is not None and snap["started"] != started:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert {i["name"] for i in snap["instances"]} == {"prefill0", "decode1"}
 
 
 def test_rebalance_endpoint_reports_the_imbalance(server):

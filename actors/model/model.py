@@ -12,28 +12,14 @@ from typing import Mapping, Iterable
 import torch
 from torch import nn
 
-from actors.model.attention import build_attention
 from actors.model.batch import ForwardBatch
 from actors.model.config import ModelConfig
-from actors.model.layers import RMSNorm, SwiGLU
+from actors.model.decoder_layer import DecoderLayer
+from actors.model.layers import RMSNorm
 from actors.model.moe import ExpertExecutor, MoELayer
+from actors.model.mtp import MTPModule
 
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, held_experts: Iterable[int] | None):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = build_attention(cfg, layer)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.is_moe = cfg.is_moe_layer(layer)
-        self.mlp = MoELayer(cfg, layer, held_experts) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(self, x, batch, cache, executor):
-        x = x + self.self_attn(self.input_layernorm(x), batch, cache)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, executor) if self.is_moe else self.mlp(h))
 
 
 class MoEModel(nn.Module):
@@ -50,8 +36,6 @@ class MoEModel(nn.Module):
         # multi-token prediction heads (actors/model/mtp.py); absent when num_mtp_layers == 0
         self.mtp: nn.ModuleList | None = None
         if cfg.num_mtp_layers > 0:
-            from actors.model.mtp import MTPModule  # local: mtp.py builds on DecoderLayer
-
             self.mtp = nn.ModuleList(MTPModule(cfg, j) for j in range(cfg.num_mtp_layers))
 
     @property

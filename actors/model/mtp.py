@@ -34,7 +34,7 @@ from torch import nn
 
 from actors.model.config import ModelConfig
 from actors.model.layers import RMSNorm
-from actors.model.model import DecoderLayer
+from actors.model.decoder_layer import DecoderLayer
 
 
 class MTPModule(nn.Module):

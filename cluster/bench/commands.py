@@ -4,22 +4,10 @@ run (cluster.cli registers them). Both build one workload, on one clock
 
 from __future__ import annotations
 
-import argparse
-
-from cluster.cli import _positive
+from cluster.cli_args import positive, positive_float
 from cluster.config import load_manifest
 
 DEFAULT_POLICIES = "round_robin,least_loaded,cache_aware,omni_reference,omni"
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
 
 
 def _workload(args, vocab_size: int, time_scale: float):
@@ -110,13 +98,13 @@ def add_serve_parser(bench, console) -> None:
     bs.add_argument("--manifest", default="local")
     bs.add_argument("--address", default=None, help="Ray cluster for the server this command starts")
     _workload_args(bs)
-    bs.add_argument("--concurrency", type=_positive, default=16, help="requests in flight at most")
+    bs.add_argument("--concurrency", type=positive, default=16, help="requests in flight at most")
     bs.add_argument("--qps", type=float, default=None, help="Poisson arrivals per device second (default: closed loop)")
     bs.add_argument("--model", default=None, help="model name (default: the server's first)")
     bs.add_argument("--api-key", default=None)
-    bs.add_argument("--vocab-size", type=_positive, default=None,
+    bs.add_argument("--vocab-size", type=positive, default=None,
                     help="token ids of synthetic prompts stay below this (default: the manifest model's)")
-    bs.add_argument("--block-size", type=_positive, default=None,
+    bs.add_argument("--block-size", type=positive, default=None,
                     help="with --url: the server's KV block size, for the ideal hit rate "
                          "(default: what its /v1/cluster says, else 16)")
     _slo_args(bs)
@@ -139,7 +127,7 @@ def add_compare_parser(bench, console) -> None:
                     help="'SPEC;SPEC...', each MANIFEST[:KEY=VALUE...], a server of its own manifest per variant, "
                          "e.g. 'routing-72b;pd-72b:pd_mode=sequential;pd-72b:pd_mode=parallel'")
     _workload_args(bc)
-    bc.add_argument("--concurrency", type=_positive, default=16)
+    bc.add_argument("--concurrency", type=positive, default=16)
     bc.add_argument("--qps", type=float, default=None, help="Poisson arrivals per device second")
     _slo_args(bc)
     bc.add_argument("--text", action="store_true", help="send prompts as text (needed to compare tokenizer reuse)")
@@ -158,19 +146,19 @@ def _slo_args(p) -> None:
 def _workload_args(p) -> None:
     p.add_argument("--workload", default="shared-prefix",
                    help="random | shared-prefix | multi-turn | trace:PATH (Mooncake JSONL)")
-    p.add_argument("--requests", type=_positive, default=200)
+    p.add_argument("--requests", type=positive, default=200)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--input-len", type=_positive, default=128, help="mean prompt tokens (synthetic workloads)")
-    p.add_argument("--output-len", type=_positive, default=32, help="mean output tokens (synthetic workloads)")
-    p.add_argument("--num-prefixes", type=_positive, default=4, help="shared-prefix: distinct shared prefixes")
-    p.add_argument("--prefix-len", type=_positive, default=96, help="shared-prefix: tokens of each shared prefix")
-    p.add_argument("--turns", type=_positive, default=4, help="multi-turn: turns per conversation")
-    p.add_argument("--block-tokens", type=_positive, default=16, help="trace: tokens per hash block after scaling")
-    p.add_argument("--time-scale", type=_positive_float, default=None,
+    p.add_argument("--input-len", type=positive, default=128, help="mean prompt tokens (synthetic workloads)")
+    p.add_argument("--output-len", type=positive, default=32, help="mean output tokens (synthetic workloads)")
+    p.add_argument("--num-prefixes", type=positive, default=4, help="shared-prefix: distinct shared prefixes")
+    p.add_argument("--prefix-len", type=positive, default=96, help="shared-prefix: tokens of each shared prefix")
+    p.add_argument("--turns", type=positive, default=4, help="multi-turn: turns per conversation")
+    p.add_argument("--block-tokens", type=positive, default=16, help="trace: tokens per hash block after scaling")
+    p.add_argument("--time-scale", type=positive_float, default=None,
                    help="wall seconds per device second for the whole run: a trace's arrivals and --qps stretch by "
                         "it, and an emulated manifest started here sleeps by it (default: that manifest's "
                         "time_scale, else 1); latencies then read in device seconds")
-    p.add_argument("--max-requests", type=_positive, default=None, help="trace: replay at most this many lines")
-    p.add_argument("--speedup", type=_positive_float, default=1.0,
+    p.add_argument("--max-requests", type=positive, default=None, help="trace: replay at most this many lines")
+    p.add_argument("--speedup", type=positive_float, default=1.0,
                    help="trace: replay it this many times as fast, in device time (the offered load: a cluster "
                         "smaller than the trace's sees a share of it)")

@@ -24,12 +24,14 @@ into stamps on its own clock.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
 import ray
+import ray.experimental.internal_kv as internal_kv
 
 from cluster.metrics import MasterMetrics
 from cluster.proxy.budgets import Budgets, InstanceLoad
@@ -134,7 +136,7 @@ class OmniMaster:
 
         self.instances = {
             name: InstanceRef(name, role, ray.get_actor(engine_name(name)))
-            for name, role, *_ in _current_membership(instances)
+            for name, role, *_ in _recorded_membership(instances)
         }
         self.routing = routing or RoutingConfig()
         self.policy, self.policy_name = make_policy(policy, self.routing), policy
@@ -301,6 +303,7 @@ class OmniMaster:
         from cluster.launcher import engine_name
 
         self.instances[name] = InstanceRef(name, role, ray.get_actor(engine_name(name)))
+        _record_membership(self.instances.values())  # what a restart of this master starts from
         await self.refresh()
         self._follow(self.instances[name])
         if self._wake is not None:
@@ -320,6 +323,7 @@ class OmniMaster:
 
     def remove_instance(self, name: str) -> None:
         self.instances.pop(name, None)
+        _record_membership(self.instances.values())
         task = self._followers.pop(name, None)
         if task is not None:
             task.cancel()
@@ -672,16 +676,25 @@ def _npu_summary(npu: dict) -> dict:
             "expert_load": npu.get("expert_load", {})}
 
 
-def _current_membership(initial: list[tuple]) -> list[tuple]:
-    """The instances now, as (name, role): the cluster controller's list when there
-    is one (instances were added or removed since start), else what the master was
-    started with."""
-    from cluster.controller import CONTROLLER_NAME
+def _membership_key() -> str | None:
+    """Where this master actor records its instances in the GCS's key-value store:
+    under its actor id, which a restart keeps (None outside an actor)."""
+    actor_id = ray.get_runtime_context().get_actor_id()
+    return f"omniray/membership/{actor_id}" if actor_id else None
 
-    try:
-        return ray.get(ray.get_actor(CONTROLLER_NAME).membership.remote(), timeout=10)
-    except (ValueError, ray.exceptions.RayError):
-        return initial
+
+def _recorded_membership(initial: list[tuple]) -> list[tuple]:
+    """The instances now, as (name, role): what this master recorded when instances
+    were added or removed (a restarted master), else what it was started with."""
+    key = _membership_key()
+    recorded = internal_kv._internal_kv_get(key) if key else None
+    return [tuple(m) for m in json.loads(recorded)] if recorded else initial
+
+
+def _record_membership(instances) -> None:
+    key = _membership_key()
+    if key:
+        internal_kv._internal_kv_put(key, json.dumps([[i.name, i.role] for i in instances]))
 
 
 def create_master(instances, **kwargs):
