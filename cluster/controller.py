@@ -259,7 +259,7 @@ class ClusterController:
         while time.monotonic() < deadline:
             st = ray.get(inst.engine.stats.remote())
             load = ray.get(master.in_flight.remote(inst.name))
-            if st["running"] + st["waiting"] == 0 and load["inflight"] == 0:
+            if st.running + st.waiting == 0 and load["inflight"] == 0:
                 finished_at = time.monotonic()
                 break
             time.sleep(0.05)
@@ -344,7 +344,7 @@ class ClusterController:
         done = []
         for name, inst in list(self.instances.items()):
             try:
-                healthy = ray.get(inst.engine.stats.remote(), timeout=10)["healthy"]
+                healthy = ray.get(inst.engine.stats.remote(), timeout=10).healthy
             except (ray.exceptions.RayError, KeyError):
                 continue  # an engine that does not answer: nothing this controller can rebuild
             if not healthy:

@@ -184,8 +184,8 @@ class MasterMetrics:
         for inst in instances:
             tags = {"instance": inst.name, "role": inst.role}
             self.queued_tokens.set(inst.load.queued_tokens, tags)
-            self.running.set(inst.stats.get("running", 0), tags)
-            self.waiting.set(inst.stats.get("waiting", 0), tags)
+            self.running.set(inst.stats.running if inst.stats else 0, tags)
+            self.waiting.set(inst.stats.waiting if inst.stats else 0, tags)
             self.free_blocks.set(inst.free_blocks, tags)
             self.healthy.set(1 if inst.healthy else 0, tags)
             if inst.npus:

@@ -108,7 +108,7 @@ def _instance(manifest: Manifest, name: str, role: str | None, keeper, kv_cache)
             return Instance(name, role or "", [], [], InstanceExecutor([]))
         try:
             npus, specs, memory = ray.get(engine.layout.remote(), timeout=READ_TIMEOUT_S)
-            role = role or ray.get(engine.stats.remote(), timeout=READ_TIMEOUT_S)["role"]
+            role = role or ray.get(engine.stats.remote(), timeout=READ_TIMEOUT_S).role
             break
         except ray.exceptions.RayError as err:
             if time.monotonic() > deadline:

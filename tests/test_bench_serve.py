@@ -89,7 +89,7 @@ def test_simulate_through_the_proxy_refuses_a_cluster_that_serves_already(server
 
     with pytest.raises(RuntimeError, match="Serve already runs"):
         run_simulation(load_manifest("pangu-pro-moe-72b"), 2, 8, 4, through_proxy=True)
-    assert ray.get(server.instances[0].engine.stats.remote())["healthy"]
+    assert ray.get(server.instances[0].engine.stats.remote()).healthy
 
 
 def test_bench_latency_times_omniray_and_a_bare_serve_echo_in_one_run(server, tmp_path):
@@ -122,7 +122,7 @@ def test_trace_replay_hits_the_prefixes_the_hash_ids_imply(server):
     before = ray.get(engine.stats.remote())  # the server is the module's: count this run's part
     result = run_serve_bench(items, LoadConfig(server.url, concurrency=1), block_size=bs)
     after = ray.get(engine.stats.remote())
-    cached, prompt = (after[k] - before[k] for k in ("cached_tokens", "prompt_tokens"))
+    cached, prompt = (getattr(after.counters, k) - getattr(before.counters, k) for k in ("cached_tokens", "prompt_tokens"))
     assert result.summary["failed"] == 0
     assert cached == implied * bs
     assert result.summary["kv_hit_rate"] == implied * bs / prompt

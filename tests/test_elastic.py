@@ -74,7 +74,7 @@ def test_ep_2_to_4_to_2_during_generation_keeps_the_reference_tokens(model):
         assert [s["prepares"] for s in inst.stats()] == [0, 0]
         assert all("retained" not in s["hbm"]["by_category"] for s in inst.stats())
         stats = ray.get(inst.engine.stats.remote())
-        assert stats["reconfigurations"] == 2 and len(stats["free_blocks"]) == 2
+        assert stats.counters.reconfigurations == 2 and len(stats.free_blocks) == 2
         assert len(inst.npus) == 2
         # each NPU is in the group of the size it serves at, the ones it passed through left
         assert [s["groups"] for s in inst.stats()] == [[inst.specs[0].group_name]] * 2
@@ -82,7 +82,7 @@ def test_ep_2_to_4_to_2_during_generation_keeps_the_reference_tokens(model):
         assert not any(group_status.formed(g, 1) for g in (launched_group, inst.specs[0].group_name))
         # the step log accounts for every generated token, on either size
         steps = ray.get(inst.engine.steps_since.remote(0.0))
-        assert sum(n for _, n in steps) == stats["generated_tokens"] == 5 * 24
+        assert sum(n for _, n in steps) == stats.counters.generated_tokens == 5 * 24
         assert [t for t, _ in steps] == sorted(t for t, _ in steps)
     finally:
         inst.shutdown()
@@ -101,8 +101,8 @@ def test_a_scale_down_moves_each_leaving_npus_sequences_in_one_export(model):
         tokens, down = generate_during(inst, prompts, 24, lambda: resize(inst, 2, refs))
         assert tokens == generate(reference, prompts, 24).tokens
         stats = ray.get(inst.engine.stats.remote())
-        assert down["migrated"] == stats["migrated_seqs"] >= 3  # more sequences than leaving NPUs
-        assert stats["kv_exports"] == 2  # one per leaving NPU
+        assert down["migrated"] == stats.counters.migrated_seqs >= 3  # more sequences than leaving NPUs
+        assert stats.counters.kv_exports == 2  # one per leaving NPU
     finally:
         inst.shutdown()
 
@@ -208,7 +208,7 @@ def test_standby_pool_scale_up_and_emulated_resize(model):
         # is refused before anything changes
         with pytest.raises(ValueError, match="npus: 00ff neither serve in nor were adopted"):
             ray.get(emu.engine.reconfigure.remote(["00ff"], emu.specs[:1], emu.memory[:1]))
-        assert ray.get(emu.engine.stats.remote())["reconfigurations"] == 2
+        assert ray.get(emu.engine.stats.remote()).counters.reconfigurations == 2
     finally:
         emu.shutdown()
 
@@ -349,7 +349,7 @@ def test_a_first_step_that_fails_on_a_lost_npu_does_not_hold_the_switch(model):
         assert "step failed on an NPU" in got["info"]["first_step_error"]
         assert "first_step_at" not in got["info"]
         assert isinstance(streamed, Exception) and "step failed on an NPU" in str(streamed)
-        assert not ray.get(inst.engine.stats.remote())["healthy"]
+        assert not ray.get(inst.engine.stats.remote()).healthy
     finally:
         pool.shutdown()
         inst.shutdown()

@@ -97,7 +97,7 @@ def test_one_stream_per_consumer_carries_every_request_of_a_step_with_its_solo_t
             await early.__anext__()
             await early.aclose()  # left after one output: the engine aborts it
             for _ in range(200):
-                if not ray.get(inst.engine.stats.remote())["running"]:
+                if not ray.get(inst.engine.stats.remote()).running:
                     break
                 await asyncio.sleep(0.01)
             streams.close()
@@ -120,7 +120,7 @@ def test_one_stream_per_consumer_carries_every_request_of_a_step_with_its_solo_t
     for prompt, n, outs in zip(prompts, lengths, results):
         assert _tokens(outs) == generate(reference, [prompt], n).tokens[0]
         assert outs[-1].finished and outs[-1].finish_reason == "length"
-    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert stats.running == 0 and stats.waiting == 0
     assert max(len({rid for rid, _ in item}) for item in items) == len(prompts)  # a step's updates, one item
     assert len(items) < sum(len(item) for item in items)
 
@@ -142,7 +142,7 @@ def test_a_consumer_that_does_not_read_holds_up_no_one(model):
             outs = [out async for out in streams.open(inst.engine, _req(1, prompt, 5))]
             for _ in range(500):
                 stats = await inst.engine.stats.remote()
-                if stats["generated_tokens"] >= 35:
+                if stats.counters.generated_tokens >= 35:
                     break
                 await asyncio.sleep(0.01)
             streams.close()
@@ -152,7 +152,7 @@ def test_a_consumer_that_does_not_read_holds_up_no_one(model):
     finally:
         inst.shutdown()
     assert _tokens(outs) == generate(reference, [prompt], 5).tokens[0]
-    assert stats["generated_tokens"] >= 35 and stats["running"] == 0  # the unread request ran to its end too
+    assert stats.counters.generated_tokens >= 35 and stats.running == 0  # the unread request ran to its end too
 
 
 def test_stop_token_ends_a_request(model):
@@ -202,9 +202,9 @@ def test_overlapped_steps_stop_exactly_and_equal_the_engine_without_them(model):
     assert len(lps[True]) == 12  # (the batches' shapes may differ: float64 rounding, not other values)
     assert [lp.token_id for lp in lps[True]] == [lp.token_id for lp in lps[False]]
     assert lps[True][-1].logprob == pytest.approx(lps[False][-1].logprob, abs=1e-9)
-    assert stats[True]["overlapped_steps"] > 0 and stats[False]["overlapped_steps"] == 0
+    assert stats[True].counters.overlapped_steps > 0 and stats[False].counters.overlapped_steps == 0
     for key in ("computed_tokens", "generated_tokens"):  # (steps: the requests may join in one step or two)
-        assert stats[True][key] == stats[False][key], key
+        assert getattr(stats[True].counters, key) == getattr(stats[False].counters, key), key
 
 
 def test_prefix_reuse_equals_full_prefill(model):
@@ -221,9 +221,9 @@ def test_prefix_reuse_equals_full_prefill(model):
     assert first[-1].num_cached_tokens == 0
     assert second[-1].num_cached_tokens == 64  # 4 full blocks of the shared prefix, computed once
     assert _tokens(second) == generate(reference, [b], 6).tokens[0]
-    assert stats["computed_tokens"] < len(a) + len(b) + 12
+    assert stats.counters.computed_tokens < len(a) + len(b) + 12
     # the NPUs' time in steps, and the engine's own between two steps while it had work
-    assert stats["step_wall_s"] > 0 and stats["host_gap_s"] > 0
+    assert stats.counters.step_wall_s > 0 and stats.counters.host_gap_s > 0
 
 
 def test_global_kv_cache_serves_another_instance_and_pd_equals_mixed(model):
@@ -246,7 +246,7 @@ def test_global_kv_cache_serves_another_instance_and_pd_equals_mixed(model):
         assert only[-1].finished and only[-1].kv_transfer is None
         dec = asyncio.run(_run(decode.engine, _req(1, prompt, 8, output_ids=_tokens(pre), kv_transfer=transfer)))
         assert _tokens(pre) + _tokens(dec) == want
-        assert ray.get(decode.engine.stats.remote())["computed_tokens"] == 7  # decode computed no prompt token
+        assert ray.get(decode.engine.stats.remote()).counters.computed_tokens == 7  # decode computed no prompt token
         # a third instance finds the prompt's full blocks in the global cache
         hit = asyncio.run(_run(other.engine, _req(2, prompt, 8)))
         assert hit[-1].num_cached_tokens == 48
@@ -297,9 +297,9 @@ def test_out_of_blocks_queues_and_preempts_instead_of_failing(model):
         inst.shutdown()
     for p, outs in zip(prompts, results):
         assert _tokens(outs) == generate(reference, [p], 20).tokens[0]
-    assert stats["free_blocks"] == [8]
+    assert stats.free_blocks == [8]
     # readmitted after a preemption, a sequence finds its own blocks again: not a prefix hit
-    assert stats["preemptions"] > 0 and stats["cached_tokens"] == 0
+    assert stats.preemptions > 0 and stats.counters.cached_tokens == 0
     assert all(outs[-1].num_cached_tokens == 0 for outs in results)
 
 

@@ -56,14 +56,14 @@ def test_mtp_on_gives_the_greedy_tokens_of_mtp_off(ray_session, leak):
     want = generate(model, PROMPTS, MAX_TOKENS).tokens
     got, stats = _serve(cfg, _refs(model))
     assert got == want
-    assert stats["drafted_tokens"] > 0
-    assert 0 <= stats["accepted_tokens"] <= stats["drafted_tokens"]
-    assert stats["generated_tokens"] == len(PROMPTS) * MAX_TOKENS
+    assert stats.counters.drafted_tokens > 0
+    assert 0 <= stats.counters.accepted_tokens <= stats.counters.drafted_tokens
+    assert stats.counters.generated_tokens == len(PROMPTS) * MAX_TOKENS
     if leak == 0.0:  # every draft right: two tokens per step once decoding
-        assert stats["accepted_tokens"] == stats["drafted_tokens"]
-        assert stats["steps"] < MAX_TOKENS * 0.6
+        assert stats.counters.accepted_tokens == stats.counters.drafted_tokens
+        assert stats.counters.steps < MAX_TOKENS * 0.6
     if leak == 0.05:
-        assert 0 < stats["accepted_tokens"] < stats["drafted_tokens"]
+        assert 0 < stats.counters.accepted_tokens < stats.counters.drafted_tokens
 
 
 def test_emulated_mtp_accepts_at_the_manifest_rate_and_keeps_the_tokens(ray_session):
@@ -77,6 +77,6 @@ def test_emulated_mtp_accepts_at_the_manifest_rate_and_keeps_the_tokens(ray_sess
             last = standin_token(last, len(prompt) + i, cfg.vocab_size)
             expected.append(last)
         assert tokens == expected
-    rate = stats["accepted_tokens"] / stats["drafted_tokens"]
+    rate = stats.counters.accepted_tokens / stats.counters.drafted_tokens
     assert 0.6 < rate < 0.95
-    assert stats["steps"] < MAX_TOKENS
+    assert stats.counters.steps < MAX_TOKENS

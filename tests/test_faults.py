@@ -83,8 +83,8 @@ def test_client_disconnect_frees_the_kv_blocks_and_spares_the_batch(server, expe
     deadline = time.monotonic() + 30
     while True:
         stats = [ray.get(i.engine.stats.remote()) for i in server.instances]
-        if all(s["running"] == 0 and s["waiting"] == 0 for s in stats) and \
-                all(s["free_blocks"] == s["total_blocks"] for s in stats):
+        if all(s.running == 0 and s.waiting == 0 for s in stats) and \
+                all(s.free_blocks == s.total_blocks for s in stats):
             break
         assert time.monotonic() < deadline, stats
         time.sleep(0.2)
@@ -111,7 +111,7 @@ def test_npu_killed_mid_generation_resumes_elsewhere_with_the_same_tokens(server
         ray.kill(victim.npus[0])
         got += list(texts)
         engine = ray.get(victim.engine.stats.remote())
-    assert engine["generated_tokens"] < 160  # it broke under this request
+    assert engine.counters.generated_tokens < 160  # it broke under this request
     assert "".join(got) == want  # greedy: resumed from its tokens so far on the other instance
     # the controller's health check gives it new NPUs; the master routes to it again
     deadline = time.monotonic() + 120
@@ -123,10 +123,10 @@ def test_npu_killed_mid_generation_resumes_elsewhere_with_the_same_tokens(server
         assert time.monotonic() < deadline, f"{victim.name} was not rebuilt: {events}"
         time.sleep(0.2)
     assert events[-1]["trigger"] == "health" and events[-1]["instance"] == victim.name
-    before = ray.get(victim.engine.stats.remote())["generated_tokens"]
+    before = ray.get(victim.engine.stats.remote()).counters.generated_tokens
     for _ in range(4):  # round robin: the rebuilt instance serves its share, correctly
         assert _complete(server.url, PROMPT, 6) == expect(PROMPT, 6)
-    assert ray.get(victim.engine.stats.remote())["generated_tokens"] > before
+    assert ray.get(victim.engine.stats.remote()).counters.generated_tokens > before
 
 
 def _restarted_view(controller, timeout_s: float = 120.0) -> dict:

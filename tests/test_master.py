@@ -11,6 +11,7 @@ import pytest
 import ray
 
 import cluster.proxy.master as master_module
+from actors.engine.stats import EngineStats
 from actors.kv_events import KVEventLog
 from cluster.proxy.budgets import Budgets
 from cluster.proxy.master import InstanceRef, OmniMaster
@@ -42,7 +43,7 @@ class FakeEngine:
 
         async def stats():
             self.calls["stats"] += 1
-            return {"running": 0, "waiting": 0, "free_blocks": [1000], "total_blocks": [1000]}
+            return EngineStats("fake", "mixed", True, 0, 0, [1000], [1000], 0, 0.0, 0.0)
 
         async def npu_stats():
             return []

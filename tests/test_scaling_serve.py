@@ -101,7 +101,7 @@ def test_stream_across_ep_resizes_keeps_its_tokens(server, expect):
     assert out["status"] == 200 and out["text"] == expect(prompt, 40)
     from cluster.launcher import engine_name
 
-    assert ray.get(ray.get_actor(engine_name("decode0")).stats.remote())["reconfigurations"] == 2
+    assert ray.get(ray.get_actor(engine_name("decode0")).stats.remote()).counters.reconfigurations == 2
     events = [e for e in _describe(server)["events"] if e["action"] == "scale_ep"]
     assert [(e["from_ep"], e["to_ep"], e["outcome"]) for e in events[-2:]] == [(2, 4, "ok"), (4, 2, "ok")]
     # no standby pool, no placement group: the NPUs the scale-down released went

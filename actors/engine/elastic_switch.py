@@ -112,7 +112,7 @@ class ElasticSwitch:
             exported += seq.block_table
         npus = self.engine.executor.npus
         refs = {r: npus[r].export_blocks.remote(b) for r, b in blocks.items() if b and holds_data}
-        self.engine.counters["kv_exports"] += len(refs)
+        self.engine.counters.kv_exports += len(refs)
         return {seq_id: (refs.get(r), first) for seq_id, (r, first) in rows.items()}
 
     async def apply(self) -> None:
@@ -170,6 +170,6 @@ class ElasticSwitch:
         eng.executor = InstanceExecutor(switch.npus, specs)
         eng._layout = (list(switch.npus), list(switch.specs), list(switch.memory))
         self.adopted = {}  # the ones not switched to went back to the standby pool or away
-        eng.counters["reconfigurations"] += 1
-        eng.counters["migrated_seqs"] += len(moving)
+        eng.counters.reconfigurations += 1
+        eng.counters.migrated_seqs += len(moving)
         eng.healthy = True

@@ -30,6 +30,7 @@ from actors.engine.elastic_switch import ElasticSwitch
 from actors.engine.prefix_book import PrefixBook
 from actors.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
 from actors.engine.sequence import Sequence, continues, end_reason
+from actors.engine.stats import EngineCounters, EngineStats
 from actors.executor import InstanceExecutor
 from actors.kv_events import KVEventBatch
 from actors.protocol import EngineOutput, EngineRequest, KVTransfer, SeqWork
@@ -75,22 +76,7 @@ class InstanceEngine:
         self._kv_cache = None  # the global KV cache actor's handle, once looked up
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self.counters = {
-            "steps": 0, "prompt_tokens": 0, "computed_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
-            "drafted_tokens": 0, "accepted_tokens": 0, "reconfigurations": 0, "migrated_seqs": 0,
-            "forked_seqs": 0, "shared_blocks": 0,  # parallel sampling: forks made, prompt blocks they share
-            "kv_exports": 0,  # export calls of leaving NPUs (one each, for all its migrating sequences)
-            "overrun_steps": 0,  # steps in which an emulated NPU took longer than its modelled time
-            # wall seconds the NPUs ran steps, and wall seconds between two steps while there was work
-            # (the engine's own host time: scheduling, results, events): an emulated chip idles through
-            # the second, which on a real host takes a few ms a step
-            "step_wall_s": 0.0, "host_gap_s": 0.0,
-            # where a step's wall time goes (bench engine): scheduling and sending it, the slowest
-            # NPU's wall and the NPUs' mean share of it in all-to-alls, taking the results in
-            # (outputs, events, records)
-            "dispatch_s": 0.0, "npu_s": 0.0, "a2a_s": 0.0, "update_s": 0.0,
-            "overlapped_steps": 0,  # steps sent before the last one's results were in (_follow_on)
-        }
+        self.counters = EngineCounters()
         self.device_time_s = 0.0
         self.healthy = True  # False once a step failed on an NPU: the instance needs a rebuild
         self.elastic = ElasticSwitch(self)  # an EP resize or a new expert map, applied between two steps
@@ -197,7 +183,7 @@ class InstanceEngine:
             await self._match_global(seq)  # (prompt logprobs need the whole prompt's forward: no cache)
         self.seqs[req.request_id] = seq
         self.queues[req.request_id] = sink or asyncio.Queue()
-        self.counters["prompt_tokens"] += len(req.prompt_ids)
+        self.counters.prompt_tokens += len(req.prompt_ids)
         self.scheduler.add(seq)
         self._wake.set()
         return seq
@@ -220,7 +206,7 @@ class InstanceEngine:
             seq.guide = self._guide(seq.request.guide, seq.output_ids)
         seq.emitted = len(seq.output_ids)
         seq.remote_blocks, seq.remote_tokens = transfer.blocks, transfer.num_tokens
-        self.counters["prompt_tokens"] += len(seq.request.prompt_ids)
+        self.counters.prompt_tokens += len(seq.request.prompt_ids)
         self.scheduler.add(seq)
         self._wake.set()
         return True
@@ -306,7 +292,7 @@ class InstanceEngine:
             follow = self._follow_on(flight) if self.config.overlap_steps else None
             awaiting = time.monotonic()
             if last_end is not None:
-                self.counters["host_gap_s"] += awaiting - last_end
+                self.counters.host_gap_s += awaiting - last_end
             self.elastic.retired = None  # freed while the NPUs run the step: what the last switch replaced
             try:
                 out = InstanceExecutor.merge(await asyncio.gather(*flight.refs))
@@ -329,7 +315,7 @@ class InstanceEngine:
         """Send one step to the NPUs; `began`: when its scheduling began."""
         refs = self.executor.submit(works, ranks=[s.seq.rank for s in scheduled])
         submitted = time.monotonic()
-        self.counters["dispatch_s"] += submitted - began
+        self.counters.dispatch_s += submitted - began
         return _Flight(scheduled, refs, submitted)
 
     def _take_in(self, flight: _Flight, out, awaiting: float) -> float:
@@ -339,22 +325,22 @@ class InstanceEngine:
         scheduled = flight.scheduled
         results_in = time.monotonic()
         self.device_time_s += out.device_time_s
-        self.counters["step_wall_s"] += results_in - awaiting
-        self.counters["steps"] += 1
-        self.counters["overrun_steps"] += out.overruns > 0
-        self.counters["npu_s"] += out.wall_time_s
-        self.counters["a2a_s"] += out.comm_s
-        generated = self.counters["generated_tokens"]
+        self.counters.step_wall_s += results_in - awaiting
+        self.counters.steps += 1
+        self.counters.overrun_steps += out.overruns > 0
+        self.counters.npu_s += out.wall_time_s
+        self.counters.a2a_s += out.comm_s
+        generated = self.counters.generated_tokens
         self._stamp_decode_side(scheduled, flight.submitted, out)
         shape = StepRecord.of(scheduled, out.device_time_s) if self.step_records is not None else None
         self._update(scheduled, out)
         self.prefixes.publish(self.managers)
         ended = time.time()
-        self.step_log.append((ended, self.counters["generated_tokens"] - generated))
+        self.step_log.append((ended, self.counters.generated_tokens - generated))
         if shape is not None and self.step_records is not None:
-            self.step_records.append(replace(shape, tokens=self.counters["generated_tokens"] - generated,
+            self.step_records.append(replace(shape, tokens=self.counters.generated_tokens - generated,
                                              finished=sum(1 for s in scheduled if s.seq.finish_reason)))
-        self.counters["update_s"] += time.monotonic() - results_in
+        self.counters.update_s += time.monotonic() - results_in
         self._step_done(ended)
         return results_in
 
@@ -394,7 +380,7 @@ class InstanceEngine:
             item = Scheduled(seq, 1)
             item.samples = True
             follow.append(item)
-        self.counters["overlapped_steps"] += 1
+        self.counters.overlapped_steps += 1
         return self._send(follow, works, began)
 
     def _followable(self, s: Scheduled) -> bool:
@@ -530,8 +516,8 @@ class InstanceEngine:
             child.rank, child.block_table, child.num_computed = parent.rank, table, n_prompt
             child.registered_blocks = full
             self.scheduler.adopt_running(child)
-            self.counters["forked_seqs"] += 1
-            self.counters["shared_blocks"] += full
+            self.counters.forked_seqs += 1
+            self.counters.shared_blocks += full
             if child.emitted < len(child.output_ids):
                 to_emit.append(child)
         return to_emit
@@ -544,11 +530,11 @@ class InstanceEngine:
             self._take_prompt_logprobs(seq, out.prompt_logprobs.get(seq.seq_id))
             accepted = out.accepted.get(seq.seq_id, [])
             if s.samples and seq.draft is not None:
-                self.counters["drafted_tokens"] += 1
-                self.counters["accepted_tokens"] += len(accepted)
+                self.counters.drafted_tokens += 1
+                self.counters.accepted_tokens += len(accepted)
             seq.draft = out.drafts.get(seq.seq_id)
             seq.num_computed += s.num_tokens + len(accepted)  # an accepted draft's KV is already written
-            self.counters["computed_tokens"] += s.num_tokens
+            self.counters.computed_tokens += s.num_tokens
             finished = False
             if s.samples and not seq.decode_side:  # the prompt is computed: its first token sampled here
                 seq.stamp("prefill_done")
@@ -564,7 +550,7 @@ class InstanceEngine:
                     seq.output_ids.append(token)
                     if seq.guide is not None:
                         seq.guide.accept(token)
-                    self.counters["generated_tokens"] += 1
+                    self.counters.generated_tokens += 1
                     if seq.check_finished():
                         finished = True
                         break
@@ -576,7 +562,7 @@ class InstanceEngine:
             forked = []
             if forks:  # its forks' first tokens were drawn from the same row (before it frees its blocks)
                 ids = [_fork_id(seq.request_id, j) for j in range(1, seq.request.n)]
-                self.counters["generated_tokens"] += len(ids)
+                self.counters.generated_tokens += len(ids)
                 fork_lps = [[out.logprobs[i]] if i in out.logprobs else [] for i in ids]
                 if seq.request.prefill_only:
                     self._emit_forks(seq, [[out.tokens[i]] for i in ids], fork_lps)
@@ -665,7 +651,7 @@ class InstanceEngine:
             seq.request.deliver_to.deliver.remote(seq.request_id, list(seq.output_ids), transfer, seq.fork_outputs)
         seq.finish_reason = reason
         self.pending.pop(seq.seq_id, None)
-        self.counters["cached_tokens"] += seq.first_cached or 0
+        self.counters.cached_tokens += seq.first_cached or 0
         self.scheduler.finish(seq)
         self.seqs.pop(seq.seq_id, None)
         self.prefixes.forget(seq)
@@ -761,20 +747,13 @@ class InstanceEngine:
                  "prefilled": seq.decode_side or "prefill_done" in seq.stamps} for seq in self.seqs.values()
                 if not seq.index]
 
-    def stats(self) -> dict:
-        return {
-            "name": self.config.name,
-            "role": self.config.role,
-            "healthy": self.healthy,
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting) + len(self.pending),
-            "free_blocks": [m.num_free for m in self.managers],
-            "total_blocks": [m.num_blocks for m in self.managers],
-            "preemptions": self.scheduler.num_preemptions,
-            "device_time_s": self.device_time_s,
-            "time": time.time(),
-            **self.counters,
-        }
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            self.config.name, self.config.role, self.healthy, len(self.scheduler.running),
+            len(self.scheduler.waiting) + len(self.pending), [m.num_free for m in self.managers],
+            [m.num_blocks for m in self.managers], self.scheduler.num_preemptions, self.device_time_s, time.time(),
+            replace(self.counters),
+        )
 
 
 @dataclass

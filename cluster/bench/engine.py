@@ -241,7 +241,7 @@ def run_engine_bench(
                 tok_s, got = _engine_run(e.engine, prompts, output_len, bs)
                 after = ray.get(e.engine.stats.remote())
                 for k in SPLIT_COUNTERS:
-                    spent[b][k] += after[k] - before[k]
+                    spent[b][k] += getattr(after.counters, k) - getattr(before.counters, k)
                 eng_runs[b].append(tok_s)
                 tok_s, want = _reference_run(reference, prompts, output_len)
                 ref_runs[b].append(tok_s)

@@ -63,7 +63,7 @@ def _timed(inst, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[i
     s0 = ray.get(inst.engine.stats.remote())
     tokens = _generate(inst, prompts, max_tokens)
     s1 = ray.get(inst.engine.stats.remote())
-    return tokens, (s1["device_time_s"] - s0["device_time_s"]) / max(1, s1["steps"] - s0["steps"])
+    return tokens, (s1.device_time_s - s0.device_time_s) / max(1, s1.counters.steps - s0.counters.steps)
 
 
 def _delta(after: dict[int, list[int]], before: dict[int, list[int]]) -> dict[int, list[int]]:

@@ -286,7 +286,7 @@ def run_simulation(manifest: Manifest, batch: int, input_len: int, output_len: i
         batch * input_len / prefill_dev_s if prefill_dev_s else 0.0,
         tokens / decode_dev_s if decode_dev_s else 0.0,
         per_step, decode_s / steps / per_step if steps and per_step else 0.0,
-        sum(e["steps"] for e in ends), sum(e["preemptions"] for e in ends),
+        sum(e.counters.steps for e in ends), sum(e.preemptions for e in ends),
         through_proxy, len(used),
     )
 

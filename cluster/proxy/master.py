@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 import ray
 import ray.experimental.internal_kv as internal_kv
 
+from actors.engine.stats import EngineStats
 from cluster.metrics import MasterMetrics
 from cluster.proxy.budgets import Budgets, InstanceLoad
 from cluster.proxy.prefix_index import PrefixIndex, follow
@@ -76,7 +77,7 @@ class InstanceRef:
     draining: bool = False  # being removed: no new requests, the running ones finish
     free_blocks: int = 0  # of its fullest NPU (the engine's last stats)
     total_blocks: int = 1
-    stats: dict = field(default_factory=dict)  # the engine's last stats()
+    stats: EngineStats | None = None  # the engine's last stats()
     npus: list = field(default_factory=list)  # its NPUs' last stats()
     unanswered: int = 0  # refreshes in a row its engine did not answer in time
 
@@ -318,8 +319,8 @@ class OmniMaster:
         """What `name` still holds: requests the master routed there, the engine's
         running and waiting sequences (as of the last refresh)."""
         inst = self.instances[name]
-        return {"inflight": inst.load.running, "running": inst.stats.get("running", 0),
-                "waiting": inst.stats.get("waiting", 0)}
+        st = inst.stats
+        return {"inflight": inst.load.running, "running": st.running if st else 0, "waiting": st.waiting if st else 0}
 
     def remove_instance(self, name: str) -> None:
         self.instances.pop(name, None)
@@ -588,8 +589,8 @@ class OmniMaster:
                 return
             inst.unanswered = 0
             was = inst.healthy
-            inst.healthy = st.get("healthy", True) and not inst.failed  # a reported failure sticks (until rebuilt)
-            inst.free_blocks, inst.total_blocks = min(st["free_blocks"]), min(st["total_blocks"])
+            inst.healthy = st.healthy and not inst.failed  # a reported failure sticks (until rebuilt)
+            inst.free_blocks, inst.total_blocks = min(st.free_blocks), min(st.total_blocks)
             inst.stats = st
             if inst.healthy and not was and self._wake is not None:
                 self._wake.set()
@@ -632,7 +633,7 @@ class OmniMaster:
                  "inflight": i.load.running, "queued_tokens": i.load.queued_tokens,
                  "prefilling": len(i.load.prefilling), "decoding": len(i.load.decoding),
                  "cached_prefix_blocks": len(i.index.hashes), "kv_events_applied": i.index.applied,
-                 "engine": i.stats, "npus": [_npu_summary(n) for n in i.npus]}
+                 "engine": i.stats.to_dict() if i.stats else {}, "npus": [_npu_summary(n) for n in i.npus]}
                 for i in self.instances.values()
             ],
         }
