@@ -49,6 +49,14 @@ def test_without_time_nothing_is_timed_so_nothing_overruns():
     assert not _compute(0.0).step(_decode()).overrun
 
 
+def test_an_npu_with_nothing_to_do_does_not_overrun():
+    """A rank of an EP group with no sequence this step models no time of its own (it
+    waits for the others, as the chip would): its host work is no overrun, or every
+    step in which one rank idles would be flagged the host's."""
+    idle = _compute(1.0).step(NPUBatch(1, []))
+    assert idle.device_time_s == 0.0 and not idle.overrun
+
+
 def test_load_time_is_reported_exactly_when_blocks_are_loaded():
     compute = _compute(0.0)
     assert compute.step(_decode()).load_s == 0.0

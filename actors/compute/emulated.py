@@ -236,7 +236,8 @@ class EmulatedCompute:
         if remaining > 0:
             time.sleep(remaining)
         # the host's own work outlasted the modelled step: it lasted the host's time, not the chip's
-        overrun = self.spec.time_scale > 0 and remaining < 0
+        # (an NPU with nothing to do this step models none: it waits for the others, as the chip would)
+        overrun = self.spec.time_scale > 0 and remaining < 0 and bool(batch.seqs)
         # no tensors: a block is a marker; the index still charges its real size
         saved = [(w.seq_id, h) for w in batch.seqs for _, h in w.save_blocks]
         exported = self.publisher.publish(saved, np.zeros((len(saved), 0), dtype=np.uint8)) if saved else {}
