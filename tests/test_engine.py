@@ -356,7 +356,7 @@ def test_emulated_mode_runs_the_same_engine():
         last = standin_token(last, len(prompt) + i, cfg.vocab_size)
         expected.append(last)
     assert _tokens(outs) == expected
-    assert stats["device_time_s"] > 0 and stats["steps"] == 6
+    assert stats.device_time_s > 0 and stats.counters.steps == 6
     assert idle == [None, None]
 
 
@@ -435,10 +435,10 @@ def test_n_choices_share_one_prefill_and_each_equals_its_seeded_reference(model)
     assert [got[j] for j in range(4)] == want
     assert len({tuple(t) for t in want}) > 1  # the seeds differ, so do the choices
     assert sum(o.finished for o in outs) == 4
-    assert stats["forked_seqs"] == 3 and stats["shared_blocks"] == 3 * 2
+    assert stats.counters.forked_seqs == 3 and stats.counters.shared_blocks == 3 * 2
     # one prefill: the prompt once, then each choice's own tokens (the last one is not fed back)
-    assert stats["computed_tokens"] == len(prompt) + 4 * (6 - 1)
-    assert stats["generated_tokens"] == 4 * 6
+    assert stats.counters.computed_tokens == len(prompt) + 4 * (6 - 1)
+    assert stats.counters.generated_tokens == 4 * 6
 
 
 def test_logprobs_and_prompt_logprobs_equal_the_reference_with_a_cached_prefix(model):
