@@ -228,6 +228,7 @@ def test_an_npu_publishes_through_a_cache_that_died_and_indexes_in_its_successor
     ray.wait([publisher._told], timeout=30)  # the dead cache's answer: the publisher looks the name up again
     second = get_or_create_kv_cache(1 << 20, name=name)  # a successor under the name is found again
     publisher.publish([("s2", h2)], np.ones((1, BS)))
+    assert ray.get(publisher._told) == 1  # told the successor (then asked: an async actor's calls may reorder)
     assert ray.get(second.contains.remote([h2])) == [True]
     ray.kill(second)
 
